@@ -1,0 +1,45 @@
+"""The three Stable Diffusion components: construction from configs and parameter init."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sdjax.models.autoencoder import AutoencoderKL
+from sdjax.models.clip_text import CLIPTextModel
+from sdjax.models.unet import UNet2DConditionModel
+
+MODELS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+_NOT_CONFIG = {"parent", "name", "dtype", "param_dtype"}
+
+
+def build(kind, config, dtype=jnp.float32, param_dtype=jnp.float32):
+    """Module of component `kind` from a reference-format config dict."""
+    return MODELS[kind].from_config(dict(config)).clone(dtype=dtype, param_dtype=param_dtype)
+
+
+def config_of(module):
+    """The reference-format config dict a module was built from (tuples as lists)."""
+    cfg = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+           if f.name not in _NOT_CONFIG}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def example_inputs(kind, module):
+    """Smallest inputs that touch every parameter of `module`."""
+    if kind == "text_encoder":
+        return (jnp.zeros((1, 1), jnp.int32),)
+    side = 2 ** len(module.block_out_channels)
+    image = jnp.zeros((1, side, side, module.in_channels))
+    if kind == "vae":
+        return (image,)
+    return (image, jnp.zeros((1,)), jnp.zeros((1, 1, module.cross_attention_dim)))
+
+
+def init_params(kind, module, key):
+    """Randomly initialised params of `module`."""
+    return jax.jit(module.init)(key, *example_inputs(kind, module))["params"]
+
+
+def param_shapes(kind, module):
+    """Params tree of ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(module.init, jax.random.key(0), *example_inputs(kind, module))["params"]

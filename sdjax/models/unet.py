@@ -1,0 +1,154 @@
+"""Conditional U-Net of Stable Diffusion 1.x/2.x (diffusers `UNet2DConditionModel`), NHWC."""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sdjax.models.unet_blocks import (ACTIVATIONS, DownBlock2D, TimestepEmbedding, UNetMidBlock2DCrossAttn,
+                                      UpBlock2D, timestep_embedding)
+from sdjax.weights.errors import WeightLoadError
+
+# Block type -> whether it carries cross-attention transformers.
+_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+# Config keys that change the architecture, with the only value implemented here.
+_ONLY = {
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "resnet_time_scale_shift": "default",
+    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+    "dropout": 0.0, "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "class_embeddings_concat": False,
+}
+# Config keys that diffusers ignores for the block types above (they only affect other blocks).
+_NO_EFFECT = {"resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm",
+              "mid_block_only_cross_attention", "addition_embed_type_num_heads"}
+_BOOKKEEPING = {"architectures", "transformers_version", "torch_dtype"}
+
+
+def _per_block(value, n):
+    """An int/bool/None, or a per-block sequence, as a tuple of length n."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def check_supported(cfg):
+    """Raise WeightLoadError naming the first config key whose value this U-Net does not implement."""
+    for key, value in cfg.items():
+        bad = ((key in _ONLY and value != _ONLY[key])
+               or (key == "down_block_types" and any(t not in _DOWN_TYPES for t in value))
+               or (key == "up_block_types" and any(t not in _UP_TYPES for t in value))
+               or (key == "act_fn" and value not in ACTIVATIONS)
+               or (key == "norm_num_groups" and value is None)
+               or (key == "transformer_layers_per_block" and isinstance(value, (tuple, list))
+                   and any(isinstance(v, (tuple, list)) for v in value)))
+        if bad:
+            raise WeightLoadError(f"UNet2DConditionModel: unsupported config {key}={value!r}")
+
+
+class UNet2DConditionModel(nn.Module):
+    """Noise predictor eps(x_t, t, text): sample [B, H, W, in] -> [B, H, W, out_channels].
+
+    Attributes are diffusers' config keys with its defaults (SD 1.x sizes). As in diffusers,
+    `num_attention_heads=None` means `attention_head_dim` is the number of heads per block.
+    """
+    sample_size: int | None = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                         "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                       "CrossAttnUpBlock2D")
+    only_cross_attention: bool | tuple[bool, ...] = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple[int, ...] = 1280
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    attention_head_dim: int | tuple[int, ...] = 8
+    num_attention_heads: int | tuple[int, ...] | None = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    resnet_time_scale_shift: str = "default"
+    dual_cross_attention: bool = False
+    class_embed_type: str | None = None
+    addition_embed_type: str | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @classmethod
+    def from_config(cls, cfg, **kwargs):
+        """Build from a diffusers `config.json` dict; kwargs (e.g. dtype) override it."""
+        check_supported(cfg)
+        fields = set(cls.__dataclass_fields__) - {"parent", "name"}
+        unknown = {k for k in cfg if k not in fields and k not in _ONLY and k not in _NO_EFFECT
+                   and k not in _BOOKKEEPING and not k.startswith("_")}
+        if unknown:
+            raise WeightLoadError(f"UNet2DConditionModel: unknown config key(s) {sorted(unknown)}")
+        args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in fields}
+        return cls(**{**args, **kwargs})
+
+    def _check_inputs(self, sample, context):
+        check_supported({k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("parent", "name")})
+        if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
+            raise ValueError(f"sample must be [B, H, W, {self.in_channels}], got {sample.shape}")
+        if context.ndim != 3 or context.shape[-1] not in _per_block(self.cross_attention_dim, 1):
+            raise ValueError(f"encoder_hidden_states must be [B, L, {self.cross_attention_dim}], got {context.shape}")
+
+    @nn.compact
+    def __call__(self, sample, timesteps, encoder_hidden_states):
+        """sample [B, H, W, in], timesteps scalar or [B] (float ok), text [B, L, D] -> [B, H, W, out]."""
+        self._check_inputs(sample, encoder_hidden_states)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        n = len(self.block_out_channels)
+        heads = _per_block(self.num_attention_heads or self.attention_head_dim, n)
+        layers = _per_block(self.layers_per_block, n)
+        tlayers = _per_block(self.transformer_layers_per_block, n)
+        only_cross = _per_block(self.only_cross_attention, n)
+        stage = dict(groups=self.norm_num_groups, eps=self.norm_eps, act_fn=self.act_fn,
+                     use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention, **kw)
+
+        x = sample.astype(self.dtype)
+        context = encoder_hidden_states.astype(self.dtype)
+        if self.center_input_sample:
+            x = 2 * x - 1.0
+        t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (x.shape[0],))
+        temb = timestep_embedding(t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)
+        temb = TimestepEmbedding(dim=4 * self.block_out_channels[0], act_fn=self.act_fn,
+                                 name="time_embedding", **kw)(temb.astype(self.dtype))
+
+        x = nn.Conv(self.block_out_channels[0], (3, 3), padding=1, name="conv_in", **kw)(x)
+        skips = [x]
+        for i, block_type in enumerate(self.down_block_types):
+            x, res = DownBlock2D(
+                out_channels=self.block_out_channels[i], num_layers=layers[i], cross_attention=_DOWN_TYPES[block_type],
+                num_heads=heads[i], transformer_layers=tlayers[i], only_cross_attention=only_cross[i],
+                add_downsample=i < n - 1, downsample_padding=self.downsample_padding,
+                name=f"down_blocks_{i}", **stage)(x, temb, context)
+            skips += res
+
+        x = UNetMidBlock2DCrossAttn(
+            out_channels=self.block_out_channels[-1], num_heads=heads[-1], transformer_layers=tlayers[-1],
+            output_scale_factor=self.mid_block_scale_factor, name="mid_block", **stage)(x, temb, context)
+
+        for i, block_type in enumerate(self.up_block_types):
+            r = n - 1 - i  # the matching down level
+            k = layers[r] + 1
+            res, skips = skips[-k:], skips[:-k]
+            # Upsample to the next skip's size: 2x, or what restores an odd size on the way down.
+            size = skips[-1].shape[1:3] if i < n - 1 else None
+            x = UpBlock2D(
+                out_channels=self.block_out_channels[r], num_layers=k, cross_attention=_UP_TYPES[block_type],
+                num_heads=heads[r], transformer_layers=tlayers[r], only_cross_attention=only_cross[r],
+                add_upsample=i < n - 1, name=f"up_blocks_{i}", **stage)(x, res, temb, context, size)
+
+        x = nn.GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, name="conv_norm_out", **kw)(x)
+        x = ACTIVATIONS[self.act_fn](x)
+        return nn.Conv(self.out_channels, (3, 3), padding=1, name="conv_out", **kw)(x)

@@ -1,0 +1,89 @@
+"""Mechanical conversion between PyTorch (diffusers/transformers) state dicts and Flax params.
+
+The Flax modules mirror the PyTorch module tree, so names map one to one:
+`down_blocks.0.resnets.1.conv1.weight` <-> ('down_blocks_0', 'resnets_1', 'conv1', 'kernel').
+A numeric segment is joined to the segment before it with '_'; the last segment
+`weight` becomes `kernel` (Dense/Conv), `scale` (norms) or `embedding` (Embed), as the
+Flax tree expects. Layouts: Linear [out, in] <-> kernel [in, out]; Conv2d [out, in, kh, kw]
+<-> kernel [kh, kw, in, out].
+"""
+import re
+
+import numpy as np
+from flax import traverse_util
+
+from sdjax.weights.errors import WeightLoadError, check_names
+
+# Module lists in the reference models: their numeric children become `name_i` in Flax.
+_INDEXED = re.compile(r"^(.*)_(\d+)$")
+LIST_NAMES = frozenset({
+    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
+    "transformer_blocks", "to_out", "net", "layers",
+})
+# Buffers that some checkpoints carry and that are not parameters.
+IGNORED = re.compile(r"(^|\.)position_ids$")
+
+
+def flax_path(torch_name):
+    """'a.b.0.c.weight' -> ('a', 'b_0', 'c', 'weight') (the leaf is renamed later)."""
+    out = []
+    for seg in torch_name.split("."):
+        if seg.isdigit() and out:
+            out[-1] = f"{out[-1]}_{seg}"
+        else:
+            out.append(seg)
+    return tuple(out)
+
+
+def torch_name(path):
+    """('a', 'b_0', 'c', 'kernel') -> 'a.b.0.c.weight'."""
+    segs = []
+    for seg in path[:-1]:
+        m = _INDEXED.match(seg)
+        segs.extend([m.group(1), m.group(2)] if m and m.group(1) in LIST_NAMES else [seg])
+    segs.append("bias" if path[-1] == "bias" else "weight")
+    return ".".join(segs)
+
+
+def _to_flax(name, array, leaf, shape):
+    """Re-layout one PyTorch tensor for the Flax leaf of `shape`."""
+    if leaf == "kernel" and array.ndim == 4:
+        array = array.transpose(2, 3, 1, 0)
+    elif leaf == "kernel" and array.ndim == 2:
+        array = array.T
+    if tuple(array.shape) != tuple(shape):
+        raise WeightLoadError(
+            f"shape mismatch for {name}: the model expects {tuple(shape)} (Flax layout), "
+            f"the checkpoint has {tuple(array.shape)} (after re-layout)")
+    return array
+
+
+def to_params(component, state_dict, shapes, dtype=np.float32):
+    """PyTorch-named numpy tensors -> Flax params tree.
+
+    state_dict: {name: np.ndarray}; shapes: Flax params tree of arrays or ShapeDtypeStructs
+    (e.g. from `jax.eval_shape(model.init, ...)`). Raises WeightLoadError listing every
+    missing/unexpected name, or naming the first shape mismatch.
+    """
+    expected = traverse_util.flatten_dict(shapes)
+    by_torch = {torch_name(p): p for p in expected}
+    names = {n for n in state_dict if not IGNORED.search(n)}
+    check_names(component, set(by_torch) - names, names - set(by_torch))
+    flat = {}
+    for name, path in by_torch.items():
+        array = np.asarray(state_dict[name], dtype=dtype)
+        flat[path] = _to_flax(f"{component}: {name}", array, path[-1], expected[path].shape)
+    return traverse_util.unflatten_dict(flat)
+
+
+def to_state_dict(params):
+    """Flax params tree -> {PyTorch name: np.ndarray} in PyTorch layouts."""
+    out = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        name, array = torch_name(path), np.asarray(value)
+        if path[-1] == "kernel" and array.ndim == 4:
+            array = array.transpose(3, 2, 0, 1)
+        elif path[-1] == "kernel" and array.ndim == 2:
+            array = array.T
+        out[name] = np.ascontiguousarray(array)
+    return out

@@ -1,0 +1,173 @@
+"""Import of diffusers folders, export back, and the errors a user sees for bad checkpoints."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+
+from configs import tiny
+from sdjax.clip_vocab import write_clip_tokenizer
+from sdjax.weights.convert import to_state_dict
+from sdjax.weights.errors import WeightLoadError
+from sdjax.weights.pretrained import load_pretrained, save_pretrained
+
+torch.set_num_threads(1)
+
+
+def _randomize(model, seed):
+    """Random values everywhere (zero-initialised layers would hide naming mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def build_torch_pipeline(folder):
+    """A tiny random StableDiffusionPipeline saved as a diffusers folder; returns the pipeline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    cfg = tiny.get_config().to_dict()
+    pipe = StableDiffusionPipeline(
+        unet=_randomize(UNet2DConditionModel(**cfg["unet"]), 0),
+        vae=_randomize(AutoencoderKL(**cfg["vae"]), 1),
+        text_encoder=_randomize(CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])), 2),
+        tokenizer=CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "_tok"))),
+        scheduler=DDIMScheduler(**cfg["scheduler"]),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    shutil.rmtree(os.path.join(folder, "_tok"))
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def torch_folder(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("tiny_sd"))
+    return build_torch_pipeline(folder), folder
+
+
+def _torch_state(model):
+    """State dict as numpy, CLIP names with their `text_model.` prefix (transformers 5 drops it)."""
+    prefix = "text_model." if getattr(getattr(model, "config", None), "model_type", "") == "clip_text_model" else ""
+    return {prefix + k: v.numpy() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+def test_folder_import_matches_torch_tensors(torch_folder):
+    pipe, folder = torch_folder
+    sd = load_pretrained(folder)
+    for kind in ("unet", "vae", "text_encoder"):
+        ref = _torch_state(getattr(pipe, kind))
+        got = to_state_dict(sd.params[kind])
+        assert set(got) == set(ref), kind
+        for name in ref:
+            np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+    assert sd.scheduler["beta_schedule"] == "scaled_linear"
+    assert sd.tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_import_export_import_is_identity(torch_folder, tmp_path):
+    _, folder = torch_folder
+    first = load_pretrained(folder)
+    save_pretrained(first, str(tmp_path / "export"))
+    second = load_pretrained(str(tmp_path / "export"))
+    for kind in first.params:
+        a, b = (traverse_util.flatten_dict(x.params[kind]) for x in (first, second))
+        assert a.keys() == b.keys()
+        for path in a:
+            assert a[path].dtype == b[path].dtype
+            np.testing.assert_array_equal(np.asarray(a[path]), np.asarray(b[path]), err_msg=str(path))
+    assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
+
+
+def test_export_loads_in_diffusers(torch_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    pipe, folder = torch_folder
+    save_pretrained(load_pretrained(folder), str(tmp_path / "export"))
+    again = StableDiffusionPipeline.from_pretrained(str(tmp_path / "export"), safety_checker=None)
+    for kind in ("unet", "vae", "text_encoder"):
+        ref, got = _torch_state(getattr(pipe, kind)), _torch_state(getattr(again, kind))
+        assert set(ref) == set(got)
+        for name in ref:
+            np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+
+
+def test_bfloat16_load_casts_params(torch_folder):
+    sd = load_pretrained(torch_folder[1], dtype="bfloat16")
+    leaves = jax.tree.leaves(sd.params)
+    assert all(x.dtype == jax.numpy.bfloat16 for x in leaves)
+    assert sd.modules["unet"].dtype == jax.numpy.bfloat16
+
+
+# ---- errors a user can act on ----
+
+def _copy(folder, tmp_path):
+    dst = str(tmp_path / "copy")
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_error_path_not_found(tmp_path):
+    with pytest.raises(WeightLoadError, match="model not found"):
+        load_pretrained(str(tmp_path / "nope"))
+
+
+def test_error_not_a_diffusers_folder(tmp_path):
+    with pytest.raises(WeightLoadError, match="not a diffusers folder"):
+        load_pretrained(str(tmp_path))
+
+
+def test_error_missing_weights_file(torch_folder, tmp_path):
+    folder = _copy(torch_folder[1], tmp_path)
+    os.remove(os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(WeightLoadError, match=r"no weights in .*vae"):
+        load_pretrained(folder)
+
+
+def test_error_missing_config(torch_folder, tmp_path):
+    folder = _copy(torch_folder[1], tmp_path)
+    os.remove(os.path.join(folder, "unet", "config.json"))
+    with pytest.raises(WeightLoadError, match=r"missing file: .*unet.config\.json"):
+        load_pretrained(folder)
+
+
+def _rewrite_tensors(folder, kind, edit):
+    from safetensors.numpy import load_file, save_file
+    path = os.path.join(folder, kind, "diffusion_pytorch_model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_error_lists_missing_and_unexpected_names(torch_folder, tmp_path):
+    folder = _copy(torch_folder[1], tmp_path)
+
+    def edit(t):
+        t["conv_in.weightz"] = t.pop("conv_in.weight")
+        del t["conv_out.bias"]
+    _rewrite_tensors(folder, "unet", edit)
+    with pytest.raises(WeightLoadError) as err:
+        load_pretrained(folder)
+    msg = str(err.value)
+    assert "unet" in msg and "2 missing" in msg and "conv_in.weight\n" in msg + "\n"
+    assert "conv_out.bias" in msg and "1 unexpected" in msg and "conv_in.weightz" in msg
+
+
+def test_error_shape_mismatch(torch_folder, tmp_path):
+    folder = _copy(torch_folder[1], tmp_path)
+    _rewrite_tensors(folder, "vae", lambda t: t.update({"quant_conv.bias": np.zeros(3, np.float32)}))
+    with pytest.raises(WeightLoadError, match=r"shape mismatch for vae: quant_conv.bias.*\(8,\).*\(3,\)"):
+        load_pretrained(folder)
+
+
+def test_error_unsupported_architecture(torch_folder, tmp_path):
+    folder = _copy(torch_folder[1], tmp_path)
+    path = os.path.join(folder, "unet", "config.json")
+    cfg = json.load(open(path))
+    cfg["addition_embed_type"] = "text_time"
+    json.dump(cfg, open(path, "w"))
+    with pytest.raises(WeightLoadError, match="addition_embed_type"):
+        load_pretrained(folder)
