@@ -171,3 +171,28 @@ def test_error_unsupported_architecture(torch_folder, tmp_path):
     json.dump(cfg, open(path, "w"))
     with pytest.raises(WeightLoadError, match="addition_embed_type"):
         load_pretrained(folder)
+
+
+def test_single_file_loads_like_the_folder(torch_folder, tmp_path):
+    """An original-format .safetensors of the same weights gives the same params and tokenizer."""
+    from safetensors.numpy import save_file
+    from sdjax.weights.single_file import to_original
+    pipe, folder = torch_folder
+    parts = {kind: _torch_state(getattr(pipe, kind)) for kind in ("unet", "vae", "text_encoder")}
+    path = str(tmp_path / "model.safetensors")
+    save_file(to_original(parts, text_format="clip"), path)
+    from_file, from_folder = load_pretrained(path), load_pretrained(folder)
+    for kind in parts:
+        a, b = (traverse_util.flatten_dict(x.params[kind]) for x in (from_file, from_folder))
+        assert a.keys() == b.keys()
+        for p in a:
+            np.testing.assert_array_equal(np.asarray(a[p]), np.asarray(b[p]), err_msg=str(p))
+    assert from_file.scheduler["prediction_type"] == "epsilon"
+    assert from_file.tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_error_unknown_single_file_format(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\0")
+    with pytest.raises(WeightLoadError, match="unknown"):
+        load_pretrained(str(path))

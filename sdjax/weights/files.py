@@ -1,5 +1,6 @@
 """Reading tensors from checkpoint files (safetensors; PyTorch pickles when torch is installed)."""
 import os
+import pickle
 
 import jax
 import numpy as np
@@ -20,17 +21,28 @@ def _read_safetensors(path):
     return out
 
 
-def _read_torch(path):
+def _read_pickle(path):
+    """Tensors of a PyTorch pickle (nested `state_dict` unwrapped; a top-level `global_step` kept)."""
     try:
         import torch
     except ImportError:
         raise WeightLoadError(
-            f"{path}: reading a PyTorch pickle (.bin/.ckpt/.pt) needs torch installed; "
-            "convert it to .safetensors or `pip install torch`") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in state.items() if isinstance(v, torch.Tensor)}
+            f"{path}: reading a PyTorch pickle (.bin/.ckpt/.pt) needs torch installed; prefer the "
+            ".safetensors release of the checkpoint, which does not") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightLoadError(
+            f"{path}: holds Python objects besides tensors (training state?), which are not "
+            f"unpickled for safety; use a pruned or .safetensors checkpoint. ({e})") from None
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    while isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    out = {k: (v.float() if v.is_floating_point() else v).numpy()
+           for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if isinstance(step, int):
+        out["global_step"] = np.asarray(step)
+    return out
 
 
 def read_tensors(path):
@@ -40,5 +52,5 @@ def read_tensors(path):
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     if path.endswith((".bin", ".ckpt", ".pt", ".pth")):
-        return _read_torch(path)
+        return _read_pickle(path)
     raise WeightLoadError(f"{path}: unknown weights format (expected .safetensors, .bin, .ckpt or .pt)")

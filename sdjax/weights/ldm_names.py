@@ -3,7 +3,7 @@
 A table maps an original module prefix to (diffusers prefix, renames), where `renames` maps the
 sub-module names allowed below that prefix (original -> diffusers). Only `weight`/`bias`
 leaves exist below a sub-module, so a table both renames and validates. The same table,
-inverted, exports back. Text encoder names are handled by `clip_name` / `open_clip_names`.
+inverted, exports back. Text encoder names: `clip_name`, `open_clip_names`, `open_clip_export`.
 """
 import re
 

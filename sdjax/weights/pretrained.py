@@ -13,7 +13,6 @@ from sdjax.tokenizer import load_tokenizer
 from sdjax.weights import diffusers, single_file
 from sdjax.weights.convert import to_params
 from sdjax.weights.errors import WeightLoadError
-from sdjax.weights.files import read_tensors
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -62,7 +61,7 @@ def load_folder(path, variant=None):
 
 def load_single_file(path, config_name=None):
     """(modules, params, tokenizer, scheduler config) of an original CompVis/Stability checkpoint."""
-    tensors = read_tensors(path)
+    tensors = single_file.read_checkpoint(path)
     configs = single_file.infer_configs(tensors, config_name)
     parts = single_file.split_original(tensors)
     modules, params = {}, {}

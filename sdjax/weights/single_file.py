@@ -4,8 +4,6 @@
 components (then `convert.to_params` applies), `infer_configs` gives their config.json dicts
 from tensor shapes, and `to_original` is the inverse of `split_original`.
 """
-import os
-import pickle
 import re
 
 import numpy as np
@@ -42,39 +40,9 @@ def read_checkpoint(path):
 
     A top-level `global_step` of a pickle is kept as a 0-d array (infer_configs reads it).
     """
-    if not os.path.isfile(path):
-        raise WeightLoadError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        tensors = read_tensors(path)
-    elif path.endswith((".ckpt", ".pt", ".pth")):
-        tensors = _read_pickle(path)
-    else:
-        raise WeightLoadError(f"{path}: unknown checkpoint format (expected .safetensors, .ckpt or .pt)")
+    tensors = read_tensors(path)
     floats = lambda a: a.dtype.kind == "f" or a.dtype.name == "bfloat16"  # noqa: E731
-    return {k: a.astype(np.float32) if floats(a) else a for k, a in tensors.items()}
-
-
-def _read_pickle(path):
-    try:
-        import torch
-    except ImportError:
-        raise WeightLoadError(
-            f"{path}: reading a .ckpt/.pt (PyTorch pickle) needs torch installed; prefer the "
-            ".safetensors release of the checkpoint, which does not") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise WeightLoadError(
-            f"{path}: holds Python objects besides tensors (training state?), which are not "
-            f"unpickled for safety; use a pruned or .safetensors checkpoint. ({e})") from None
-    step = obj.get("global_step") if isinstance(obj, dict) else None
-    while isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    out = {k: (v.float() if v.is_floating_point() else v).numpy()
-           for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if isinstance(step, int):
-        out["global_step"] = np.asarray(step)
-    return out
+    return {k: a.astype(np.float32, copy=False) if floats(a) else a for k, a in tensors.items()}
 
 
 def _check_supported(state_dict):
