@@ -6,54 +6,12 @@ import shutil
 import jax
 import numpy as np
 import pytest
-import torch
 from flax import traverse_util
 
-from configs import tiny
-from sdjax.clip_vocab import write_clip_tokenizer
+from conftest import torch_state as _torch_state
 from sdjax.weights.convert import to_state_dict
 from sdjax.weights.errors import WeightLoadError
 from sdjax.weights.pretrained import load_pretrained, save_pretrained
-
-torch.set_num_threads(1)
-
-
-def _randomize(model, seed):
-    """Random values everywhere (zero-initialised layers would hide naming mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
-def build_torch_pipeline(folder):
-    """A tiny random StableDiffusionPipeline saved as a diffusers folder; returns the pipeline."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    cfg = tiny.get_config().to_dict()
-    pipe = StableDiffusionPipeline(
-        unet=_randomize(UNet2DConditionModel(**cfg["unet"]), 0),
-        vae=_randomize(AutoencoderKL(**cfg["vae"]), 1),
-        text_encoder=_randomize(CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])), 2),
-        tokenizer=CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "_tok"))),
-        scheduler=DDIMScheduler(**cfg["scheduler"]),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    shutil.rmtree(os.path.join(folder, "_tok"))
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def torch_folder(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("tiny_sd"))
-    return build_torch_pipeline(folder), folder
-
-
-def _torch_state(model):
-    """State dict as numpy, CLIP names with their `text_model.` prefix (transformers 5 drops it)."""
-    prefix = "text_model." if getattr(getattr(model, "config", None), "model_type", "") == "clip_text_model" else ""
-    return {prefix + k: v.numpy() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
 
 
 def test_folder_import_matches_torch_tensors(torch_folder):

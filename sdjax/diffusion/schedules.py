@@ -109,3 +109,20 @@ def to_eps(prediction, x_t, alpha, sigma, prediction_type):
 def v_target(x0, eps, alpha, sigma):
     """The v-prediction target v = alpha eps - sigma x0 (Salimans & Ho 2022)."""
     return alpha * eps - sigma * x0
+
+
+def karras_sigmas(sigma_min, sigma_max, num_steps, rho=7.0):
+    """[num_steps] float64 noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho) (Karras et al. 2022)."""
+    ramp = np.linspace(0, 1, num_steps)
+    lo, hi = float(sigma_min) ** (1 / rho), float(sigma_max) ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigma, train_sigmas):
+    """Fractional timesteps of noise levels `sigma` [N], by linear interpolation of log sigma over the
+    training schedule's `train_sigmas` [T] (ascending); clamped to [0, T-1]."""
+    log_sigmas = np.log(train_sigmas)
+    log_sigma = np.log(np.maximum(np.asarray(sigma), 1e-10))
+    low = np.clip((log_sigmas[:, None] <= log_sigma).sum(0) - 1, 0, len(log_sigmas) - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)

@@ -1,0 +1,260 @@
+"""The public API: `StableDiffusion.load(path)` and `generate(prompt, ...)` -> uint8 images."""
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+from tqdm.auto import tqdm
+
+from sdjax import sampling
+from sdjax.diffusion import samplers as samplers_lib
+from sdjax.diffusion import schedules
+from sdjax.models.autoencoder import AutoencoderKL
+from sdjax.tokenizer import tokenize
+from sdjax.weights.pretrained import load_pretrained
+
+log = logging.getLogger("sdjax")
+
+
+def _as_list(x, name):
+    if isinstance(x, str):
+        return [x]
+    if not x or not all(isinstance(p, str) for p in x):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {x!r}")
+    return list(x)
+
+
+def to_image_array(image, height, width):
+    """PIL image / array [H,W,3] (uint8 or float in [0,1]) -> float32 [H,W,3] in [-1, 1], resized to (height, width)."""
+    if not isinstance(image, Image.Image):
+        a = np.asarray(image)
+        image = Image.fromarray(a if a.dtype == np.uint8 else (np.clip(a, 0, 1) * 255).round().astype(np.uint8))
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return np.asarray(image, np.float32) / 127.5 - 1
+
+
+def to_mask_array(mask, height, width):
+    """PIL image / array [H,W] (white = repaint) -> float32 [H,W] of {0, 1}."""
+    if not isinstance(mask, Image.Image):
+        a = np.asarray(mask)
+        a = a if a.dtype == np.uint8 else (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+        mask = Image.fromarray(a[..., 0] if a.ndim == 3 else a)
+    mask = mask.convert("L")
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), Image.LANCZOS)
+    return (np.asarray(mask, np.float32) / 255 >= 0.5).astype(np.float32)
+
+
+def image_keys(seed, n):
+    """Keys of images seed..seed+n-1: (initial-noise keys [n], per-iteration noise keys [n])."""
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.key(i)))(jnp.arange(seed, seed + n))
+    return keys[:, 0], keys[:, 1]
+
+
+class StableDiffusion:
+    """Text-to-image, img2img and inpainting with a loaded Stable Diffusion checkpoint."""
+
+    def __init__(self, pretrained):
+        self.pretrained = pretrained
+        self.unet, self.vae = pretrained.modules["unet"], pretrained.modules["vae"]
+        self.text_encoder = pretrained.modules["text_encoder"]
+        self.tokenizer = pretrained.tokenizer
+        self.settings = schedules.scheduler_settings(pretrained.scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.block_out_channels) - 1)
+        self.latent_channels = self.vae.latent_channels
+        self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
+        self.params = jax.device_put(pretrained.params, NamedSharding(self.mesh, P()))
+        self._compiled = {}
+        self.compile_count = 0
+        self.last_timings = {}
+
+    @classmethod
+    def load(cls, path, dtype="float32", config_name=None):
+        """A pipeline over a diffusers folder or a single-file checkpoint (see `load_pretrained`)."""
+        return cls(load_pretrained(path, dtype=dtype, config_name=config_name))
+
+    # ---- compiled pieces ----
+
+    def _run(self, name, fn, *args, static=()):
+        """Call `fn(*args)` compiled once per (name, static, argument shapes); compile time is recorded."""
+        sig = (name, static, jax.tree.structure(args),
+               tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)))
+        if sig not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[sig] = jax.jit(fn).lower(*args).compile()
+            self.compile_count += 1
+            self.last_timings[f"compile_{name}"] = time.perf_counter() - t0
+        return self._compiled[sig](*args)
+
+    def _shard(self, x):
+        """Put a batch-leading array on all local devices along the batch axis."""
+        return jax.device_put(x, NamedSharding(self.mesh, P("data")))
+
+    def encode_prompts(self, prompts):
+        """list of str -> text embeddings [B, 77, D] (the text encoder's last hidden state)."""
+        ids, truncated = tokenize(self.tokenizer, prompts, self.text_encoder.max_position_embeddings)
+        if truncated:
+            log.warning("a prompt is longer than %d tokens and was truncated (as the reference does)",
+                        self.text_encoder.max_position_embeddings)
+        fn = lambda p, i: self.text_encoder.apply({"params": p}, i)["last_hidden_state"]  # noqa: E731
+        return self._run("text", fn, self.params["text_encoder"], jnp.asarray(ids))
+
+    def encode_images(self, images):
+        """[B,H,W,3] in [-1, 1] -> scaled latents [B,H/f,W/f,c] (the posterior mean)."""
+        vae = self.vae
+
+        def fn(p, x):
+            z = vae.apply({"params": p}, x.astype(vae.dtype), method=AutoencoderKL.encode).mean
+            return (z - (vae.shift_factor or 0.0)) * vae.scaling_factor
+        return self._run("vae_encode", fn, self.params["vae"], jnp.asarray(images, jnp.float32))
+
+    def decode_latents(self, latents):
+        """Scaled latents [B,h,w,c] -> images float32 [B,H,W,3] in [0, 1]."""
+        vae = self.vae
+
+        def fn(p, z):
+            z = z / vae.scaling_factor + (vae.shift_factor or 0.0)
+            x = vae.apply({"params": p}, z.astype(vae.dtype), method=AutoencoderKL.decode)
+            return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0, 1)
+        return self._run("vae_decode", fn, self.params["vae"], latents)
+
+    # ---- generation ----
+
+    def _validate(self, num_steps, sampler, height, width, strength, image, mask):
+        f = self.vae_scale_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        if sampler not in samplers_lib.SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(sorted(samplers_lib.SAMPLERS))}")
+        if image is not None and not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if mask is not None and image is None:
+            raise ValueError("a mask needs an image to inpaint")
+        if image is not None and int(num_steps * strength) < 1:
+            raise ValueError(f"num_steps * strength must be >= 1 (got {num_steps} * {strength}): nothing to denoise")
+        if mask is not None and np.asarray(_size(mask)).tolist() != np.asarray(_size(image)).tolist():
+            raise ValueError(f"mask size {_size(mask)} differs from image size {_size(image)}")
+        inpaint_unet = self.unet.in_channels == 2 * self.latent_channels + 1
+        if inpaint_unet and mask is None:
+            raise ValueError("this is an inpainting U-Net (9 input channels): give image= and mask=")
+
+    def generate(self, prompt, negative_prompt=None, num_steps=50, guidance_scale=7.5, sampler="ddim",
+                 seed=0, height=None, width=None, latents=None, eta=0.0, image=None, mask=None,
+                 strength=0.8, guidance_rescale=0.0, num_images_per_prompt=1, output_type="uint8",
+                 progress=True, **sampler_options):
+        """Images for `prompt` (str or list): uint8 [N, H, W, 3] (or float32 in [0, 1] with output_type="np").
+
+        Image i of the batch is drawn from seed `seed + i`, so it is the same picture alone or in a batch.
+        latents: the initial unit-variance noise [N, H/f, W/f, c] instead of drawing it (diffusers' `latents=`).
+        image (+ mask, white = repaint): img2img with `strength`, or inpainting.
+        """
+        prompts = [p for p in _as_list(prompt, "prompt") for _ in range(num_images_per_prompt)]
+        n = len(prompts)
+        negatives = [""] * n if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+        if len(negatives) == 1:
+            negatives = negatives * n
+        elif len(negatives) * num_images_per_prompt == n:
+            negatives = [q for q in negatives for _ in range(num_images_per_prompt)]
+        else:
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts) // num_images_per_prompt} prompts")
+        f = self.vae_scale_factor
+        height = height or self.unet.sample_size * f
+        width = width or self.unet.sample_size * f
+        self._validate(num_steps, sampler, height, width, strength, image, mask)
+        shape = (n, height // f, width // f, self.latent_channels)
+        if latents is not None and tuple(np.shape(latents)) != shape:
+            raise ValueError(f"latents must have shape {shape} (N, H/{f}, W/{f}, C), got {np.shape(latents)}")
+
+        # Host-side plan; every array goes into the compiled loop as an argument.
+        s = samplers_lib.SAMPLERS[sampler]
+        options = dict(sampler_options, eta=eta) if sampler == "ddim" else dict(sampler_options)
+        try:
+            plan = s.plan(self.settings, num_steps, **options)
+        except TypeError as e:
+            raise ValueError(f"sampler {sampler!r} does not take options {sorted(options)}: {e}") from None
+        from_image = image is not None and strength < 1
+        if from_image:
+            plan = samplers_lib.slice_plan(plan, (num_steps - int(num_steps * strength)) * plan.order)
+
+        # Per-image keys (seed + i); the batch is padded to a multiple of the device count.
+        pad = -n % self.mesh.devices.size
+        b = n + pad
+        noise_keys, step_keys = image_keys(seed, b)
+        if latents is None:
+            noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(noise_keys)
+        else:
+            noise = jnp.asarray(np.concatenate([latents, np.repeat(latents[-1:], pad, 0)]), jnp.float32)
+        padded = lambda items: items + items[-1:] * pad  # noqa: E731
+        cfg = guidance_scale > 1
+        context = self.encode_prompts(padded(prompts))
+        batch = dict(noise=noise, keys=step_keys, context=context)
+        if cfg:
+            batch["uncond"] = self.encode_prompts(padded(negatives))
+        if image is not None:
+            batch.update(self._image_inputs(image, mask, height, width, b))
+        batch = jax.tree.map(self._shard, batch)
+        # Inpainting by latent blending re-noises the image to the NEXT iteration's level: (1, 0) after the last.
+        next_a = np.append(plan.noise_a[1:], np.float32(1)).astype(np.float32)
+        next_b = np.append(plan.noise_b[1:], np.float32(0)).astype(np.float32)
+        blend = mask is not None and "concat" not in batch
+
+        self._bar = tqdm(total=len(plan.timesteps), desc=f"{sampler} x{n}", disable=not progress, leave=False)
+        self._first_index = int(plan.steps["index"][0])
+        unet, init_sigma = self.unet, plan.init_noise_sigma
+
+        def run(params, steps, timesteps, next_a, next_b, batch, scale, rescale):
+            if from_image:
+                x = plan_a0 * batch["image_latents"] + plan_b0 * batch["noise"]
+            else:
+                x = init_sigma * batch["noise"]
+            context = jnp.concatenate([batch["uncond"], batch["context"]]) if cfg else batch["context"]
+            return sampling.sample(
+                lambda x, t, c: unet.apply({"params": params}, x, t, c), s, plan.options, steps, timesteps,
+                x, context, batch["keys"], guidance_scale=scale, cfg=cfg,
+                guidance_rescale=rescale if guidance_rescale else None, concat=batch.get("concat"),
+                blend=(batch["image_latents"], batch["noise"], batch["mask"], next_a, next_b) if blend else None,
+                progress=self._tick if progress else None)
+        plan_a0, plan_b0 = np.float32(plan.noise_a[0]), np.float32(plan.noise_b[0])
+        static = (sampler, tuple(sorted(plan.options.items())), cfg, from_image, blend, plan_a0, plan_b0,
+                  init_sigma, bool(guidance_rescale), progress)
+        self.last_timings = {}
+        t0 = time.perf_counter()
+        out = self._run("sample", run, self.params["unet"], plan.steps, plan.timesteps, next_a, next_b,
+                        batch, np.float32(guidance_scale), np.float32(guidance_rescale), static=static)
+        out = jax.block_until_ready(out)
+        self._bar.close()
+        self.last_timings["sample"] = time.perf_counter() - t0 - self.last_timings.get("compile_sample", 0.0)
+        images = np.asarray(self.decode_latents(out))[:n]
+        return images if output_type == "np" else (images * 255).round().astype(np.uint8)
+
+    def _tick(self, index):
+        """Progress callback from inside the compiled loop (once per device: keep the furthest)."""
+        self._bar.n = max(self._bar.n, int(index) - self._first_index + 1)
+        self._bar.refresh()
+
+    def _image_inputs(self, image, mask, height, width, b):
+        """Batch inputs of img2img / inpainting: image latents, and the mask (blending) or the
+        mask + masked-image latents appended to a 9-channel U-Net's input."""
+        img = to_image_array(image, height, width)
+        out = {"image_latents": self.encode_images(np.repeat(img[None], b, 0))}
+        if mask is not None:
+            f = self.vae_scale_factor
+            m = to_mask_array(mask, height, width)
+            m_lat = np.broadcast_to(m[::f, ::f, None], (b, height // f, width // f, 1)).astype(np.float32)
+            if self.unet.in_channels == 2 * self.latent_channels + 1:
+                masked = self.encode_images(np.repeat((img * (m[..., None] < 0.5))[None], b, 0))
+                out["concat"] = jnp.concatenate([jnp.asarray(m_lat), masked], axis=-1)
+            else:
+                out["mask"] = jnp.asarray(m_lat)
+        return out
+
+
+def _size(x):
+    return x.size[::-1] if isinstance(x, Image.Image) else np.shape(x)[:2]

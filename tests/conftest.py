@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random Stable Diffusion pipeline built with diffusers (PyTorch CPU)."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from configs import tiny
+from sdjax.clip_vocab import write_clip_tokenizer
+
+torch.set_num_threads(1)
+
+
+def _randomize(model, seed):
+    """Random values everywhere (zero-initialised layers would hide naming mistakes); norm scales near 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            is_scale = p.ndim == 1 and name.endswith("weight")
+            p.copy_(1 + 0.1 * noise if is_scale else noise * min(0.05, p[0].numel() ** -0.5))
+    return model
+
+
+def build_torch_pipeline(folder):
+    """A tiny random StableDiffusionPipeline saved as a diffusers folder; returns the pipeline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    cfg = tiny.get_config().to_dict()
+    pipe = StableDiffusionPipeline(
+        unet=_randomize(UNet2DConditionModel(**cfg["unet"]), 0),
+        vae=_randomize(AutoencoderKL(**cfg["vae"]), 1),
+        text_encoder=_randomize(CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])), 2),
+        tokenizer=CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "_tok"))),
+        scheduler=DDIMScheduler(**cfg["scheduler"]),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    shutil.rmtree(os.path.join(folder, "_tok"))
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def torch_folder(tmp_path_factory):
+    """(diffusers StableDiffusionPipeline, the folder it is saved in), tiny and random."""
+    folder = str(tmp_path_factory.mktemp("tiny_sd"))
+    return build_torch_pipeline(folder), folder
+
+
+def torch_state(model):
+    """State dict as numpy, CLIP names with their `text_model.` prefix (transformers 5 drops it)."""
+    prefix = "text_model." if getattr(getattr(model, "config", None), "model_type", "") == "clip_text_model" else ""
+    return {prefix + k: v.numpy() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
