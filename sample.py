@@ -1,6 +1,83 @@
-"""Generate images with Stable Diffusion in JAX. (Sampling lands with the sampling issue.)"""
+"""Generate images with Stable Diffusion in JAX.
+
+    python sample.py --prompt "a red circle on the left"                 # the bundled demo model
+    python sample.py --model path/to/sd-v1-5 --prompt "an astronaut riding a horse" --steps 30
+"""
+import argparse
+import os
 import sys
+import time
+
+from sdjax.demo import DEMO_MODEL
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: the bundled demo model)")
+    p.add_argument("--config-name", default=None, help="architecture of a single file when shapes can't tell (sd15, sd21, sd21-base, ...)")
+    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--seed", type=int, default=0, help="image i of the run uses seed + i")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--init-image", help="img2img / inpainting source image")
+    p.add_argument("--mask", help="inpainting mask (white = repaint)")
+    p.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.8; 1.0 for inpainting)")
+    p.add_argument("--out", default="outputs")
+    p.add_argument("--grid", action="store_true", help="also write all images as one grid.png")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        sys.exit("sample.py: give at least one --prompt (or --prompts-file)")
+    model = args.model or DEMO_MODEL
+    if not os.path.exists(model):
+        sys.exit(f"sample.py: model not found: {model}" + ("" if args.model else
+                 " (the bundled demo model is not in this install; pass --model PATH)"))
+
+    from PIL import Image
+    from sdjax.images import make_grid, save_png
+    from sdjax.pipeline import StableDiffusion
+
+    t0 = time.perf_counter()
+    sd = StableDiffusion.load(model, dtype=args.dtype, config_name=args.config_name)
+    print(f"loaded {model} in {time.perf_counter() - t0:.1f} s")
+    image = Image.open(args.init_image) if args.init_image else None
+    mask = Image.open(args.mask) if args.mask else None
+    strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.8)
+    try:
+        images = sd.generate(
+            prompts, negative_prompt=args.negative_prompt, num_steps=args.steps, guidance_scale=args.guidance,
+            sampler=args.sampler, seed=args.seed, height=args.height, width=args.width, eta=args.eta,
+            image=image, mask=mask, strength=strength, num_images_per_prompt=args.num_images)
+    except ValueError as e:
+        sys.exit(f"sample.py: {e}")
+    t = sd.last_timings
+    print(f"compile {t.get('compile_sample', 0.0):.1f} s, sampling {t['sample']:.2f} s "
+          f"({t['sample'] / args.steps:.3f} s/step for {len(images)} image(s))")
+    paths = []
+    for i, img in enumerate(images):
+        meta = {"prompt": prompts[i // args.num_images], "negative_prompt": args.negative_prompt or "",
+                "seed": args.seed + i, "sampler": args.sampler, "steps": args.steps,
+                "guidance": args.guidance, "model": os.path.basename(os.path.normpath(model)), "software": "sdjax"}
+        paths.append(save_png(img, os.path.join(args.out, f"{i:04d}-seed{args.seed + i}.png"), meta))
+    if args.grid:
+        paths.append(save_png(make_grid(images), os.path.join(args.out, "grid.png"), {"prompts": " | ".join(prompts)}))
+    print("\n".join(paths))
+
 
 if __name__ == "__main__":
-    sys.exit("sample.py: sampling is not implemented yet in this version of sdjax; "
-             "model import works: see `sdjax.weights.load_pretrained` in the README.")
+    main()

@@ -155,15 +155,14 @@ class StableDiffusion:
         latents: the initial unit-variance noise [N, H/f, W/f, c] instead of drawing it (diffusers' `latents=`).
         image (+ mask, white = repaint): img2img with `strength`, or inpainting.
         """
-        prompts = [p for p in _as_list(prompt, "prompt") for _ in range(num_images_per_prompt)]
+        given = _as_list(prompt, "prompt")
+        negatives = [""] if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+        negatives = negatives * len(given) if len(negatives) == 1 else negatives
+        if len(negatives) != len(given):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(given)} prompts")
+        repeat = lambda items: [x for x in items for _ in range(num_images_per_prompt)]  # noqa: E731
+        prompts, negatives = repeat(given), repeat(negatives)
         n = len(prompts)
-        negatives = [""] * n if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
-        if len(negatives) == 1:
-            negatives = negatives * n
-        elif len(negatives) * num_images_per_prompt == n:
-            negatives = [q for q in negatives for _ in range(num_images_per_prompt)]
-        else:
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts) // num_images_per_prompt} prompts")
         f = self.vae_scale_factor
         height = height or self.unet.sample_size * f
         width = width or self.unet.sample_size * f

@@ -22,13 +22,13 @@ def _randomize(model, seed):
     return model
 
 
-def build_torch_pipeline(folder):
+def build_torch_pipeline(folder, **unet_overrides):
     """A tiny random StableDiffusionPipeline saved as a diffusers folder; returns the pipeline."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     cfg = tiny.get_config().to_dict()
     pipe = StableDiffusionPipeline(
-        unet=_randomize(UNet2DConditionModel(**cfg["unet"]), 0),
+        unet=_randomize(UNet2DConditionModel(**{**cfg["unet"], **unet_overrides}), 0),
         vae=_randomize(AutoencoderKL(**cfg["vae"]), 1),
         text_encoder=_randomize(CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])), 2),
         tokenizer=CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "_tok"))),
@@ -44,6 +44,13 @@ def torch_folder(tmp_path_factory):
     """(diffusers StableDiffusionPipeline, the folder it is saved in), tiny and random."""
     folder = str(tmp_path_factory.mktemp("tiny_sd"))
     return build_torch_pipeline(folder), folder
+
+
+@pytest.fixture(scope="session")
+def torch_inpaint_folder(tmp_path_factory):
+    """The same, with a 9-channel (inpainting) U-Net."""
+    folder = str(tmp_path_factory.mktemp("tiny_sd_inpaint"))
+    return build_torch_pipeline(folder, in_channels=9), folder
 
 
 def torch_state(model):

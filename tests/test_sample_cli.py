@@ -1,0 +1,41 @@
+"""sample.py: the images it writes are the API's images, with their settings in the PNG metadata."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sample  # noqa: E402
+from sdjax.images import make_grid, read_png_metadata  # noqa: E402
+from sdjax.pipeline import StableDiffusion  # noqa: E402
+
+
+def test_sample_cli_writes_the_api_images(torch_folder, tmp_path, capsys):
+    folder = torch_folder[1]
+    out = tmp_path / "out"
+    sample.main(["--model", folder, "--prompt", "a red circle", "--prompt", "a cyan square", "--num-images", "2",
+                 "--steps", "3", "--guidance", "4", "--sampler", "ddim", "--seed", "7", "--height", "16",
+                 "--width", "16", "--out", str(out), "--grid"])
+    printed = capsys.readouterr().out
+    assert "compile" in printed and "s/step" in printed
+    expected = StableDiffusion.load(folder).generate(
+        ["a red circle", "a cyan square"], num_images_per_prompt=2, num_steps=3, guidance_scale=4.0,
+        sampler="ddim", seed=7, height=16, width=16, progress=False)
+    files = sorted(p for p in os.listdir(out) if p != "grid.png")
+    assert files == ["0000-seed7.png", "0001-seed8.png", "0002-seed9.png", "0003-seed10.png"]
+    for i, name in enumerate(files):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / name)), expected[i])
+        meta = read_png_metadata(out / name)
+        assert meta["prompt"] == ["a red circle", "a cyan square"][i // 2]
+        assert (meta["seed"], meta["sampler"], meta["steps"], meta["guidance"]) == (str(7 + i), "ddim", "3", "4.0")
+        assert meta["model"] == os.path.basename(folder)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "grid.png")), make_grid(expected))
+
+
+def test_sample_cli_clear_errors(tmp_path, torch_folder):
+    with pytest.raises(SystemExit, match="model not found"):
+        sample.main(["--model", str(tmp_path / "nope"), "--prompt", "a"])
+    with pytest.raises(SystemExit, match="unknown sampler"):
+        sample.main(["--model", torch_folder[1], "--prompt", "a", "--sampler", "nope"])
