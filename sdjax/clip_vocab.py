@@ -19,7 +19,8 @@ def build_vocab(merges):
     symbols = byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}
+    # A trained BPE may reach one token by two merges; it gets one id (CLIP's own merges have no repeats).
+    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}
 
 
 def write_clip_tokenizer(folder, pad_token="<|endoftext|>"):
@@ -29,6 +30,11 @@ def write_clip_tokenizer(folder, pad_token="<|endoftext|>"):
     """
     gz = resources.files("sdjax") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.decompress(gz.read_bytes()).decode("utf-8").split("\n")[1:NUM_MERGES + 1]
+    return write_tokenizer_files(folder, merges, pad_token)
+
+
+def write_tokenizer_files(folder, merges, pad_token="<|endoftext|>"):
+    """Write a CLIPTokenizer folder (vocab.json, merges.txt, tokenizer_config.json) for BPE `merges` ("a b" strings)."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(build_vocab(merges), f, ensure_ascii=False)

@@ -64,7 +64,7 @@ class StableDiffusion:
         self.unet, self.vae = pretrained.modules["unet"], pretrained.modules["vae"]
         self.text_encoder = pretrained.modules["text_encoder"]
         self.tokenizer = pretrained.tokenizer
-        self.settings = schedules.scheduler_settings(pretrained.scheduler)
+        self.scheduler_config = dict(pretrained.scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.block_out_channels) - 1)
         self.latent_channels = self.vae.latent_channels
         self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
@@ -175,7 +175,8 @@ class StableDiffusion:
         s = samplers_lib.SAMPLERS[sampler]
         options = dict(sampler_options, eta=eta) if sampler == "ddim" else dict(sampler_options)
         try:
-            plan = s.plan(self.settings, num_steps, **options)
+            settings = schedules.scheduler_settings(self.scheduler_config, samplers_lib.CLASS_DEFAULTS.get(sampler))
+            plan = s.plan(settings, num_steps, **options)
         except TypeError as e:
             raise ValueError(f"sampler {sampler!r} does not take options {sorted(options)}: {e}") from None
         from_image = image is not None and strength < 1

@@ -56,7 +56,7 @@ def injected_noise(module_name, box):
 
 
 def run_diffusers(scheduler, x, noises=None, randn_module=None, start=0, step_kwargs=None):
-    """diffusers' denoising loop over scheduler.timesteps[start:] (set_timesteps already called) -> [S,...] x after each step."""
+    """diffusers' loop over scheduler.timesteps[start:] (after set_timesteps) -> [S,...] x after each step."""
     box, out = {}, []
     sample = torch.from_numpy(x)
     guard = injected_noise(randn_module, box) if randn_module else contextlib.nullcontext()

@@ -34,10 +34,15 @@ def _inject_noise(monkeypatch, module, draw, first=0):
     monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: draw(next(calls)))
 
 
-def _reference(pipe, sampler, monkeypatch, latents, seed, **kw):
+def _use_scheduler(pipe, folder, sampler):
+    """The diffusers scheduler of `sampler`, configured from the folder's scheduler_config.json."""
     import diffusers
     name, extra = SCHEDULERS[sampler]
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
+    pipe.scheduler = getattr(diffusers, name).from_pretrained(folder, subfolder="scheduler", **extra)
+
+
+def _reference(pipe, folder, sampler, monkeypatch, latents, seed, **kw):
+    _use_scheduler(pipe, folder, sampler)
     module = __import__(type(pipe.scheduler).__module__, fromlist=["randn_tensor"])
     if hasattr(module, "randn_tensor"):
         _inject_noise(monkeypatch, module, _noise(len(latents), seed, latents.shape[1:]))
@@ -48,10 +53,10 @@ def _reference(pipe, sampler, monkeypatch, latents, seed, **kw):
 @pytest.mark.parametrize("guidance", [1.0, 7.5])
 @pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
 def test_text_to_image_matches_diffusers(sd, torch_folder, sampler, guidance, monkeypatch):
-    pipe = torch_folder[0]
+    pipe, folder = torch_folder
     latents = np.random.default_rng(0).standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
     kw = dict(num_inference_steps=4, guidance_scale=guidance, prompt=PROMPTS, negative_prompt=["", "ugly"])
-    ref = _reference(pipe, sampler, monkeypatch, latents, seed=3, **kw)
+    ref = _reference(pipe, folder, sampler, monkeypatch, latents, seed=3, **kw)
     got = sd.generate(PROMPTS, negative_prompt=["", "ugly"], num_steps=4, guidance_scale=guidance,
                       sampler=sampler, seed=3, height=SIZE, width=SIZE, latents=latents,
                       output_type="np", progress=False)
@@ -81,8 +86,7 @@ def test_img2img_matches_diffusers(sd, torch_folder, sampler, monkeypatch):
     image, latents = _picture(rng), rng.standard_normal((1, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
     _patch_image_encoding(monkeypatch, module, latents)
     pipe = diffusers.StableDiffusionImg2ImgPipeline(**torch_folder[0].components)
-    name, extra = SCHEDULERS[sampler]
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
+    _use_scheduler(pipe, torch_folder[1], sampler)
     ref = pipe(PROMPTS[0], image=image, strength=0.6, num_inference_steps=5, guidance_scale=5.0,
                output_type="np").images
     got = sd.generate(PROMPTS[0], image=image, strength=0.6, num_steps=5, guidance_scale=5.0, sampler=sampler,
@@ -102,6 +106,7 @@ def test_inpainting_matches_diffusers(torch_folder, torch_inpaint_folder, nine_c
     latents = rng.standard_normal((1, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
     _patch_image_encoding(monkeypatch, module, latents)
     ref_pipe = diffusers.StableDiffusionInpaintPipeline(**pipe.components)
+    _use_scheduler(ref_pipe, folder, "ddim")
     ref = ref_pipe(PROMPTS[1], image=image, mask_image=mask, strength=0.75, num_inference_steps=4,
                    guidance_scale=6.0, height=SIZE, width=SIZE, output_type="np").images
     got = StableDiffusion.load(folder).generate(

@@ -123,8 +123,8 @@ def heun_plan(settings, num_steps, use_karras_sigmas=False):
     dt = np.diff(si)
     dt[1::2] = dt[0:-1:2]  # the corrector reuses its predictor's step
     first = np.arange(len(ts)) % 2 == 0
-    options = dict(clip_sample=bool(settings.get("clip_sample", False)),
-                   clip_sample_range=float(settings.get("clip_sample_range", 1.0)))
+    options = dict(clip_sample=bool(settings["clip_sample"]),
+                   clip_sample_range=float(settings["clip_sample_range"]))
     return _plan(ts, si[:-1], k_init_noise_sigma(settings, sigmas), order=2, options=options, dt=dt, first=first,
                  **_euler_scalings(si[:-1], settings["prediction_type"]))
 

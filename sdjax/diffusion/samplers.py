@@ -6,7 +6,7 @@ over `scheduler.timesteps`):
     plan = sampler.plan(settings, num_steps, **options)       # host, numpy; settings from schedules.scheduler_settings
     plan = slice_plan(plan, start)                             # img2img only
     step_fn = bind(sampler, plan)                              # = partial(sampler.step, **plan.options)
-    state = sampler.init(x, plan.steps)                        # x already scaled: init_noise_sigma * eps or noise_a*x0 + noise_b*eps
+    state = sampler.init(x, plan.steps)                        # x: init_noise_sigma * eps, or noise_a*x0 + noise_b*eps
     for i (lax.scan over plan.steps and plan.timesteps):
         x_in = sampler.model_input(state, step)                # step = {name: plan.steps[name][i]}
         state = step_fn(state, model(x_in, plan.timesteps[i]), step, noise_i)
@@ -21,6 +21,8 @@ Conventions every sampler follows:
   warm-up) lives in the state pytree, so `slice_plan` is a plain slice of the arrays, which reproduces
   diffusers' img2img (`timesteps[t_start * order:]` with a freshly set scheduler).
 - `noise` passed to `step` is unit normal noise shaped like x; deterministic samplers ignore it.
+- x, the model output and the noise are float32 (cast a low-precision U-Net's output before `step`), so the
+  scan carry keeps its dtype.
 """
 import dataclasses
 import functools
@@ -85,7 +87,7 @@ def _abar_at(acp, t, below_zero):
 
 def _clip_options(settings):
     return dict(prediction_type=settings["prediction_type"], clip_sample=bool(settings["clip_sample"]),
-                clip_sample_range=float(settings.get("clip_sample_range", 1.0)))
+                clip_sample_range=float(settings["clip_sample_range"]))
 
 
 def _predict(out, x, abar_t, prediction_type, clip_sample, clip_sample_range):
@@ -109,7 +111,7 @@ def _x_in(state, step):
 # ---- DDIM (Song et al. 2021), as diffusers' DDIMScheduler ----
 
 def ddim_plan(settings, num_steps, eta=0.0):
-    """DDIM: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - std^2) eps + std noise, std = eta * DDPM posterior std."""
+    """DDIM: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - std^2) eps + std noise, std = eta * posterior std."""
     ts = schedules.spaced_timesteps(settings, num_steps)
     acp = schedules.alphas_cumprod(settings)
     final = np.float32(1.0) if settings["set_alpha_to_one"] else acp[0]
@@ -148,8 +150,9 @@ def ddpm_step(state, out, step, noise, **predict_options):
     x, abar_t, abar_prev = state["x"], step["abar_t"], step["abar_prev"]
     x0, _ = _predict(out, x, abar_t, **predict_options)
     alpha_t = abar_t / abar_prev
-    mean = (abar_prev ** 0.5 * (1 - alpha_t) / (1 - abar_t)) * x0 + (alpha_t ** 0.5 * (1 - abar_prev) / (1 - abar_t)) * x
-    return {"x": mean + step["std"] * noise}
+    x0_coeff = abar_prev ** 0.5 * (1 - alpha_t) / (1 - abar_t)
+    x_coeff = alpha_t ** 0.5 * (1 - abar_prev) / (1 - abar_t)
+    return {"x": x0_coeff * x0 + x_coeff * x + step["std"] * noise}
 
 
 # ---- PNDM's pseudo linear multistep (Liu et al. 2022), as diffusers' PNDMScheduler(skip_prk_steps=True) ----
@@ -171,12 +174,12 @@ def pndm_plan(settings, num_steps):
 
 def pndm_init(x, steps):
     """PLMS state: x, the sample saved at the first iteration, the last 4 model outputs (newest last) and counters."""
-    return {"x": x, "saved": jnp.zeros_like(x), "eps": jnp.zeros((4,) + x.shape, x.dtype),
-            "num_eps": jnp.int32(0), "counter": jnp.int32(0)}
+    return {"x": x, "saved": jnp.zeros_like(x), "outs": jnp.zeros((4,) + x.shape, x.dtype),
+            "num_outs": jnp.int32(0), "counter": jnp.int32(0)}
 
 
 def _plms_combine(out, e):
-    """Model outputs -> the 5 multistep estimates: Euler, the redo average, and Adams-Bashforth of order 2, 3, 4."""
+    """Latest output and history e (newest last) -> the 5 estimates: Euler, the redo average, Adams-Bashforth 2-4."""
     return [lambda: out, lambda: (out + e[3]) / 2, lambda: (3 * e[3] - e[2]) / 2,
             lambda: (23 * e[3] - 16 * e[2] + 5 * e[1]) / 12,
             lambda: (1 / 24) * (55 * e[3] - 59 * e[2] + 37 * e[1] - 9 * e[0])]
@@ -192,10 +195,10 @@ def pndm_step(state, out, step, noise, *, prediction_type):
     """One PLMS iteration; the second iteration after the start redoes the first step with averaged outputs."""
     counter, redo = state["counter"], state["counter"] == 1
     # The redo iteration's output is not kept in the history; every other one is appended.
-    eps_hist = jnp.where(redo, state["eps"], jnp.concatenate([state["eps"][1:], out[None]]))
-    num_eps = jnp.where(redo, state["num_eps"], jnp.minimum(state["num_eps"] + 1, 4))
-    which = jnp.where(redo, 1, jnp.where(num_eps == 1, 0, num_eps))
-    combined = jax.lax.switch(which, _plms_combine(out, eps_hist))
+    outs = jnp.where(redo, state["outs"], jnp.concatenate([state["outs"][1:], out[None]]))
+    num_outs = jnp.where(redo, state["num_outs"], jnp.minimum(state["num_outs"] + 1, 4))
+    which = jnp.where(redo, 1, jnp.where(num_outs == 1, 0, num_outs))
+    combined = jax.lax.switch(which, _plms_combine(out, outs))
     x = jnp.where(redo, state["saved"], state["x"])
     abar_t = jnp.where(redo, step["redo_abar_t"], step["abar_t"])
     abar_prev = jnp.where(redo, step["redo_abar_prev"], step["abar_prev"])
@@ -203,11 +206,22 @@ def pndm_step(state, out, step, noise, *, prediction_type):
         combined = abar_t ** 0.5 * combined + (1 - abar_t) ** 0.5 * x
     return {"x": _pndm_transfer(x, combined, abar_t, abar_prev),
             "saved": jnp.where(counter == 0, state["x"], state["saved"]),
-            "eps": eps_hist, "num_eps": num_eps, "counter": counter + 1}
+            "outs": outs, "num_outs": num_outs, "counter": counter + 1}
 
+
+# diffusers' defaults of each scheduler class where they differ from schedules.DEFAULTS: they apply to
+# keys a model's scheduler_config.json leaves out (SD 1.5's has no timestep_spacing, for one).
+CLASS_DEFAULTS = {
+    "ddim": {"clip_sample": True}, "ddpm": {"clip_sample": True}, "pndm": {"set_alpha_to_one": False},
+    "euler": {"timestep_spacing": "linspace"}, "euler_a": {"timestep_spacing": "linspace"},
+    "heun": {"timestep_spacing": "linspace"}, "dpmpp_2m": {"timestep_spacing": "linspace"},
+}
 
 SAMPLERS = {
     "ddim": Sampler(ddim_plan, _x_only, _x_in, ddim_step),
     "ddpm": Sampler(ddpm_plan, _x_only, _x_in, ddpm_step),
     "pndm": Sampler(pndm_plan, pndm_init, _x_in, pndm_step),
 }
+
+# The sigma-based samplers add themselves to SAMPLERS on import (works whichever module is imported first).
+from sdjax.diffusion import k_samplers  # noqa: E402,F401

@@ -12,14 +12,20 @@ DEFAULTS = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
     prediction_type="epsilon", timestep_spacing="leading", steps_offset=0,
     rescale_betas_zero_snr=False, set_alpha_to_one=True, clip_sample=False, trained_betas=None,
+    clip_sample_range=1.0,
 )
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def scheduler_settings(config):
-    """diffusers scheduler_config.json dict -> our settings dict (known keys, defaults filled in)."""
-    out = {k: config.get(k, v) if config.get(k) is not None or v is None else v for k, v in DEFAULTS.items()}
+def scheduler_settings(config, class_defaults=None):
+    """diffusers scheduler_config.json dict -> our settings dict (known keys, defaults filled in).
+
+    A key missing from the config takes the default of the scheduler class that runs (class_defaults,
+    e.g. Euler's "linspace" spacing), as diffusers' `SchedulerClass.from_config(config)` does.
+    """
+    given = {k: v for k, v in config.items() if k in DEFAULTS and v is not None}
+    out = {**DEFAULTS, **(class_defaults or {}), **given}
     if out["beta_schedule"] not in BETA_SCHEDULES and out["trained_betas"] is None:
         raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {out['beta_schedule']!r}")
     if out["prediction_type"] not in PREDICTION_TYPES:
@@ -47,17 +53,17 @@ def betas(settings):
 
 def rescale_zero_terminal_snr(b):
     """Betas rescaled so the last step has zero SNR (Lin et al. 2023, Algorithm 1)."""
-    s = np.sqrt(np.cumprod(1.0 - b, dtype=np.float32))
+    s = np.sqrt(np.cumprod(1.0 - b, dtype=np.float64).astype(np.float32))
     s0, s_last = s[0].copy(), s[-1].copy()
-    s = (s - s_last) * s0 / (s0 - s_last)
+    s = (s - s_last) * (s0 / (s0 - s_last))  # torch's order of operations
     abar = s ** 2
     alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
     return (1 - alphas).astype(np.float32)
 
 
 def alphas_cumprod(settings):
-    """[T] float32 cumulative product of (1 - beta)."""
-    return np.cumprod(1.0 - betas(settings), dtype=np.float32)
+    """[T] float32 cumulative product of (1 - beta) (accumulated in float64, as torch's cumprod does)."""
+    return np.cumprod(1.0 - betas(settings), dtype=np.float64).astype(np.float32)
 
 
 def sigmas_from_alphas(acp):
@@ -112,7 +118,8 @@ def v_target(x0, eps, alpha, sigma):
 
 
 def karras_sigmas(sigma_min, sigma_max, num_steps, rho=7.0):
-    """[num_steps] float64 noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho) (Karras et al. 2022)."""
+    """[num_steps] float64 noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho)
+    (Karras et al. 2022)."""
     ramp = np.linspace(0, 1, num_steps)
     lo, hi = float(sigma_min) ** (1 / rho), float(sigma_max) ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho

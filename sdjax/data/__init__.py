@@ -1,0 +1,1 @@
+"""Training data: tfds builders (captioned shapes, user captions), the grain input pipeline, a BPE trainer."""

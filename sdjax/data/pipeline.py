@@ -1,0 +1,177 @@
+"""Input pipeline: tfds data source -> grain (shard, shuffle, repeat, decode, crop, flip) -> batches.
+
+Batches are {"images": float32 [b, H, W, 3] in [-1, 1], "input_ids": int32 [b, 77]} (numpy).
+The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (JSON-able dicts), and it
+saves with orbax through `grain.checkpoint.CheckpointSave(iterator)`. Undecodable images are
+skipped and counted in `iterator.skipped`. Caption dropout is the train step's job, not done here.
+"""
+import io
+import logging
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from sdjax.data import captions, shapes
+from sdjax.tokenizer import tokenize
+
+
+def default_config():
+    """The `config.data` fields make_iterator reads, with their defaults."""
+    return ml_collections.ConfigDict(dict(
+        source="shapes",     # "shapes" | "folder" | "jsonl" | "csv"
+        path="",             # user data: the folder, or the .jsonl / .csv listing
+        data_dir="",         # where tfds keeps prepared data sets ("": tfds' default, ~/tensorflow_datasets)
+        split="train",       # shapes: "train" | "test" | "heldout"; user data: "train"
+        image_size=64,
+        center_crop=True,    # False: random crop
+        random_flip=True,
+        num_threads=16,      # grain reader threads per process
+        num_workers=0,       # grain worker processes (0: decode in this process)
+        shapes=dict(num_train=20000, num_test=1000, num_heldout=1000, seed=0),
+    ))
+
+
+def resolve_config(config):
+    """default_config() overridden by `config` (ConfigDict or dict); unknown keys or bad values raise ValueError."""
+    cfg = default_config()
+    given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    unknown = sorted(set(given) - set(cfg)) + sorted(set(given.get("shapes", {})) - set(cfg.shapes))
+    if unknown:
+        raise ValueError(f"data config: unknown keys {unknown}; known: {sorted(cfg)}")
+    cfg.update(given)
+    sources = ("shapes",) + captions.SOURCES
+    if cfg.source not in sources:
+        raise ValueError(f"data config: source must be one of {sources}, got {cfg.source!r}")
+    splits = shapes.SPLITS if cfg.source == "shapes" else ("train",)
+    if cfg.split not in splits:
+        raise ValueError(f"data config: split for source {cfg.source!r} must be one of {splits}, got {cfg.split!r}")
+    if cfg.image_size <= 0:
+        raise ValueError(f"data config: image_size must be positive, got {cfg.image_size}")
+    return cfg
+
+
+def builder(config):
+    """The tfds builder for a resolved data config (nothing is built yet)."""
+    kwargs = dict(data_dir=config.data_dir or None, file_format="array_record")
+    if config.source == "shapes":
+        return shapes.CaptionedShapes(config=shapes.shapes_config(**config.shapes), **kwargs)
+    return captions.ImageCaptions(config=captions.captions_config(config.path, config.source), **kwargs)
+
+
+def prepare(config):
+    """Build the data set into config.data_dir if not there yet (idempotent); returns the split's data source.
+
+    Multi-host: call it on one process first (then a barrier), so processes don't all build it.
+    """
+    config = resolve_config(config)
+    b = builder(config)
+    b.download_and_prepare()
+    return b.as_data_source(split=config.split)
+
+
+def decode_image(data):
+    """Encoded image bytes -> uint8 [H, W, 3], or None when Pillow cannot read them."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception:  # pylint: disable=broad-except  # Pillow raises many types for bad files.
+        return None
+
+
+def resize_crop(image, size, rng=None):
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: shorter side resized to size (bilinear), then a
+    centre crop, or a random one drawn from `rng` (np.random.Generator)."""
+    h, w = image.shape[:2]
+    if min(h, w) != size:
+        scale = size / min(h, w)
+        h, w = max(size, int(h * scale)), max(size, int(w * scale))
+        image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    if rng is None:
+        top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
+    else:
+        top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+    return image[top:top + size, left:left + size]
+
+
+class Preprocess(grain.transforms.RandomMap):
+    """tfds example -> {"image": uint8 [S, S, 3] or None if undecodable, "caption": str, "name": str}."""
+
+    def __init__(self, image_size, center_crop, random_flip):
+        self.image_size, self.center_crop, self.random_flip = image_size, center_crop, random_flip
+
+    def random_map(self, element, rng):
+        image = element["image"]
+        caption = element["caption"].decode("utf-8")
+        name = element.get("name", b"").decode("utf-8")
+        if isinstance(image, bytes):
+            image = decode_image(image)
+            if image is None:
+                return {"image": None, "caption": caption, "name": name}
+        image = resize_crop(image, self.image_size, None if self.center_crop else rng)
+        if self.random_flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return {"image": np.ascontiguousarray(image), "caption": caption, "name": name}
+
+
+class Batches(grain.DatasetIterator):
+    """Stacks preprocessed examples into batches, tokenizes captions, skips and counts bad images."""
+
+    def __init__(self, parent, batch_size, tokenizer, max_bad_in_a_row):
+        super().__init__(parent)
+        self.batch_size, self.tokenizer, self.max_bad_in_a_row = batch_size, tokenizer, max_bad_in_a_row
+        self.skipped = 0  # undecodable images met so far (restored with the state)
+
+    def __next__(self):
+        images, texts, bad_in_a_row = [], [], 0
+        while len(images) < self.batch_size:
+            element = next(self._parent)
+            if element["image"] is None:
+                self.skipped += 1
+                bad_in_a_row += 1
+                logging.warning("data: skipping undecodable image %s (%d skipped so far)",
+                                element["name"], self.skipped)
+                if bad_in_a_row > self.max_bad_in_a_row:
+                    raise RuntimeError("data: no decodable image in a whole pass over the data")
+                continue
+            bad_in_a_row = 0
+            images.append(element["image"])
+            texts.append(element["caption"])
+        images = np.stack(images).astype(np.float32) / 127.5 - 1.0
+        return {"images": images, "input_ids": tokenize(self.tokenizer, texts)[0]}
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "skipped": self.skipped}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self.skipped = int(state["skipped"])
+
+
+def make_iterator(config, tokenizer, batch_size_per_process, seed, process_index=0, process_count=1):
+    """Endless, checkpointable iterator of this process's batches (see the module docstring).
+
+    config: the data config (see default_config); tokenizer: a transformers CLIPTokenizer.
+    Each process reads the disjoint slice `process_index::process_count` of the split, shuffled
+    from `seed` and reshuffled every epoch; crops and flips are drawn from `seed` and the
+    example's position, so a restored state replays exactly the same batches (same
+    process_count and batch size). num_workers > 0 starts grain worker processes, which read
+    grain's absl flags: run under absl.app.run, or call absl.flags.FLAGS.mark_as_parsed() first.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"data: process_index {process_index} not in [0, {process_count})")
+    if batch_size_per_process < 1:
+        raise ValueError(f"data: batch_size_per_process must be >= 1, got {batch_size_per_process}")
+    config = resolve_config(config)
+    ds = grain.MapDataset.source(prepare(config))[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(f"data: process {process_index} of {process_count} gets no examples")
+    num_examples = len(ds)
+    ds = ds.seed(seed).shuffle().repeat()
+    ds = ds.random_map(Preprocess(config.image_size, config.center_crop, config.random_flip))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads))
+    if config.num_workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+    return Batches(iter(it), batch_size_per_process, tokenizer, max_bad_in_a_row=num_examples)
