@@ -1,5 +1,46 @@
-"""Train a latent diffusion model. (Training lands with the training issue.)"""
+"""Train Stable Diffusion in JAX (all logic lives in sdjax.train).
+
+    python train.py --config=configs/train_tiny.py --workdir=/tmp/run [--config.total_steps=500 ...]
+    python train.py ... --coordinator=host0:1234 --num_processes=2 --process_id=0   # one per host
+
+A run resumes from the latest checkpoint in --workdir; SIGTERM saves and exits; --export_dir
+writes a diffusers folder of the EMA weights at the end (usable as `sample.py --model`).
+"""
+import logging
 import sys
 
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/train_*.py file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here")
+_EXPORT = flags.DEFINE_string("export_dir", None, "after training, write a diffusers folder here")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "multi-host: address:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+_CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", None, "multi-process on CPUs: 'gloo'")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger("sdjax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    import jax
+    if _CPU_COLLECTIVES.value:
+        jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
+    from sdjax.train import distributed, loop
+    from sdjax.train.export import export
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+        loop.train(_CONFIG.value, _WORKDIR.value)
+    except loop.TrainingDiverged as e:
+        sys.exit(f"train.py: {e}")
+    if _EXPORT.value and jax.process_index() == 0:
+        export(_WORKDIR.value, _EXPORT.value)
+        logging.getLogger("sdjax").info("exported to %s", _EXPORT.value)
+
+
 if __name__ == "__main__":
-    sys.exit("train.py: training is not implemented yet in this version of sdjax.")
+    app.run(main)

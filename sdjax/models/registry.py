@@ -9,7 +9,7 @@ from sdjax.models.clip_text import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 
 MODELS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
-_NOT_CONFIG = {"parent", "name", "dtype", "param_dtype"}
+_NOT_CONFIG = {"parent", "name", "dtype", "param_dtype", "remat"}
 
 
 def build(kind, config, dtype=jnp.float32, param_dtype=jnp.float32):

@@ -82,6 +82,7 @@ class UNet2DConditionModel(nn.Module):
     addition_embed_type: str | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # not a config key: recompute each block's activations in the backward pass
 
     @classmethod
     def from_config(cls, cfg, **kwargs):
@@ -125,16 +126,20 @@ class UNet2DConditionModel(nn.Module):
                                  name="time_embedding", **kw)(temb.astype(self.dtype))
 
         x = nn.Conv(self.block_out_channels[0], (3, 3), padding=1, name="conv_in", **kw)(x)
+        # nn.remat keeps names (and so params); `size` (argument 5 counting self) is static.
+        down, mid, up = ((nn.remat(DownBlock2D), nn.remat(UNetMidBlock2DCrossAttn),
+                          nn.remat(UpBlock2D, static_argnums=(5,)))
+                         if self.remat else (DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D))
         skips = [x]
         for i, block_type in enumerate(self.down_block_types):
-            x, res = DownBlock2D(
+            x, res = down(
                 out_channels=self.block_out_channels[i], num_layers=layers[i], cross_attention=_DOWN_TYPES[block_type],
                 num_heads=heads[i], transformer_layers=tlayers[i], only_cross_attention=only_cross[i],
                 add_downsample=i < n - 1, downsample_padding=self.downsample_padding,
                 name=f"down_blocks_{i}", **stage)(x, temb, context)
             skips += res
 
-        x = UNetMidBlock2DCrossAttn(
+        x = mid(
             out_channels=self.block_out_channels[-1], num_heads=heads[-1], transformer_layers=tlayers[-1],
             output_scale_factor=self.mid_block_scale_factor, name="mid_block", **stage)(x, temb, context)
 
@@ -144,7 +149,7 @@ class UNet2DConditionModel(nn.Module):
             res, skips = skips[-k:], skips[:-k]
             # Upsample to the next skip's size: 2x, or what restores an odd size on the way down.
             size = skips[-1].shape[1:3] if i < n - 1 else None
-            x = UpBlock2D(
+            x = up(
                 out_channels=self.block_out_channels[r], num_layers=k, cross_attention=_UP_TYPES[block_type],
                 num_heads=heads[r], transformer_layers=tlayers[r], only_cross_attention=only_cross[r],
                 add_upsample=i < n - 1, name=f"up_blocks_{i}", **stage)(x, res, temb, context, size)

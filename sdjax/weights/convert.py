@@ -19,6 +19,7 @@ _INDEXED = re.compile(r"^(.*)_(\d+)$")
 LIST_NAMES = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
     "transformer_blocks", "to_out", "net", "layers",
+    "main", "model", "slice1", "slice2", "slice3", "slice4", "slice5",  # discriminator, LPIPS
 })
 # Buffers that some checkpoints carry and that are not parameters.
 IGNORED = re.compile(r"(^|\.)position_ids$")

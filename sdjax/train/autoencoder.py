@@ -1,0 +1,123 @@
+"""The autoencoder stage (config `stage = "autoencoder"`): what it trains, its checks, optimizer, step, export.
+
+Trains the KL autoencoder ("vae") and a PatchGAN ("discriminator"), each with its own optax
+optimizer (one multi_transform over the {"vae", "discriminator"} param dict, so the LDM stage's
+state, sharding and checkpoint code serve unchanged); LPIPS, when used, is frozen.
+"""
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sdjax.clip_vocab import write_clip_tokenizer
+from sdjax.models import registry
+from sdjax.models.discriminator import NLayerDiscriminator
+from sdjax.models.lpips import load_lpips
+from sdjax.tokenizer import load_tokenizer
+from sdjax.train import ae_step
+from sdjax.train.config import COMPUTE_DTYPES, compute_dtype
+from sdjax.train.optim import SCHEDULES, make_optimizer as make_one_optimizer
+from sdjax.weights.diffusers import load_component, read_json, save_component
+from sdjax.weights.pretrained import Pretrained
+
+STAGE = "autoencoder"
+TRAINABLE = ("vae", "discriminator")
+
+
+def is_stage(config):
+    """True for an autoencoder-stage config."""
+    return config.get("stage", "ldm") == STAGE
+
+
+def _require(ok, message):
+    if not ok:
+        raise ValueError(f"train config (autoencoder stage): {message}")
+
+
+def lpips_paths(loss):
+    """The LPIPS weight files named by loss.lpips_weights (comma-separated), checked to exist."""
+    paths = [p.strip() for p in str(loss.get("lpips_weights") or "").split(",") if p.strip()]
+    for p in paths:
+        _require(os.path.isfile(p), f"loss.lpips_weights: no file {p!r}")
+    return paths
+
+
+def check(config):
+    """Raise ValueError naming the first field whose value is missing or invalid."""
+    for key in ("batch_size", "total_steps", "seed", "optimizer", "disc_optimizer", "loss", "precision", "mesh",
+                "data", "ema_decay", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps"):
+        _require(key in config, f"missing field {key!r}")
+    _require(bool(config.get("pretrained")) or "vae" in config.get("model", {}),
+             "needs `model.vae` (architecture) or `pretrained` (a diffusers folder with vae/)")
+    _require("discriminator" in config.get("model", {}), "needs `model.discriminator`")
+    _require(config.batch_size >= 1 and config.total_steps >= 1, "batch_size and total_steps must be >= 1")
+    for name in ("optimizer", "disc_optimizer"):
+        opt = config[name]
+        _require(opt.schedule in SCHEDULES, f"{name}.schedule must be one of {SCHEDULES}, got {opt.schedule!r}")
+        _require(opt.learning_rate > 0 and opt.warmup_steps >= 0,
+                 f"{name}.learning_rate must be > 0, warmup_steps >= 0")
+    _require(config.optimizer.get("grad_accum_steps", 1) == 1,
+             "optimizer.grad_accum_steps must be 1 (the adaptive GAN weight is per batch)")
+    loss = config.loss
+    for key in ("l1_weight", "l2_weight", "kl_weight", "perceptual_weight", "disc_weight", "disc_factor"):
+        _require(loss[key] >= 0, f"loss.{key} must be >= 0, got {loss[key]}")
+    _require(loss.disc_start >= 0, f"loss.disc_start must be >= 0, got {loss.disc_start}")
+    _require(loss.perceptual_weight == 0 or lpips_paths(loss),
+             "loss.perceptual_weight > 0 needs loss.lpips_weights (LPIPS lin layers + VGG16 trunk files)")
+    _require(0 <= config.ema_decay < 1, f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    _require(config.precision.compute_dtype in COMPUTE_DTYPES,
+             f"precision.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
+             f"got {config.precision.compute_dtype!r}")
+    _require(config.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {config.max_bad_steps}")
+    _require(config.checkpoint_every >= 1 and config.log_every >= 1, "checkpoint_every and log_every must be >= 1")
+
+
+def vae_module(config):
+    """The VAE architecture: the `pretrained` folder's vae/config.json, else `model.vae`."""
+    if config.get("pretrained"):
+        return registry.build("vae", read_json(os.path.join(config.pretrained, "vae", "config.json")))
+    return registry.build("vae", config.model.vae.to_dict())
+
+
+def load(config):
+    """Pretrained-like bundle: modules {vae, discriminator[, lpips]} in the compute dtype, float32 params.
+
+    Random init is keyed by the seed; the tokenizer is there for the input pipeline only.
+    """
+    dtype = compute_dtype(config)
+    key = jax.random.key(config.seed)
+    vae = vae_module(config)
+    if config.get("pretrained"):
+        vae_params = load_component(config.pretrained, "vae")[1]
+    else:
+        vae_params = registry.init_params("vae", vae, jax.random.fold_in(key, 1))
+    disc = NLayerDiscriminator.from_config(config.model.discriminator.to_dict())
+    size = config.data.image_size
+    modules = {"vae": vae, "discriminator": disc}
+    params = {"vae": vae_params, "discriminator": disc.init_params(jax.random.fold_in(key, 3), size)}
+    if config.loss.perceptual_weight > 0:
+        modules["lpips"], params["lpips"] = load_lpips(lpips_paths(config.loss))
+    modules = {k: m.clone(dtype=dtype, param_dtype=jnp.float32) for k, m in modules.items()}
+    tokenizer = load_tokenizer(config.get("tokenizer") or write_clip_tokenizer(tempfile.mkdtemp(prefix="sdjax_tok_")))
+    return Pretrained(modules, params, tokenizer, {}, config.get("pretrained") or "")
+
+
+def make_optimizer(config):
+    """(optax transformation over {"vae", "discriminator"} params, the vae's learning-rate schedule)."""
+    tx_vae, schedule = make_one_optimizer(config.optimizer, config.total_steps)
+    tx_disc, _ = make_one_optimizer(config.disc_optimizer, config.total_steps)
+    labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}  # noqa: E731
+    return optax.multi_transform({"vae": tx_vae, "discriminator": tx_disc}, labels), schedule
+
+
+def make_train_step(modules, config, tx, schedule):
+    """train_step(state, frozen, batch) -> (state, metrics): see sdjax.train.ae_step."""
+    return ae_step.make_train_step(modules, config, tx, schedule)
+
+
+def export(config, params, out_dir):
+    """Write `out_dir/vae` (config.json + safetensors, diffusers layout) from the trained {"vae": ...} params."""
+    save_component(out_dir, "vae", vae_module(config), jax.device_get(params["vae"]))
+    return out_dir

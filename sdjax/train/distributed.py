@@ -1,0 +1,41 @@
+"""Multi-process plumbing: joining the cluster, and host values every process must agree on."""
+import base64
+import json
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def initialize(coordinator, num_processes, process_id):
+    """jax.distributed.initialize when a coordinator address is given (or JAX finds one in the environment)."""
+    if coordinator:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def _jsonable(obj):
+    """bytes (e.g. a grain iterator state) are stored as {"__bytes__": base64}."""
+    return {"__bytes__": base64.b64encode(obj).decode()} if isinstance(obj, bytes) else obj
+
+
+def _from_jsonable(obj):
+    return base64.b64decode(obj["__bytes__"]) if isinstance(obj, dict) and "__bytes__" in obj else obj
+
+
+def gather_json(obj):
+    """[obj of process 0, obj of process 1, ...] on every process; obj: JSON-able or bytes."""
+    text = json.dumps(_jsonable(obj)).encode()
+    if jax.process_count() == 1:
+        return [_from_jsonable(json.loads(text))]
+    lengths = multihost_utils.process_allgather(np.asarray([len(text)], np.int32))
+    padded = np.zeros(int(np.max(lengths)), np.uint8)
+    padded[:len(text)] = np.frombuffer(text, np.uint8)
+    rows = multihost_utils.process_allgather(padded)
+    return [_from_jsonable(json.loads(bytes(r[:int(n)]).decode())) for r, n in zip(rows, np.ravel(lengths))]
+
+
+def any_process(flag):
+    """True on every process if `flag` is True on any (e.g. a SIGTERM seen by one host)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))

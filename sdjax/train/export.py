@@ -1,0 +1,52 @@
+"""From a run's workdir to weights: the trained params pytree, or a diffusers folder for `sample.py --model`."""
+import json
+import os
+import tempfile
+
+import jax
+import ml_collections
+
+from sdjax.train import autoencoder, components
+from sdjax.train.checkpoint import Checkpointer
+from sdjax.weights.diffusers import save_folder
+
+CONFIG_FILE = "config.json"
+
+
+def save_config(config, workdir):
+    """Write the run's (resolved) config as JSON; export rebuilds the models from it."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json(indent=2))
+
+
+def read_config(workdir):
+    """The ConfigDict a run in `workdir` was started with."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_params(workdir, step=None, ema=True):
+    """{component: params} of the trained parts at `step` (default latest), EMA or raw, on one device."""
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        return ckpt.restore_item("ema_params" if ema else "params", step)
+    finally:
+        ckpt.close()
+
+
+def export(workdir, out_dir, step=None, ema=True):
+    """Write a diffusers folder with the trained params (+ the frozen ones rebuilt from the config)."""
+    config = read_config(workdir)
+    if autoencoder.is_stage(config):  # writes out_dir/vae only
+        return autoencoder.export(config, load_params(workdir, step, ema), out_dir)
+    pre = components.load(config)
+    trained = jax.device_get(load_params(workdir, step, ema))
+    params = {**jax.device_get(pre.params), **trained}
+    with tempfile.TemporaryDirectory() as tok:
+        pre.tokenizer.save_pretrained(tok)
+        save_folder(out_dir, pre.modules, params, pre.scheduler, tokenizer_dir=tok)
+    return out_dir

@@ -1,0 +1,190 @@
+"""The training loop: wire config, models, data, state, step, checkpoints and logs together; resume, stop cleanly."""
+import dataclasses
+import logging
+import signal
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from sdjax.diffusion import schedules
+from sdjax.train import autoencoder, components, config as config_lib, distributed
+from sdjax.train.checkpoint import Checkpointer
+from sdjax.train.export import save_config
+from sdjax.train.metrics_log import MetricsLogger
+from sdjax.train.optim import make_optimizer
+from sdjax.train.sharding import global_batch, make_mesh, tree_shardings
+from sdjax.train.state import create_state
+from sdjax.train.step import compile_step, make_train_step
+
+log = logging.getLogger("sdjax.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradients were not finite for max_bad_steps steps in a row."""
+
+
+def pipeline_iterator(config, tokenizer, batch_size, seed, process_index, process_count):
+    """The real input pipeline (sdjax.data): a checkpointable iterator of this process's batches."""
+    from sdjax.data.pipeline import make_iterator, prepare
+    if process_count > 1:  # build the data set once, then let every process read it
+        if process_index == 0:
+            prepare(config.data)
+        multihost_utils.sync_global_devices("sdjax data prepared")
+    return make_iterator(config.data, tokenizer, batch_size, seed, process_index, process_count)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything set up for training: the compiled step and what it runs on."""
+    config: object
+    pretrained: object
+    mesh: object
+    state: object
+    frozen: dict
+    step_fn: object
+    data: object
+    checkpointer: Checkpointer
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained=None):
+    """Build models, mesh, state (restored from the latest checkpoint in workdir if any) and the jitted step.
+
+    pretrained: a Pretrained to train instead of what the config names (tests use toy models).
+    """
+    ae = autoencoder.is_stage(config)  # stage "autoencoder": sdjax.train.autoencoder supplies the parts
+    (autoencoder.check if ae else config_lib.check)(config)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    pindex, pcount = jax.process_index(), jax.process_count()
+    config_lib.check_batch(config, mesh.size, pcount)
+    pre = pretrained or (autoencoder.load if ae else components.load)(config)
+    if not ae:
+        config = components.resolved(config, pre.scheduler)
+    if pindex == 0:
+        save_config(config, workdir)
+    names = autoencoder.TRAINABLE if ae else components.trainable_names(config)
+    trainable, frozen = components.split(jax.device_get(pre.params), names)
+    tx, schedule = autoencoder.make_optimizer(config) if ae else make_optimizer(config.optimizer, config.total_steps)
+    init = lambda p: create_state(p, tx, config.seed)  # noqa: E731
+    abstract = jax.eval_shape(init, trainable)
+    state_sh = tree_shardings(abstract, mesh, config.mesh.min_shard_size)
+    frozen_sh = tree_shardings(frozen, mesh, config.mesh.min_shard_size)
+    frozen = jax.device_put(frozen, frozen_sh)
+    data = make_data(config, pre.tokenizer, config.batch_size // pcount, config.seed, pindex, pcount)
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+    if ckpt.latest_step() is None:
+        state = jax.jit(init, out_shardings=state_sh)(jax.device_put(trainable, state_sh.params))
+    else:
+        state, data_states = ckpt.restore(_with_shardings(abstract, state_sh))
+        log.info("resumed from %s at step %d", workdir, int(jax.device_get(state.step)))
+        if data_states["process_count"] == pcount:
+            data.set_state(data_states["states"][pindex])
+        else:
+            log.warning("checkpoint was written by %d processes, this run has %d: the data order restarts",
+                        data_states["process_count"], pcount)
+    if ae:
+        step = autoencoder.make_train_step(pre.modules, config, tx, schedule)
+    else:
+        abar = schedules.alphas_cumprod(schedules.scheduler_settings(pre.scheduler))
+        step = make_train_step(pre.modules, config, tx, schedule, abar, components.empty_prompt_ids(pre.tokenizer),
+                               mesh)
+    return Run(config, pre, mesh, state, frozen, compile_step(step, mesh, state_sh, frozen_sh), data, ckpt)
+
+
+def save(run):
+    """Checkpoint the state and every process's data iterator position (all processes must call)."""
+    states = distributed.gather_json(run.data.get_state())
+    run.checkpointer.save(run.state, {"process_count": jax.process_count(), "states": states})
+
+
+_NOT_AVERAGED = ("finite", "bad_steps", "total_bad_steps", "learning_rate")
+
+
+class _Window:
+    """Running means of the metrics between two log lines, plus throughput."""
+
+    def __init__(self):
+        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+
+    def add(self, metrics):
+        if metrics["finite"]:
+            for k in (k for k in metrics if k not in _NOT_AVERAGED):  # loss, grad_norm (+ a stage's own)
+                self.sums[k] = self.sums.get(k, 0.0) + float(metrics[k])
+            self.count += 1
+
+    def summary(self, steps, batch_size):
+        dt = time.perf_counter() - self.t0
+        out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        out.update(steps_per_s=steps / dt, images_per_s=steps * batch_size / dt)
+        return out
+
+
+def sample_images(pipe, run, step, logger):
+    """Generate the config's sample prompts with the current EMA params and log them (process 0)."""
+    params = multihost_utils.process_allgather({**run.frozen, **run.state.ema_params}, tiled=True)
+    if jax.process_index() != 0:
+        return
+    pipe.params = jax.device_put(params, jax.sharding.NamedSharding(pipe.mesh, jax.sharding.PartitionSpec()))
+    c = run.config.sample
+    images = pipe.generate(list(c.prompts), num_steps=c.num_steps, guidance_scale=c.guidance_scale,
+                           seed=c.seed, progress=False)
+    logger.images(step, images, tuple(c.prompts))
+
+
+def train(config, workdir, make_data=pipeline_iterator, devices=None, pretrained=None):
+    """Train to config.total_steps, resuming from workdir; returns the final TrainState.
+
+    Checkpoints every checkpoint_every steps and at the end; SIGTERM saves and returns early;
+    max_bad_steps non-finite steps in a row raise TrainingDiverged (the last checkpoint is kept).
+    """
+    run = setup(config, workdir, make_data, devices, pretrained)
+    config = run.config
+    logger = MetricsLogger(workdir, enabled=jax.process_index() == 0)
+    sampling = bool(config.get("sample")) and config.sample.every > 0
+    pipe = None
+    if sampling and jax.process_index() == 0:
+        from sdjax.pipeline import StableDiffusion
+        pipe = StableDiffusion(run.pretrained)
+    term = {"seen": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: term.update(seen=True))
+    step, window = int(jax.device_get(run.state.step)), _Window()
+    last_log = step
+    try:
+        while step < config.total_steps:
+            run.state, metrics = run.step_fn(run.state, run.frozen, global_batch(next(run.data), run.mesh))
+            metrics = jax.device_get(metrics)
+            step += 1
+            window.add(metrics)
+            if metrics["bad_steps"] >= config.max_bad_steps:
+                raise TrainingDiverged(
+                    f"loss or gradients were NaN/inf for {int(metrics['bad_steps'])} steps in a row "
+                    f"(steps {step - int(metrics['bad_steps']) + 1}..{step}); stopped without saving. "
+                    f"Last checkpoint: step {run.checkpointer.latest_step()} in {workdir}")
+            if step % config.log_every == 0 or step == config.total_steps:
+                logger.write(step, {**window.summary(step - last_log, config.batch_size),
+                                    "learning_rate": metrics["learning_rate"],
+                                    "examples_seen": step * config.batch_size,
+                                    "bad_steps_total": metrics["total_bad_steps"],
+                                    "data_skipped": getattr(run.data, "skipped", 0)})
+                window, last_log = _Window(), step
+            stop = distributed.any_process(term["seen"])
+            # Scheduled saves skip non-finite steps, so a bad streak never rotates out good checkpoints.
+            due = step % config.checkpoint_every == 0 and metrics["finite"]
+            if due or step == config.total_steps or stop:
+                save(run)
+            if sampling and step % config.sample.every == 0:
+                sample_images(pipe, run, step, logger)
+            if stop:
+                log.warning("SIGTERM: saved step %d, stopping", step)
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        run.checkpointer.wait()
+        run.checkpointer.close()
+        logger.close()
+    return run.state

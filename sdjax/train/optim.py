@@ -1,0 +1,29 @@
+"""The optimizer (optax AdamW, warmup + cosine/constant, global-norm clipping) and the EMA update."""
+import jax
+import optax
+
+SCHEDULES = ("cosine", "constant")
+
+
+def learning_rate(opt, total_steps):
+    """optax schedule: linear warmup from 0 over `warmup_steps`, then constant, or cosine decay to 0 at
+    step `decay_steps` (0 or missing: total_steps)."""
+    lr, warmup = opt.learning_rate, opt.warmup_steps
+    if opt.schedule == "cosine":
+        end = opt.get("decay_steps") or total_steps
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(end, warmup + 1), 0.0)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+
+
+def make_optimizer(opt, total_steps):
+    """(optax transformation, schedule) from the `optimizer` config section."""
+    schedule = learning_rate(opt, total_steps)
+    tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+    if opt.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+    return tx, schedule
+
+
+def ema_update(ema, params, decay):
+    """Exponential moving average of pytrees: decay * ema + (1 - decay) * params."""
+    return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)

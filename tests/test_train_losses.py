@@ -1,0 +1,112 @@
+"""The training loss against closed forms on toy models (tests/train_fakes.py)."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from sdjax.diffusion import schedules
+from sdjax.train import losses
+from sdjax.train.step import example_draws, make_loss_fn
+from train_fakes import ArrayIterator, ToyText, ToyUNet, ToyVAE
+
+ABAR = schedules.alphas_cumprod(schedules.scheduler_settings(
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)))
+EMPTY = np.r_[49406, np.full(76, 49407)].astype(np.int32)
+
+
+def loss_config(prediction_type="epsilon", gamma=0.0, offset=0.0, dropout=0.0, latent="mean"):
+    return ml_collections.ConfigDict(dict(loss=dict(
+        prediction_type=prediction_type, min_snr_gamma=gamma, offset_noise=offset,
+        caption_dropout=dropout, latent=latent)))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """Toy modules, their params and one batch of 8 16x16 images with per-example keys."""
+    modules = dict(unet=ToyUNet(), vae=ToyVAE(), text_encoder=ToyText())
+    batch = next(ArrayIterator(8, size=16))
+    z0, ids = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 77), jnp.int32)
+    params = dict(unet=ToyUNet().init(jax.random.key(0), z0, jnp.zeros((1,)), jnp.zeros((1, 77, 8)))["params"],
+                  vae=ToyVAE().init(jax.random.key(1), batch["images"][:1], method="encode")["params"],
+                  text_encoder=ToyText().init(jax.random.key(2), ids)["params"])
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(7), i))(jnp.arange(8))
+    return modules, params, {**batch, "key": keys}
+
+
+def reference_loss(modules, params, micro, cfg):
+    """The loss recomputed in numpy float64 from the same draws: x_t, target, min-SNR weights, MSE."""
+    c = cfg.loss
+    d = jax.vmap(lambda k: example_draws(k, (8, 8, 4), 1000, c))(micro["key"])
+    t, eps = np.asarray(d["t"]), np.asarray(d["eps"], np.float64)
+    post = modules["vae"].apply({"params": params["vae"]}, micro["images"], method="encode")
+    z = np.asarray(post.mean, np.float64) * 0.5
+    ids = np.where(np.asarray(d["drop"])[:, None], EMPTY[None], micro["input_ids"])
+    ctx = modules["text_encoder"].apply({"params": params["text_encoder"]}, ids)["last_hidden_state"]
+    a = ABAR[t].astype(np.float64)[:, None, None, None]
+    x_t = np.sqrt(a) * z + np.sqrt(1 - a) * eps
+    pred = np.asarray(modules["unet"].apply({"params": params["unet"]}, jnp.asarray(x_t, jnp.float32), d["t"], ctx),
+                      np.float64)
+    tgt = eps if c.prediction_type == "epsilon" else np.sqrt(a) * eps - np.sqrt(1 - a) * z
+    snr = ABAR[t] / (1 - ABAR[t])
+    if c.min_snr_gamma > 0:
+        w = np.minimum(snr, c.min_snr_gamma) / (snr if c.prediction_type == "epsilon" else snr + 1)
+    else:
+        w = np.ones_like(snr)
+    return np.mean(w * np.mean((pred - tgt) ** 2, axis=(1, 2, 3))), x_t, pred, tgt, w
+
+
+@pytest.mark.parametrize("prediction_type,gamma", [("epsilon", 0.0), ("epsilon", 5.0), ("v_prediction", 5.0)])
+def test_loss_and_gradient_match_closed_form(toy, prediction_type, gamma):
+    modules, params, micro = toy
+    cfg = loss_config(prediction_type, gamma)
+    loss_fn = make_loss_fn(modules, cfg, jnp.asarray(ABAR), jnp.asarray(EMPTY))
+    trainable, frozen = {"unet": params["unet"]}, {k: params[k] for k in ("vae", "text_encoder")}
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, micro)
+    want, x_t, pred, tgt, w = reference_loss(modules, params, micro, cfg)
+    assert abs(float(loss) - want) <= 1e-5 * want
+    # The U-Net output is a * x_t + ...: dL/da = mean_b(w_b * mean(2 (pred - tgt) x_t)).
+    grad_a = np.mean(w * np.mean(2 * (pred - tgt) * x_t, axis=(1, 2, 3)))
+    assert abs(float(grads["unet"]["a"]) - grad_a) <= 1e-4 * abs(grad_a)
+
+
+def test_caption_dropout_and_posterior_sample(toy):
+    modules, params, micro = toy
+    for dropout, latent in ((1.0, "mean"), (0.5, "sample")):
+        cfg = loss_config(dropout=dropout, latent=latent)
+        loss_fn = make_loss_fn(modules, cfg, jnp.asarray(ABAR), jnp.asarray(EMPTY))
+        got = loss_fn({"unet": params["unet"]}, {k: params[k] for k in ("vae", "text_encoder")}, micro)
+        if latent == "mean":  # every caption replaced by the empty one
+            assert abs(float(got) - reference_loss(modules, params, micro, cfg)[0]) <= 1e-5 * float(got)
+        else:  # a posterior draw moves the latents, so the loss differs from the mean's
+            assert abs(float(got) - reference_loss(modules, params, micro, cfg)[0]) > 1e-6
+
+
+def test_min_snr_weights_closed_form():
+    snr = jnp.asarray([0.01, 1.0, 5.0, 20.0, 1000.0])
+    np.testing.assert_allclose(losses.min_snr_weight(snr, 5.0, "epsilon"), [1, 1, 1, 0.25, 0.005], rtol=1e-6)
+    np.testing.assert_allclose(losses.min_snr_weight(snr, 5.0, "v_prediction"),
+                               np.minimum(snr, 5) / (np.asarray(snr) + 1), rtol=1e-6)
+    np.testing.assert_array_equal(losses.min_snr_weight(snr, 0.0, "epsilon"), np.ones(5))
+
+
+def test_draws_statistics():
+    """t uniform on {0..T-1}, eps ~ N(0, 1 + s^2) with offset noise s, caption drop rate p (4096 examples)."""
+    cfg = loss_config(offset=0.3, dropout=0.25).loss
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(4096))
+    d = jax.vmap(lambda k: example_draws(k, (4, 4, 2), 1000, cfg))(keys)
+    t = np.asarray(d["t"])
+    assert t.min() >= 0 and t.max() <= 999 and abs(t.mean() - 499.5) < 15
+    assert abs(float(jnp.var(d["eps"])) - (1 + 0.3 ** 2)) < 0.03
+    # The offset is constant over the image: per-example channel means vary by ~0.3, not ~1/4.
+    assert abs(float(jnp.std(d["eps"].mean(axis=(1, 2)))) - np.sqrt(0.09 + 1 / 16)) < 0.03
+    assert abs(float(jnp.mean(d["drop"])) - 0.25) < 0.03
+
+
+def test_add_noise_and_v_target_agree_with_schedules():
+    x0, eps = jnp.ones((2, 3)), 2 * jnp.ones((2, 3))
+    abar = jnp.asarray([0.64, 0.36])
+    np.testing.assert_allclose(losses.add_noise(x0, eps, abar)[:, 0], [0.8 + 0.6 * 2, 0.6 + 0.8 * 2], rtol=1e-6)
+    v = losses.target(x0, eps, abar, "v_prediction")
+    np.testing.assert_allclose(v, schedules.v_target(x0, eps, jnp.sqrt(abar)[:, None], jnp.sqrt(1 - abar)[:, None]),
+                               rtol=1e-6)

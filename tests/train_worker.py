@@ -1,0 +1,49 @@
+"""Subprocess entry for the training tests: sdjax.train.loop.train on a tiny config with in-memory data.
+
+python tests/train_worker.py --workdir W --steps N [--devices K --data D --fsdp F] [--coordinator ...]
+Metrics of every step land in W/metrics.jsonl (log_every=1).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_config(steps):
+    """configs/train_tiny.py at 16x16, batch 8, every step logged; small arrays are fsdp-sharded too."""
+    from configs import train_tiny
+    c = train_tiny.get_config()
+    c.model.vae.sample_size, c.model.unet.sample_size, c.data.image_size = 16, 8, 16
+    c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 8, steps, 1, 2
+    c.optimizer.warmup_steps = 2
+    c.mesh.min_shard_size = 256
+    return c
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--devices", type=int, default=0, help="use the first K devices (0: all)")
+    p.add_argument("--data", type=int, default=-1)
+    p.add_argument("--fsdp", type=int, default=1)
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--coordinator")
+    p.add_argument("--num_processes", type=int)
+    p.add_argument("--process_id", type=int)
+    a = p.parse_args()
+    import jax
+    if a.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(a.coordinator, a.num_processes, a.process_id)
+    from sdjax.train import loop
+    from train_fakes import fake_data
+    c = tiny_config(a.steps)
+    c.mesh.data, c.mesh.fsdp, c.optimizer.grad_accum_steps = a.data, a.fsdp, a.grad_accum
+    loop.train(c, a.workdir, fake_data(), devices=jax.devices()[:a.devices] if a.devices else None)
+
+
+if __name__ == "__main__":
+    main()
