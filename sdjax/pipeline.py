@@ -80,8 +80,8 @@ class StableDiffusion:
 
     # ---- compiled pieces ----
 
-    def _run(self, name, fn, *args, static=()):
-        """Call `fn(*args)` compiled once per (name, static, argument shapes); compile time is recorded."""
+    def _compile(self, name, fn, *args, static=()):
+        """`fn` compiled once per (name, static, argument shapes); compile time is recorded."""
         sig = (name, static, jax.tree.structure(args),
                tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)))
         if sig not in self._compiled:
@@ -89,7 +89,11 @@ class StableDiffusion:
             self._compiled[sig] = jax.jit(fn).lower(*args).compile()
             self.compile_count += 1
             self.last_timings[f"compile_{name}"] = time.perf_counter() - t0
-        return self._compiled[sig](*args)
+        return self._compiled[sig]
+
+    def _run(self, name, fn, *args, static=()):
+        """Call `fn(*args)`, compiled once per (name, static, argument shapes)."""
+        return self._compile(name, fn, *args, static=static)(*args)
 
     def _shard(self, x):
         """Put a batch-leading array on all local devices along the batch axis."""
@@ -205,7 +209,6 @@ class StableDiffusion:
         next_b = np.append(plan.noise_b[1:], np.float32(0)).astype(np.float32)
         blend = mask is not None and "concat" not in batch
 
-        self._bar = tqdm(total=len(plan.timesteps), desc=f"{sampler} x{n}", disable=not progress, leave=False)
         self._first_index = int(plan.steps["index"][0])
         unet, init_sigma = self.unet, plan.init_noise_sigma
 
@@ -224,13 +227,15 @@ class StableDiffusion:
         plan_a0, plan_b0 = np.float32(plan.noise_a[0]), np.float32(plan.noise_b[0])
         static = (sampler, tuple(sorted(plan.options.items())), cfg, from_image, blend, plan_a0, plan_b0,
                   init_sigma, bool(guidance_rescale), progress)
+        args = (self.params["unet"], plan.steps, plan.timesteps, next_a, next_b, batch,
+                np.float32(guidance_scale), np.float32(guidance_rescale))
         self.last_timings = {}
+        compiled = self._compile("sample", run, *args, static=static)
+        self._bar = tqdm(total=len(plan.timesteps), desc=f"{sampler} x{n}", disable=not progress, leave=False)
         t0 = time.perf_counter()
-        out = self._run("sample", run, self.params["unet"], plan.steps, plan.timesteps, next_a, next_b,
-                        batch, np.float32(guidance_scale), np.float32(guidance_rescale), static=static)
-        out = jax.block_until_ready(out)
+        out = jax.block_until_ready(compiled(*args))
+        self.last_timings["sample"] = time.perf_counter() - t0
         self._bar.close()
-        self.last_timings["sample"] = time.perf_counter() - t0 - self.last_timings.get("compile_sample", 0.0)
         images = np.asarray(self.decode_latents(out))[:n]
         return images if output_type == "np" else (images * 255).round().astype(np.uint8)
 
