@@ -8,11 +8,7 @@ import pytest
 from sdjax.diffusion import schedules
 from sdjax.train import losses
 from sdjax.train.step import example_draws, make_loss_fn
-from train_fakes import ArrayIterator, ToyText, ToyUNet, ToyVAE
-
-ABAR = schedules.alphas_cumprod(schedules.scheduler_settings(
-    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)))
-EMPTY = np.r_[49406, np.full(76, 49407)].astype(np.int32)
+from train_fakes import ABAR, EMPTY, toy_setup
 
 
 def loss_config(prediction_type="epsilon", gamma=0.0, offset=0.0, dropout=0.0, latent="mean"):
@@ -23,15 +19,7 @@ def loss_config(prediction_type="epsilon", gamma=0.0, offset=0.0, dropout=0.0, l
 
 @pytest.fixture(scope="module")
 def toy():
-    """Toy modules, their params and one batch of 8 16x16 images with per-example keys."""
-    modules = dict(unet=ToyUNet(), vae=ToyVAE(), text_encoder=ToyText())
-    batch = next(ArrayIterator(8, size=16))
-    z0, ids = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 77), jnp.int32)
-    params = dict(unet=ToyUNet().init(jax.random.key(0), z0, jnp.zeros((1,)), jnp.zeros((1, 77, 8)))["params"],
-                  vae=ToyVAE().init(jax.random.key(1), batch["images"][:1], method="encode")["params"],
-                  text_encoder=ToyText().init(jax.random.key(2), ids)["params"])
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(7), i))(jnp.arange(8))
-    return modules, params, {**batch, "key": keys}
+    return toy_setup()
 
 
 def reference_loss(modules, params, micro, cfg):

@@ -14,8 +14,12 @@ from sdjax.train.export import load_params
 from sdjax.train.state import create_state
 from sdjax.train.step import make_train_step
 from sdjax.weights.pretrained import Pretrained
-from test_train_losses import ABAR, EMPTY, toy  # noqa: F401  (fixture)
-from train_fakes import ArrayIterator, fake_data
+from train_fakes import ABAR, EMPTY, ArrayIterator, fake_data, toy_setup
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_setup()
 
 
 def config(k=1, ema=0.9):

@@ -3,10 +3,17 @@ import os
 import signal
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax.diffusion import schedules
 from sdjax.models.autoencoder import DiagonalGaussian
+
+# SD's noise schedule, and the CLIP ids of the empty caption.
+ABAR = schedules.alphas_cumprod(schedules.scheduler_settings(
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)))
+EMPTY = np.r_[49406, np.full(76, 49407)].astype(np.int32)
 
 
 class ArrayIterator:
@@ -89,3 +96,15 @@ class ToyUNet(nn.Module):
         a = self.param("a", nn.initializers.constant(0.3), ())
         bias = nn.Dense(4, name="ctx")(context.mean(1))[:, None, None, :]
         return a * x + nn.Conv(4, (3, 3), padding=1, name="conv")(x) + bias + 1e-4 * t[:, None, None, None]
+
+
+def toy_setup():
+    """(toy modules, their params, a batch of 8 16x16 images with per-example keys)."""
+    modules = dict(unet=ToyUNet(), vae=ToyVAE(), text_encoder=ToyText())
+    batch = next(ArrayIterator(8, size=16))
+    z0, ids = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 77), jnp.int32)
+    params = dict(unet=ToyUNet().init(jax.random.key(0), z0, jnp.zeros((1,)), jnp.zeros((1, 77, 8)))["params"],
+                  vae=ToyVAE().init(jax.random.key(1), batch["images"][:1], method="encode")["params"],
+                  text_encoder=ToyText().init(jax.random.key(2), ids)["params"])
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(7), i))(jnp.arange(8))
+    return modules, params, {**batch, "key": keys}

@@ -5,7 +5,6 @@ import signal
 import time
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 
 from sdjax.diffusion import schedules
