@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from configs import train_vae_tiny
-from sdjax.train import autoencoder, export, loop
+from sdjax.train import autoencoder, loop
 from sdjax.train.checkpoint import Checkpointer
-from sdjax.train.export import load_params
+from sdjax.train.export import export, load_params
 from sdjax.train.state import create_state
 from sdjax.weights.diffusers import load_component
 from train_fakes import fake_data
@@ -72,7 +72,7 @@ def test_loop_trains_checkpoints_exports(tmp_path):
     ckpt.close()
     assert int(restored.step) == 3
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
-    export.export(str(workdir), str(out))
+    export(str(workdir), str(out))
     assert sorted(os.listdir(out)) == ["vae"]
     assert_exported(out, params["vae"])
 
