@@ -3,14 +3,13 @@
 Both players update from the same forward pass (the discriminator sees the reconstructions made
 with the autoencoder params before this step's update).
 """
-import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from sdjax.train import ae_losses
-from sdjax.train.optim import ema_update
+from sdjax.train.step import guarded_update
 
 # Path of the decoder's last layer in the VAE params: the adaptive weight is measured there.
 LAST_LAYER = ("decoder", "conv_out", "kernel")
@@ -105,15 +104,10 @@ def make_train_step(modules, config, tx, schedule):
         grads = {"vae": vae_grads, "discriminator": d_grads}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(d_metrics["d_loss"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        good = state.replace(params=params, opt_state=opt_state, bad_steps=jnp.zeros_like(state.bad_steps),
-                             ema_params=ema_update(state.ema_params, params, config.ema_decay))
-        bad = state.replace(bad_steps=state.bad_steps + 1, total_bad_steps=state.total_bad_steps + 1)
-        new = jax.tree.map(functools.partial(jnp.where, finite), good, bad)
+        new = guarded_update(state, grads, finite, tx, config.ema_decay)
         metrics = dict(metrics, **d_metrics, disc_factor=factor, grad_norm=grad_norm, finite=finite,
                        bad_steps=new.bad_steps, total_bad_steps=new.total_bad_steps,
                        learning_rate=schedule(state.step - state.total_bad_steps))
-        return new.replace(step=state.step + 1), metrics
+        return new, metrics
 
     return train_step

@@ -23,6 +23,17 @@ def example_draws(key, latent_shape, num_timesteps, loss):
                 drop=jax.random.uniform(kd) < loss.caption_dropout)
 
 
+def guarded_update(state, grads, finite, tx, ema_decay):
+    """The next state: optimizer + EMA update when `finite`, else unchanged but for the bad-step counters."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    good = state.replace(params=params, opt_state=opt_state, bad_steps=jnp.zeros_like(state.bad_steps),
+                         ema_params=ema_update(state.ema_params, params, ema_decay))
+    bad = state.replace(bad_steps=state.bad_steps + 1, total_bad_steps=state.total_bad_steps + 1)
+    new = jax.tree.map(functools.partial(jnp.where, finite), good, bad)
+    return new.replace(step=state.step + 1)
+
+
 def latents(vae, vae_params, images, noise, sample):
     """Images [b, H, W, 3] in [-1, 1] -> scaled latents [b, h, w, c] (posterior mean, or a draw with `noise`)."""
     post = vae.apply({"params": vae_params}, images, method="encode")
@@ -95,16 +106,11 @@ def make_train_step(modules, config, tx, schedule, abar_table, empty_ids, mesh=N
         loss, grads = accumulate(grad_fn, state.params, frozen, {**batch, "key": keys}, k, constrain)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        good = state.replace(params=params, opt_state=opt_state, bad_steps=jnp.zeros_like(state.bad_steps),
-                             ema_params=ema_update(state.ema_params, params, config.ema_decay))
-        bad = state.replace(bad_steps=state.bad_steps + 1, total_bad_steps=state.total_bad_steps + 1)
-        new = jax.tree.map(functools.partial(jnp.where, finite), good, bad)
+        new = guarded_update(state, grads, finite, tx, config.ema_decay)
         metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite, bad_steps=new.bad_steps,
                        total_bad_steps=new.total_bad_steps,
                        learning_rate=schedule(state.step - state.total_bad_steps))
-        return new.replace(step=state.step + 1), metrics
+        return new, metrics
 
     return train_step
 
