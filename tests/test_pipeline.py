@@ -158,3 +158,16 @@ def test_long_prompt_is_truncated_with_a_warning(sd, caplog):
     assert "truncated" in caplog.text
     b = sd.generate(" ".join(["circle"] * 75), **kw)  # 75 tokens + start + end = 77: the kept part
     np.testing.assert_array_equal(a, b)
+
+
+def test_guidance_rescale_matches_diffusers(sd, torch_folder, monkeypatch):
+    pipe, folder = torch_folder
+    latents = np.random.default_rng(5).standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
+    kw = dict(num_inference_steps=3, guidance_scale=6.0, prompt=PROMPTS, guidance_rescale=0.7)
+    ref = _reference(pipe, folder, "ddim", monkeypatch, latents, seed=0, **kw)
+    got = sd.generate(PROMPTS, num_steps=3, guidance_scale=6.0, guidance_rescale=0.7, sampler="ddim",
+                      height=SIZE, width=SIZE, latents=latents, output_type="np", progress=False)
+    assert np.abs(got - ref).mean() <= 1e-3
+    plain = sd.generate(PROMPTS, num_steps=3, guidance_scale=6.0, sampler="ddim", height=SIZE, width=SIZE,
+                        latents=latents, output_type="np", progress=False)
+    assert np.abs(plain - ref).mean() > 1e-3  # the rescale changed the images: the check has teeth

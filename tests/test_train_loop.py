@@ -71,7 +71,6 @@ def test_sharding_is_only_layout(tmp_path, cache):
     assert_params_close(load_params(mixed, ema=False), load_params(one, ema=False))
 
 
-@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path, cache):
     """2 processes x 4 devices on 127.0.0.1 (gloo), each feeding its half of the batch == 1 process x 8."""
     single = tmp_path / "single"
@@ -94,7 +93,6 @@ def train_py(workdir, cache, *overrides, devices=1):
                 *[f"--config.{o}" for o in overrides]], cache, devices)
 
 
-@pytest.mark.slow
 def test_resume_through_train_py_is_bit_identical(tmp_path, cache):
     """2N steps straight == N steps, stop, resume to 2N: bit-identical params, EMA and losses."""
     common = (f"data.data_dir={tmp_path / 'tfds'}", "data.shapes.num_train=256", "data.shapes.num_test=8",
