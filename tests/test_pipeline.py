@@ -167,7 +167,8 @@ def test_guidance_rescale_matches_diffusers(sd, torch_folder, monkeypatch):
     ref = _reference(pipe, folder, "ddim", monkeypatch, latents, seed=0, **kw)
     got = sd.generate(PROMPTS, num_steps=3, guidance_scale=6.0, guidance_rescale=0.7, sampler="ddim",
                       height=SIZE, width=SIZE, latents=latents, output_type="np", progress=False)
-    assert np.abs(got - ref).mean() <= 1e-3
+    err = np.abs(got - ref).mean()
     plain = sd.generate(PROMPTS, num_steps=3, guidance_scale=6.0, sampler="ddim", height=SIZE, width=SIZE,
                         latents=latents, output_type="np", progress=False)
-    assert np.abs(plain - ref).mean() > 1e-3  # the rescale changed the images: the check has teeth
+    # The rescale moves this tiny model's images by ~2e-4; the match is far closer than that.
+    assert err <= 1e-5 and np.abs(plain - ref).mean() > 10 * err, (err, np.abs(plain - ref).mean())
