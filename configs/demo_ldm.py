@@ -16,6 +16,7 @@ def get_config():
     c.total_steps = 6000
     c.optimizer.update(learning_rate=1e-3, warmup_steps=200, schedule="cosine", weight_decay=1e-2)
     c.ema_decay = 0.999
+    c.ema_warmup = True  # decay min(0.999, (1 + n) / (10 + n)): the average forgets the random init
     c.loss.update(prediction_type="epsilon", min_snr_gamma=5.0, caption_dropout=0.1, latent="mean")
     c.checkpoint_every = 250
     c.log_every = 25

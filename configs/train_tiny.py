@@ -26,6 +26,7 @@ def get_config():
         learning_rate=1e-3, warmup_steps=20, schedule="cosine", decay_steps=0,  # 0: total_steps
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip_norm=1.0, grad_accum_steps=1))
     c.ema_decay = 0.99
+    c.ema_warmup = False             # True: decay min(ema_decay, (1 + n) / (10 + n)) at step n
     c.loss = ml_collections.ConfigDict(dict(
         prediction_type="", min_snr_gamma=5.0, offset_noise=0.0, caption_dropout=0.1, latent="mean"))
     c.precision = ml_collections.ConfigDict(dict(compute_dtype="float32"))

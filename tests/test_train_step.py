@@ -62,6 +62,18 @@ def test_ema_math(toy):
         np.testing.assert_allclose(e1, 0.75 * e0 + 0.25 * p1, rtol=1e-6, atol=1e-7)
 
 
+def test_ema_warmup(toy):
+    # With warm-up the decay of update n (0-based) is min(d, (1 + n) / (10 + n)): 0.1 at the first step.
+    assert [float(optim.ema_decay_at(0.999, n, True)) for n in (0, 8, 10 ** 6)] == \
+        pytest.approx([0.1, 0.5, 0.999], rel=1e-6)
+    c = config(ema=0.75)
+    c.ema_warmup = True
+    state, _ = run_step(toy, c, next(ArrayIterator(8, size=16)))
+    for e0, p1, e1 in zip(jax.tree.leaves(toy[1]["unet"]), jax.tree.leaves(state.params),
+                          jax.tree.leaves(state.ema_params)):
+        np.testing.assert_allclose(e1, 0.1 * e0 + 0.9 * p1, rtol=1e-6, atol=1e-7)
+
+
 def test_non_finite_step_is_skipped_and_counted(toy):
     it = ArrayIterator(8, size=16, nan_from=1)
     good = next(it)

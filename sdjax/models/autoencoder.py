@@ -14,6 +14,7 @@ import numpy as np
 from flax import struct
 
 from sdjax.models.attention import multi_head_attention
+from sdjax.models.conv import Conv
 from sdjax.weights.errors import WeightLoadError
 
 # Resnet non-linearities by diffusers name (`get_activation`).
@@ -87,11 +88,11 @@ class ResnetBlock2D(nn.Module):
         act = ACTIVATIONS[self.act_fn]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = act(nn.GroupNorm(self.groups, epsilon=EPS, name="norm1", **kw)(x))
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, name="conv1", **kw)(h)
+        h = Conv(self.out_channels, (3, 3), padding=1, name="conv1", **kw)(h)
         h = act(nn.GroupNorm(self.groups, epsilon=EPS, name="norm2", **kw)(h))
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, name="conv2", **kw)(h)
+        h = Conv(self.out_channels, (3, 3), padding=1, name="conv2", **kw)(h)
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), name="conv_shortcut", **kw)(x)
+            x = Conv(self.out_channels, (1, 1), name="conv_shortcut", **kw)(x)
         return x + h
 
 
@@ -105,7 +106,7 @@ class Downsample2D(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding="VALID", name="conv",
+        return Conv(self.channels, (3, 3), strides=(2, 2), padding="VALID", name="conv",
                        dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
@@ -119,7 +120,7 @@ class Upsample2D(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return nn.Conv(self.channels, (3, 3), padding=1, name="conv",
+        return Conv(self.channels, (3, 3), padding=1, name="conv",
                        dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
@@ -203,7 +204,7 @@ class Encoder(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         groups, act, chans = self.norm_num_groups, self.act_fn, self.block_out_channels
-        x = nn.Conv(chans[0], (3, 3), padding=1, name="conv_in", **kw)(x)
+        x = Conv(chans[0], (3, 3), padding=1, name="conv_in", **kw)(x)
         for i, ch in enumerate(chans):
             down = "down" if i < len(chans) - 1 else None
             x = ResnetStack2D(ch, self.layers_per_block, down, groups, act,
@@ -211,7 +212,7 @@ class Encoder(nn.Module):
         x = MidBlock2D(groups, act, self.mid_block_add_attention, name="mid_block", **kw)(x)
         # The output activation is SiLU whatever act_fn says, as in the reference.
         x = nn.silu(nn.GroupNorm(groups, epsilon=EPS, name="conv_norm_out", **kw)(x))
-        return nn.Conv(2 * self.latent_channels, (3, 3), padding=1, name="conv_out", **kw)(x)
+        return Conv(2 * self.latent_channels, (3, 3), padding=1, name="conv_out", **kw)(x)
 
 
 class Decoder(nn.Module):
@@ -230,14 +231,14 @@ class Decoder(nn.Module):
     def __call__(self, z):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         groups, act, chans = self.norm_num_groups, self.act_fn, self.block_out_channels[::-1]
-        x = nn.Conv(chans[0], (3, 3), padding=1, name="conv_in", **kw)(z)
+        x = Conv(chans[0], (3, 3), padding=1, name="conv_in", **kw)(z)
         x = MidBlock2D(groups, act, self.mid_block_add_attention, name="mid_block", **kw)(x)
         for i, ch in enumerate(chans):
             up = "up" if i < len(chans) - 1 else None
             x = ResnetStack2D(ch, self.layers_per_block + 1, up, groups, act,
                               name=f"up_blocks_{i}", **kw)(x)
         x = nn.silu(nn.GroupNorm(groups, epsilon=EPS, name="conv_norm_out", **kw)(x))
-        return nn.Conv(self.out_channels, (3, 3), padding=1, name="conv_out", **kw)(x)
+        return Conv(self.out_channels, (3, 3), padding=1, name="conv_out", **kw)(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -301,9 +302,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(self.out_channels, **arch, **kw)
         c = self.latent_channels
         if self.use_quant_conv:
-            self.quant_conv = nn.Conv(2 * c, (1, 1), **kw)
+            self.quant_conv = Conv(2 * c, (1, 1), **kw)
         if self.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv(c, (1, 1), **kw)
+            self.post_quant_conv = Conv(c, (1, 1), **kw)
 
     def encode(self, images):
         """images: [B, H, W, in_channels] in [-1, 1] -> posterior over [B, H/f, W/f, latent_channels]."""

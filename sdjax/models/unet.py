@@ -2,6 +2,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sdjax.models.conv import Conv
 from sdjax.models.unet_blocks import (ACTIVATIONS, DownBlock2D, TimestepEmbedding, UNetMidBlock2DCrossAttn,
                                       UpBlock2D, timestep_embedding)
 from sdjax.weights.errors import WeightLoadError
@@ -125,7 +126,7 @@ class UNet2DConditionModel(nn.Module):
         temb = TimestepEmbedding(dim=4 * self.block_out_channels[0], act_fn=self.act_fn,
                                  name="time_embedding", **kw)(temb.astype(self.dtype))
 
-        x = nn.Conv(self.block_out_channels[0], (3, 3), padding=1, name="conv_in", **kw)(x)
+        x = Conv(self.block_out_channels[0], (3, 3), padding=1, name="conv_in", **kw)(x)
         # nn.remat keeps names (and so params); `size` (argument 5 counting self) is static.
         down, mid, up = ((nn.remat(DownBlock2D), nn.remat(UNetMidBlock2DCrossAttn),
                           nn.remat(UpBlock2D, static_argnums=(5,)))
@@ -156,4 +157,4 @@ class UNet2DConditionModel(nn.Module):
 
         x = nn.GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, name="conv_norm_out", **kw)(x)
         x = ACTIVATIONS[self.act_fn](x)
-        return nn.Conv(self.out_channels, (3, 3), padding=1, name="conv_out", **kw)(x)
+        return Conv(self.out_channels, (3, 3), padding=1, name="conv_out", **kw)(x)

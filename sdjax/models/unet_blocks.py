@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.models.attention import multi_head_attention
+from sdjax.models.conv import Conv
 
 ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu}
 
@@ -67,12 +68,12 @@ class ResnetBlock2D(_Layer):
     def __call__(self, x, temb):
         act, kw = ACTIVATIONS[self.act_fn], self.kw
         h = act(nn.GroupNorm(self.groups, epsilon=self.eps, name="norm1", **kw)(x))
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, name="conv1", **kw)(h)
+        h = Conv(self.out_channels, (3, 3), padding=1, name="conv1", **kw)(h)
         h = h + nn.Dense(self.out_channels, name="time_emb_proj", **kw)(act(temb))[:, None, None, :]
         h = act(nn.GroupNorm(self.groups, epsilon=self.eps, name="norm2", **kw)(h))
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, name="conv2", **kw)(h)
+        h = Conv(self.out_channels, (3, 3), padding=1, name="conv2", **kw)(h)
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), name="conv_shortcut", **kw)(x)
+            x = Conv(self.out_channels, (1, 1), name="conv_shortcut", **kw)(x)
         return (x + h) / self.output_scale_factor
 
 
@@ -140,7 +141,7 @@ class Transformer2D(_Layer):
         b, h, w, c = x.shape
         inner = self.num_heads * (c // self.num_heads)
         proj = lambda n, name: (nn.Dense(n, name=name, **self.kw) if self.use_linear_projection
-                                else nn.Conv(n, (1, 1), name=name, **self.kw))
+                                else Conv(n, (1, 1), name=name, **self.kw))
         y = nn.GroupNorm(self.groups, epsilon=1e-6, name="norm", **self.kw)(x)
         y = proj(inner, "proj_in")(y).reshape(b, h * w, inner)
         for k in range(self.num_layers):
@@ -158,7 +159,7 @@ class Downsample2D(_Layer):
     def __call__(self, x):
         p = self.padding
         pad = ((0, 1), (0, 1)) if p == 0 else ((p, p), (p, p))
-        return nn.Conv(x.shape[-1], (3, 3), strides=2, padding=pad, name="conv", **self.kw)(x)
+        return Conv(x.shape[-1], (3, 3), strides=2, padding=pad, name="conv", **self.kw)(x)
 
 
 class Upsample2D(_Layer):
@@ -166,7 +167,7 @@ class Upsample2D(_Layer):
 
     @nn.compact
     def __call__(self, x, size):
-        return nn.Conv(x.shape[-1], (3, 3), padding=1, name="conv", **self.kw)(resize_nearest(x, size))
+        return Conv(x.shape[-1], (3, 3), padding=1, name="conv", **self.kw)(resize_nearest(x, size))
 
 
 class _Stage(_Layer):

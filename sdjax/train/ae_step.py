@@ -104,7 +104,7 @@ def make_train_step(modules, config, tx, schedule):
         grads = {"vae": vae_grads, "discriminator": d_grads}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(d_metrics["d_loss"]) & jnp.isfinite(grad_norm)
-        new = guarded_update(state, grads, finite, tx, config.ema_decay)
+        new = guarded_update(state, grads, finite, tx, config)
         metrics = dict(metrics, **d_metrics, disc_factor=factor, grad_norm=grad_norm, finite=finite,
                        bad_steps=new.bad_steps, total_bad_steps=new.total_bad_steps,
                        learning_rate=schedule(state.step - state.total_bad_steps))

@@ -1,5 +1,6 @@
 """The optimizer (optax AdamW, warmup + cosine/constant, global-norm clipping) and the EMA update."""
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "constant")
@@ -22,6 +23,12 @@ def make_optimizer(opt, total_steps):
     if opt.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
     return tx, schedule
+
+
+def ema_decay_at(decay, step, warmup):
+    """The EMA decay at update `step` (0-based): with `warmup`, min(decay, (1 + step) / (10 + step)), so
+    early averages forget the random init quickly; else the constant `decay`."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 
 
 def ema_update(ema, params, decay):

@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sdjax.diffusion import schedules
 from sdjax.train import losses
-from sdjax.train.optim import ema_update
+from sdjax.train.optim import ema_decay_at, ema_update
 from sdjax.train.sharding import BATCH
 
 
@@ -23,12 +23,15 @@ def example_draws(key, latent_shape, num_timesteps, loss):
                 drop=jax.random.uniform(kd) < loss.caption_dropout)
 
 
-def guarded_update(state, grads, finite, tx, ema_decay):
-    """The next state: optimizer + EMA update when `finite`, else unchanged but for the bad-step counters."""
+def guarded_update(state, grads, finite, tx, config):
+    """The next state: optimizer + EMA update when `finite`, else unchanged but for the bad-step counters.
+
+    config: ema_decay, and ema_warmup (optional, default False): see optim.ema_decay_at."""
+    decay = ema_decay_at(config.ema_decay, state.step, config.get("ema_warmup", False))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     good = state.replace(params=params, opt_state=opt_state, bad_steps=jnp.zeros_like(state.bad_steps),
-                         ema_params=ema_update(state.ema_params, params, ema_decay))
+                         ema_params=ema_update(state.ema_params, params, decay))
     bad = state.replace(bad_steps=state.bad_steps + 1, total_bad_steps=state.total_bad_steps + 1)
     new = jax.tree.map(functools.partial(jnp.where, finite), good, bad)
     return new.replace(step=state.step + 1)
@@ -106,7 +109,7 @@ def make_train_step(modules, config, tx, schedule, abar_table, empty_ids, mesh=N
         loss, grads = accumulate(grad_fn, state.params, frozen, {**batch, "key": keys}, k, constrain)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = guarded_update(state, grads, finite, tx, config.ema_decay)
+        new = guarded_update(state, grads, finite, tx, config)
         metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite, bad_steps=new.bad_steps,
                        total_bad_steps=new.total_bad_steps,
                        learning_rate=schedule(state.step - state.total_bad_steps))
