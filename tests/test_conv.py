@@ -30,3 +30,13 @@ def test_conv_module_same_params_and_output(monkeypatch, features):
     monkeypatch.setattr(conv, "im2col_conv", lambda *a: calls.append(1) or im2col(*a))
     np.testing.assert_allclose(fast.apply(params, x), ref.apply(params, x), atol=1e-5)
     assert bool(calls) == (9 * features >= conv.IM2COL_RATIO * 16)
+
+
+def test_1x1_conv_is_a_matmul(monkeypatch):
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 6))
+    ref, fast = nn.Conv(5, (1, 1)), conv.Conv(5, (1, 1))
+    params = ref.init(jax.random.key(2), x)
+    calls, im2col = [], conv.im2col_conv
+    monkeypatch.setattr(conv, "im2col_conv", lambda *a: calls.append(1) or im2col(*a))
+    np.testing.assert_allclose(fast.apply(params, x), ref.apply(params, x), atol=1e-5)
+    assert calls

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench` runs the side-by-side suite (bench/run.py)."""
