@@ -57,7 +57,7 @@ def measure(case):
     common.reset_peak_rss()
     seconds = common.timed(case.run)
     peak = common.rss("VmHWM")
-    return seconds, (peak - before if peak and before else None)
+    return seconds, (max(peak - before, 0) if peak and before else None)
 
 
 def child(model, dtype, impls, cases, repeats):
