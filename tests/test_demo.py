@@ -42,3 +42,13 @@ def test_sample_py_defaults_to_the_demo(tmp_path):
     expected = StableDiffusion.load(DEMO_MODEL).generate("a blue square", num_steps=5, sampler="dpmpp_2m",
                                                          progress=False)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "0000-seed0.png")), expected[0])
+
+
+@pytest.mark.slow
+def test_demo_model_meets_its_accuracy_targets():
+    # The targets on one-shape prompts of trained colour-shape pairs, with guidance:
+    # colour >= 90%, shape >= 80% (the deterministic pixel detector of sdjax.eval.shapes; ~2 min).
+    from sdjax.eval.shapes import evaluate
+    result, _, _ = evaluate(StableDiffusion.load(DEMO_MODEL), seeds=2)
+    print(result)
+    assert result["seen"]["color"] >= 0.9 and result["seen"]["shape"] >= 0.8, result
