@@ -44,8 +44,7 @@ def folder(model):
         from sdjax.demo import DEMO_MODEL
         return DEMO_MODEL
     if not os.path.isfile(os.path.join(SD15_FOLDER, "model_index.json")):
-        sys.path.insert(0, os.path.join(ROOT, "bench"))
-        from load_sd15 import write_random_folder
+        from bench.load_sd15 import write_random_folder
         print(f"writing random SD 1.5 weights to {SD15_FOLDER} (once)", flush=True)
         write_random_folder(SD15_FOLDER)
     return SD15_FOLDER
@@ -76,7 +75,7 @@ def child(model, dtype, impls, cases, repeats):
             continue
         built = [(side, getattr(side, name)(spec)) for side in sides]
         for _, case in built:
-            case.run()  # warm-up (compilation happened when the sdjax case was built)
+            case.run()  # warm-up (sdjax cases compiled when built; the sampling pipeline compiles here)
         times = {side.name: [] for side, _ in built}
         extra = {side.name: [] for side, _ in built}
         for _ in range(repeats):

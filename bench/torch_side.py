@@ -28,9 +28,9 @@ class Torch:
         self.pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
         self.pipe.set_progress_bar_config(disable=True)
 
-    def _tensor(self, a, channels_first=True):
-        t = self.torch.from_numpy(np.ascontiguousarray(a))
-        return (t.permute(0, 3, 1, 2).contiguous() if channels_first else t).to(self.dtype)
+    def _tensor(self, a):
+        """NHWC numpy -> NCHW tensor in the pipeline's dtype."""
+        return self.torch.from_numpy(a).permute(0, 3, 1, 2).contiguous().to(self.dtype)
 
     def text_encode(self, spec):
         tok = self.pipe.tokenizer([common.PROMPT, ""], padding="max_length", max_length=77, truncation=True,

@@ -45,9 +45,8 @@ def im2col_conv(x, kernel, strides, padding, precision=None):
     oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
     windows = [x[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw] for i in range(kh) for j in range(kw)]
     cols = windows[0] if len(windows) == 1 else jax.numpy.concatenate(windows, -1)
-    out = lax.dot_general(cols, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
-                          precision=precision)
-    return out
+    return lax.dot_general(cols, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
+                           precision=precision)
 
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
