@@ -40,3 +40,32 @@ def test_1x1_conv_is_a_matmul(monkeypatch):
     monkeypatch.setattr(conv, "im2col_conv", lambda *a: calls.append(1) or im2col(*a))
     np.testing.assert_allclose(fast.apply(params, x), ref.apply(params, x), atol=1e-5)
     assert calls
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (9, 7), (3, 5)])  # whole tiles, partial tiles, smaller than a tile
+def test_winograd_matches_lax(h, w):
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (2, h, w, 6))
+    k = jax.random.normal(kw, (3, 3, 6, 5))
+    lax_conv = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(conv.winograd_conv(x, k), lax_conv(x, k), atol=1e-4, rtol=1e-5)
+    g = jax.random.normal(kg, (2, h, w, 5))  # the backward pass too (training goes through it)
+    want = jax.grad(lambda x, k: (lax_conv(x, k) * g).sum(), (0, 1))(x, k)
+    got = jax.grad(lambda x, k: (conv.winograd_conv(x, k) * g).sum(), (0, 1))(x, k)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size,channels,dtype,expect", [(32, 32, "float32", True), (16, 32, "float32", False),
+                                                        (32, 8, "float32", False), (32, 32, "bfloat16", False)])
+def test_conv_module_uses_winograd_on_large_float32_images(monkeypatch, size, channels, dtype, expect):
+    x = jax.random.normal(jax.random.key(1), (1, size, size, channels), dtype)
+    ref, fast = nn.Conv(channels, (3, 3), padding=1, dtype=dtype), conv.Conv(channels, (3, 3), padding=1, dtype=dtype)
+    params = ref.init(jax.random.key(2), x)
+    calls, winograd = [], conv.winograd_conv
+    monkeypatch.setattr(conv, "winograd_conv", lambda *a: calls.append(1) or winograd(*a))
+    tol = 1e-4 if dtype == "float32" else 5e-2
+    np.testing.assert_allclose(np.asarray(fast.apply(params, x), np.float32),
+                               np.asarray(ref.apply(params, x), np.float32), atol=tol, rtol=tol)
+    assert bool(calls) == expect
