@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IM2COL_RATIO = 30  # im2col when kernel elements per output element (kh*kw*cout / (n*h*w)) reach this
+IM2COL_RATIO = 20  # im2col when kernel elements per output element (kh*kw*cout / (n*h*w)) reach this
 # Winograd when a 3x3 float32 convolution has h*w >= this per image; not counting the batch keeps an image's
 # bits independent of the batch it is in (sharded or not)
 WINOGRAD_MIN_PIXELS = 1024
