@@ -8,13 +8,17 @@ from jax import lax
 from sdjax.models import conv
 
 
+def lax_conv(x, w, strides=(1, 1), padding=((1, 1), (1, 1))):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((0, 1), (0, 1))),
                                                    (1, 1, ((0, 0), (0, 0))), (4, 2, ((1, 1), (1, 1)))])
 def test_im2col_matches_lax(kernel, stride, padding):
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (2, 9, 8, 5))
     w = jax.random.normal(kw, (kernel, kernel, 5, 7))
-    want = lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    want = lax_conv(x, w, (stride, stride), padding)
     got = conv.im2col_conv(x, w, (stride, stride), padding)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -47,8 +51,6 @@ def test_winograd_matches_lax(h, w):
     kx, kw, kg = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(kx, (2, h, w, 6))
     k = jax.random.normal(kw, (3, 3, 6, 5))
-    lax_conv = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
-                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(conv.winograd_conv(x, k), lax_conv(x, k), atol=1e-4, rtol=1e-5)
     g = jax.random.normal(kg, (2, h, w, 5))  # the backward pass too (training goes through it)
     want = jax.grad(lambda x, k: (lax_conv(x, k) * g).sum(), (0, 1))(x, k)
