@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from sdjax import host_memory
 from sdjax.demo import DEMO_MODEL
 
 
@@ -55,6 +56,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     sd = StableDiffusion.load(model, dtype=args.dtype, config_name=args.config_name)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s")
+    host_memory.release_freed_memory()  # the file buffers of loading
     image = Image.open(args.init_image) if args.init_image else None
     mask = Image.open(args.mask) if args.mask else None
     strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.8)
@@ -80,4 +82,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.keep_freed_memory()  # before jax starts threads: no page faults on every call (CPU)
     main()

@@ -43,4 +43,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from sdjax import host_memory
+    host_memory.keep_freed_memory()  # before jax starts threads: no page faults on every step (CPU)
     app.run(main)

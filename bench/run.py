@@ -10,7 +10,7 @@ Cases (SD 1.5 architecture with random weights, and the bundled demo model):
   sample        the whole pipeline: text, 25 DPM++ steps with guidance, decode
   train_step    U-Net forward + backward + AdamW at 256², batch 1 (fp32 masters; bf16 = mixed precision)
 Memory: XLA's own account of the compiled sdjax function (arguments + outputs + temporaries), and the
-growth of the process's peak RSS during the torch call (PyTorch CPU has no allocator statistics).
+growth of the process's peak RSS during the torch warm-up call (PyTorch CPU has no allocator statistics).
 FLOPs are XLA's count of the sdjax function (cost_analysis), for `sample` the denoising loop's body
 times the number of steps; % peak is sdjax's FLOP/s over a measured 4096² matmul of that dtype.
 Each (model, dtype) runs in a fresh process; sdjax and torch alternate within it, after one warm-up
@@ -50,17 +50,18 @@ def folder(model):
     return SD15_FOLDER
 
 
-def measure(case):
-    """Time `case.run` once after warm-up; returns (seconds, peak extra RSS bytes during the call)."""
+def peak_extra_rss(case):
+    """Run `case` once; returns the growth of the process's peak RSS during the call in bytes (or None)."""
     before = common.rss()
     common.reset_peak_rss()
-    seconds = common.timed(case.run)
+    case.run()
     peak = common.rss("VmHWM")
-    return seconds, (max(peak - before, 0) if peak and before else None)
+    return max(peak - before, 0) if peak and before else None
 
 
 def child(model, dtype, impls, cases, repeats):
     """Run the cases of one (model, dtype) here, sdjax and torch alternating; print JSON lines."""
+    from sdjax import host_memory
     path = folder(model)
     sides = []
     for impl in impls:
@@ -70,23 +71,23 @@ def child(model, dtype, impls, cases, repeats):
         else:
             from bench.torch_side import Torch
             sides.append(Torch(path, dtype))
+    host_memory.release_freed_memory()  # what loading left free
     for name, spec in SPECS[model]:
         if name not in cases:
             continue
         built = [(side, getattr(side, name)(spec)) for side in sides]
-        for _, case in built:
-            case.run()  # warm-up (sdjax cases compiled when built; the sampling pipeline compiles here)
+        extra = {}
+        for side, case in built:  # warm-up (sdjax cases compiled when built; the sampling pipeline compiles here)
+            host_memory.release_freed_memory()  # freed memory is kept for reuse: only a first call shows its peak
+            extra[side.name] = peak_extra_rss(case)
         times = {side.name: [] for side, _ in built}
-        extra = {side.name: [] for side, _ in built}
         for _ in range(repeats):
             for side, case in built:
-                s, m = measure(case)
-                times[side.name].append(s)
-                extra[side.name].append(m)
+                times[side.name].append(common.timed(case.run))
         for side, case in built:
             rec = dict(model=model, dtype=dtype, case=name, **spec, impl=side.name, times=times[side.name],
                        median_s=common.median(times[side.name]), flops=case.flops, compile_s=case.compile_s,
-                       xla_bytes=case.xla_bytes, peak_extra_rss=max((m for m in extra[side.name] if m), default=None))
+                       xla_bytes=case.xla_bytes, peak_extra_rss=extra[side.name])
             if name == "sample" and side.name == "sdjax":
                 rec["loop_s_per_step"] = case.loop_s / spec["steps"]
             print("RESULT " + json.dumps(rec), flush=True)
@@ -165,6 +166,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     cases = a.cases.split(",")
     if a.child:
+        from sdjax import host_memory
+        host_memory.keep_freed_memory()  # both frameworks, as sample.py and train.py do for sdjax
         return child(a.child[0], a.child[1], a.child[2].split(","), cases, a.repeats)
     try:
         import diffusers  # noqa: F401

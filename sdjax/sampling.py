@@ -7,6 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sdjax.models.conv import loop_constant_kernels
+
 
 def rescale_guidance(guided, cond, rescale):
     """Guidance rescale (Lin et al. 2023, eq. 15-16): match the std of the conditional prediction."""
@@ -68,5 +70,6 @@ def sample(unet_fn, sampler, options, steps, timesteps, x, context, keys, *, gui
     xs = {"step": steps, "t": timesteps}
     if blend is not None:
         xs.update(next_a=blend[3], next_b=blend[4])
-    state, _ = jax.lax.scan(body, sampler.init(x, steps), xs)
+    with loop_constant_kernels():  # the U-Net's weights are constants of the scan
+        state, _ = jax.lax.scan(body, sampler.init(x, steps), xs)
     return state["x"]

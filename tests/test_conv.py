@@ -1,4 +1,6 @@
 """The im2col convolution against lax.conv_general_dilated, and when Conv chooses it."""
+import contextlib
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -59,15 +61,32 @@ def test_winograd_matches_lax(h, w):
         np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("size,channels,dtype,expect", [(32, 32, "float32", True), (16, 32, "float32", False),
-                                                        (32, 8, "float32", False), (32, 32, "bfloat16", False)])
-def test_conv_module_uses_winograd_on_large_float32_images(monkeypatch, size, channels, dtype, expect):
+@pytest.mark.parametrize("size,channels,dtype,loop,expect", [
+    (32, 32, "float32", False, True), (16, 32, "float32", False, False), (32, 8, "float32", False, False),
+    (32, 32, "bfloat16", False, False), (16, 32, "float32", True, True), (8, 32, "float32", True, False)])
+def test_conv_module_uses_winograd_on_large_float32_images(monkeypatch, size, channels, dtype, loop, expect):
+    """Winograd from 32x32 per image, or from 16x16 inside `loop_constant_kernels` (a sampler's scan)."""
     x = jax.random.normal(jax.random.key(1), (1, size, size, channels), dtype)
     ref, fast = nn.Conv(channels, (3, 3), padding=1, dtype=dtype), conv.Conv(channels, (3, 3), padding=1, dtype=dtype)
     params = ref.init(jax.random.key(2), x)
     calls, winograd = [], conv.winograd_conv
     monkeypatch.setattr(conv, "winograd_conv", lambda *a: calls.append(1) or winograd(*a))
     tol = 1e-4 if dtype == "float32" else 5e-2
-    np.testing.assert_allclose(np.asarray(fast.apply(params, x), np.float32),
-                               np.asarray(ref.apply(params, x), np.float32), atol=tol, rtol=tol)
+    with conv.loop_constant_kernels() if loop else contextlib.nullcontext():
+        got = fast.apply(params, x)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref.apply(params, x), np.float32),
+                               atol=tol, rtol=tol)
     assert bool(calls) == expect
+    assert conv.winograd_min_pixels() == conv.WINOGRAD_MIN_PIXELS  # the setting ends with its block
+
+
+def test_xla_hoists_the_kernel_transform_out_of_a_loop():
+    """What `loop_constant_kernels` counts on: the kernel's Winograd transform runs once, not per iteration."""
+    x = jax.random.normal(jax.random.key(1), (1, 16, 16, 32))
+    k = jax.random.normal(jax.random.key(2), (3, 3, 32, 48))
+
+    def f(x, k):
+        return lax.scan(lambda h, _: (conv.winograd_conv(h, k)[..., :32], None), x, None, length=3)[0]
+    hlo = jax.jit(f).lower(x, k).compile().as_text()
+    loop = next(line for line in hlo.splitlines() if " while(" in line)
+    assert "f32[36,1536]" in loop.split(" while(")[0]  # the transformed kernel (32 * 48) goes into the loop ready
