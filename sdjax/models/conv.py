@@ -3,7 +3,8 @@
 - 3x3 float32 convolutions on large images: Winograd F(4x4, 3x3) (Lavin & Gray 2016), 4x fewer
   multiplications: the input and output tiles go through fixed 6x6 / 4x6 transforms and the channels
   through 36 independent matmuls. 1.2-1.7x faster than XLA's convolution at 32x32 and 64x64 (SD U-Net,
-  512^2, kernel transform included); the kernel transform (36/9 the kernel's size) is not worth it on small images.
+  512^2, kernel transform included); the kernel transform (36/9 the kernel's size) is not worth it on small images,
+  except inside `loop_constant_kernels()` (the sampler's scan), where XLA computes it once before the loop.
 - Small-image/large-kernel convolutions: one matmul over shifted copies of the input (im2col). XLA's CPU
   convolution reaches about a third of the matmul rate when the kernel is much larger than the image
   (the 8x8 and 4x4 levels of the SD U-Net: 1280x1280x3x3 kernels); there im2col is 2-3x faster.
