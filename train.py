@@ -12,6 +12,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from sdjax import host_memory
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/train_*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here")
 _EXPORT = flags.DEFINE_string("export_dir", None, "after training, write a diffusers folder here")
@@ -43,6 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from sdjax import host_memory
     host_memory.keep_freed_memory()  # before jax starts threads: no page faults on every step (CPU)
     app.run(main)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 
 from bench import common
+from sdjax import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD15_FOLDER = "/tmp/sd15_random"
@@ -61,7 +62,6 @@ def peak_extra_rss(case):
 
 def child(model, dtype, impls, cases, repeats):
     """Run the cases of one (model, dtype) here, sdjax and torch alternating; print JSON lines."""
-    from sdjax import host_memory
     path = folder(model)
     sides = []
     for impl in impls:
@@ -71,14 +71,13 @@ def child(model, dtype, impls, cases, repeats):
         else:
             from bench.torch_side import Torch
             sides.append(Torch(path, dtype))
-    host_memory.release_freed_memory()  # what loading left free
     for name, spec in SPECS[model]:
         if name not in cases:
             continue
         built = [(side, getattr(side, name)(spec)) for side in sides]
         extra = {}
         for side, case in built:  # warm-up (sdjax cases compiled when built; the sampling pipeline compiles here)
-            host_memory.release_freed_memory()  # freed memory is kept for reuse: only a first call shows its peak
+            host_memory.release_freed_memory()  # what loading or the last case left; only a first call shows its peak
             extra[side.name] = peak_extra_rss(case)
         times = {side.name: [] for side, _ in built}
         for _ in range(repeats):
@@ -166,7 +165,6 @@ def main(argv=None):
     a = p.parse_args(argv)
     cases = a.cases.split(",")
     if a.child:
-        from sdjax import host_memory
         host_memory.keep_freed_memory()  # both frameworks, as sample.py and train.py do for sdjax
         return child(a.child[0], a.child[1], a.child[2].split(","), cases, a.repeats)
     try:

@@ -9,10 +9,12 @@ hands back what is free now, e.g. after loading weights).
 """
 import ctypes
 import ctypes.util
+import functools
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
+@functools.cache
 def _glibc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
