@@ -1,10 +1,12 @@
 """Convolution for the models: flax's nn.Conv, with three faster ways on CPU for what the models use.
 
-- 3x3 float32 convolutions on large images: Winograd F(4x4, 3x3) (Lavin & Gray 2016), 4x fewer
+- 3x3 float32 convolutions from 16x16 on: Winograd F(4x4, 3x3) (Lavin & Gray 2016), 4x fewer
   multiplications: the input and output tiles go through fixed 6x6 / 4x6 transforms and the channels
-  through 36 independent matmuls. 1.2-1.7x faster than XLA's convolution at 32x32 and 64x64 (SD U-Net,
-  512^2, kernel transform included); the kernel transform (36/9 the kernel's size) is not worth it on small images,
-  except inside `loop_constant_kernels()` (the sampler's scan), where XLA computes it once before the loop.
+  through 36 independent matmuls. Kernel transform included, 1.4-1.6x faster than im2col at 16x16
+  (SD U-Net at 512^2, 640-2560 channels) and 1.2-2.5x faster than XLA's convolution at 32x32 and 64x64. The kernel transform (36/9 the kernel's size) is tied
+  to the convolution's input, so that XLA does not run all of them up front and hold them at once;
+  inside `loop_constant_kernels()` (the sampler's scan) it is left free, and XLA computes it once,
+  before the loop.
 - Small-image/large-kernel convolutions: one matmul over shifted copies of the input (im2col). XLA's CPU
   convolution reaches about a third of the matmul rate when the kernel is much larger than the image
   (the 8x8 and 4x4 levels of the SD U-Net: 1280x1280x3x3 kernels); there im2col is 2-3x faster.
@@ -23,17 +25,15 @@ from jax import lax
 IM2COL_RATIO = 20  # im2col when kernel elements per output element (kh*kw*cout / (n*h*w)) reach this
 # Winograd when a 3x3 float32 convolution has h*w >= this per image; not counting the batch keeps an image's
 # bits independent of the batch it is in (sharded or not)
-WINOGRAD_MIN_PIXELS = 1024
+WINOGRAD_MIN_PIXELS = 256
 WINOGRAD_MIN_CHANNELS = 32  # ... and at least this many input and output channels
-# ... or this many where the kernels are constants of an enclosing loop (a sampler): XLA then hoists their
-# transforms out of the loop, and Winograd pays from 16x16 on (1.5-1.9x at 640-1280 channels, 25 steps)
-WINOGRAD_MIN_PIXELS_LOOP = 256
 _LOOP_CONSTANT_KERNELS = contextvars.ContextVar("loop_constant_kernels", default=False)
 
 
 @contextlib.contextmanager
 def loop_constant_kernels():
-    """Convolutions traced inside are in a loop whose kernels do not change from one iteration to the next.
+    """Convolutions traced inside are in a loop whose kernels do not change from one iteration to the next:
+    their Winograd kernel transforms may be hoisted out of the loop (XLA does), at the cost of holding them.
 
     A trace-time setting (like flax's `nn.logical_axis_rules`): enter it inside the jitted function, around
     the loop, so that every trace of that function sees it."""
@@ -43,10 +43,6 @@ def loop_constant_kernels():
     finally:
         _LOOP_CONSTANT_KERNELS.reset(token)
 
-
-def winograd_min_pixels():
-    """Per-image output pixels from which a 3x3 float32 convolution runs by Winograd, in this trace."""
-    return WINOGRAD_MIN_PIXELS_LOOP if _LOOP_CONSTANT_KERNELS.get() else WINOGRAD_MIN_PIXELS
 
 # F(4x4, 3x3) from the interpolation points 0, 1, -1, 2, -2, inf: y = A^T [(G g G^T) * (B^T d B)] A
 _BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
@@ -77,7 +73,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     sh, sw = window_strides
     oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kwd) // sw + 1
     if ((kh, kwd, sh, sw, pt, pb, pl, pr) == (3, 3, 1, 1, 1, 1, 1, 1) and lhs.dtype == rhs.dtype == jnp.float32
-            and oh * ow >= winograd_min_pixels() and min(rhs.shape[2:]) >= WINOGRAD_MIN_CHANNELS):
+            and oh * ow >= WINOGRAD_MIN_PIXELS and min(rhs.shape[2:]) >= WINOGRAD_MIN_CHANNELS):
         return winograd_conv(lhs, rhs, precision)
     if kh * kwd * cout < IM2COL_RATIO * n * oh * ow and (kh, kwd) != (1, 1):
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **args)
@@ -97,15 +93,24 @@ def im2col_conv(x, kernel, strides, padding, precision=None):
                            precision=precision)
 
 
+def _once_ready(const, x):
+    """`const` unchanged, as a value that XLA can compute only once x is (0 times a finite element of x)."""
+    x0 = lax.stop_gradient(x.reshape(-1)[0])
+    return const + jnp.where(jnp.isfinite(x0), x0, 0).astype(const.dtype) * 0
+
+
 def winograd_conv(x, kernel, precision=None):
     """3x3 'SAME' convolution, stride 1, by Winograd F(4x4, 3x3): x [N, H, W, Cin], kernel [3, 3, Cin, Cout]."""
     n, h, w, cin = x.shape
     cout = kernel.shape[-1]
+    # outside a loop, tie the kernel's transform to x, so that XLA runs it just before it is needed rather
+    # than all of them up front (+3.7 GiB at 512^2); inside one, leave it free to be hoisted out of the loop
+    g = jnp.asarray(_KERNEL) if _LOOP_CONSTANT_KERNELS.get() else _once_ready(_KERNEL, x)
     th, tw = -(-h // 4), -(-w // 4)  # 4x4 output tiles, each read from a 6x6 input tile
     x = jnp.pad(x, ((0, 0), (1, 4 * th - h + 1), (1, 4 * tw - w + 1), (0, 0)))
     tiles = jnp.stack([x[:, i:i + 4 * th:4, j:j + 4 * tw:4] for i in range(6) for j in range(6)])
     v = jnp.dot(_IN, tiles.reshape(36, -1)).reshape(36, n * th * tw, cin)
-    u = jnp.dot(_KERNEL, kernel.reshape(9, cin * cout)).reshape(36, cin, cout)
+    u = jnp.dot(g, kernel.reshape(9, cin * cout)).reshape(36, cin, cout)
     m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)  # [36, tiles, Cout]
     y = jnp.dot(_OUT, m.reshape(36, -1)).reshape(4, 4, n, th, tw, cout)
     return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 4 * th, 4 * tw, cout)[:, :h, :w]
