@@ -3,10 +3,10 @@
 - 3x3 float32 convolutions from 16x16 on: Winograd F(4x4, 3x3) (Lavin & Gray 2016), 4x fewer
   multiplications: the input and output tiles go through fixed 6x6 / 4x6 transforms and the channels
   through 36 independent matmuls. Kernel transform included, 1.4-1.6x faster than im2col at 16x16
-  (SD U-Net at 512^2, 640-2560 channels) and 1.2-2.5x faster than XLA's convolution at 32x32 and 64x64. The kernel transform (36/9 the kernel's size) is tied
-  to the convolution's input, so that XLA does not run all of them up front and hold them at once;
-  inside `loop_constant_kernels()` (the sampler's scan) it is left free, and XLA computes it once,
-  before the loop.
+  (SD U-Net at 512^2, 640-2560 channels) and 1.2-2.5x faster than XLA's convolution at 32x32 and
+  64x64. The kernel transform (36/9 the kernel's size) is tied to the convolution's input, so that XLA
+  does not run all of them up front and hold them at once; inside `loop_constant_kernels()` (the
+  sampler's scan) it is left free, and XLA computes it once, before the loop.
 - Small-image/large-kernel convolutions: one matmul over shifted copies of the input (im2col). XLA's CPU
   convolution reaches about a third of the matmul rate when the kernel is much larger than the image
   (the 8x8 and 4x4 levels of the SD U-Net: 1280x1280x3x3 kernels); there im2col is 2-3x faster.
@@ -105,7 +105,7 @@ def winograd_conv(x, kernel, precision=None):
     cout = kernel.shape[-1]
     # outside a loop, tie the kernel's transform to x, so that XLA runs it just before it is needed rather
     # than all of them up front (+3.7 GiB at 512^2); inside one, leave it free to be hoisted out of the loop
-    g = jnp.asarray(_KERNEL) if _LOOP_CONSTANT_KERNELS.get() else _once_ready(_KERNEL, x)
+    g = _KERNEL if _LOOP_CONSTANT_KERNELS.get() else _once_ready(_KERNEL, x)
     th, tw = -(-h // 4), -(-w // 4)  # 4x4 output tiles, each read from a 6x6 input tile
     x = jnp.pad(x, ((0, 0), (1, 4 * th - h + 1), (1, 4 * tw - w + 1), (0, 0)))
     tiles = jnp.stack([x[:, i:i + 4 * th:4, j:j + 4 * tw:4] for i in range(6) for j in range(6)])
