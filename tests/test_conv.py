@@ -90,6 +90,8 @@ def test_kernel_transform_leaves_a_loop_only_inside_loop_constant_kernels(loop):
     carry = next(line for line in hlo.splitlines() if " while(" in line).split(" while(")[0]
     assert ("f32[36,1536]" in carry) == loop  # the transformed kernel (32 * 48) goes into the loop ready
     np.testing.assert_allclose(jax.jit(f)(x, k), f(x, k), atol=1e-5)
+    ref = lax.scan(lambda h, _: (lax_conv(h, k)[..., :32], None), x, None, length=3)[0]
+    np.testing.assert_allclose(jax.jit(f)(x, k), ref, atol=1e-5 * float(np.abs(ref).max()))  # values ~1e3
 
 
 def test_kernel_transforms_are_not_all_held_at_once():
