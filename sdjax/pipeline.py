@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 
 from sdjax import sampling
 from sdjax.diffusion import samplers as samplers_lib
-from sdjax.diffusion import schedules
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.tokenizer import tokenize
 from sdjax.weights.pretrained import load_pretrained
@@ -74,9 +73,9 @@ class StableDiffusion:
         self.last_timings = {}
 
     @classmethod
-    def load(cls, path, dtype="float32", config_name=None):
-        """A pipeline over a diffusers folder or a single-file checkpoint (see `load_pretrained`)."""
-        return cls(load_pretrained(path, dtype=dtype, config_name=config_name))
+    def load(cls, path, dtype="float32", **options):
+        """A pipeline over a diffusers folder or a single-file checkpoint; options as `load_pretrained`'s."""
+        return cls(load_pretrained(path, dtype=dtype, **options))
 
     # ---- compiled pieces ----
 
@@ -178,11 +177,8 @@ class StableDiffusion:
         # Host-side plan; every array goes into the compiled loop as an argument.
         s = samplers_lib.SAMPLERS[sampler]
         options = dict(sampler_options, eta=eta) if sampler == "ddim" else dict(sampler_options)
-        try:
-            settings = schedules.scheduler_settings(self.scheduler_config, samplers_lib.CLASS_DEFAULTS.get(sampler))
-            plan = s.plan(settings, num_steps, **options)
-        except TypeError as e:
-            raise ValueError(f"sampler {sampler!r} does not take options {sorted(options)}: {e}") from None
+        settings, options = samplers_lib.configure(sampler, self.scheduler_config, **options)
+        plan = s.plan(settings, num_steps, **options)
         from_image = image is not None and strength < 1
         if from_image:
             plan = samplers_lib.slice_plan(plan, (num_steps - int(num_steps * strength)) * plan.order)

@@ -26,6 +26,8 @@ Conventions every sampler follows:
 """
 import dataclasses
 import functools
+import inspect
+import logging
 from typing import Callable, NamedTuple
 
 import jax
@@ -33,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.diffusion import schedules
+
+log = logging.getLogger("sdjax")
 
 
 class Sampler(NamedTuple):
@@ -209,13 +213,72 @@ def pndm_step(state, out, step, noise, *, prediction_type):
             "outs": outs, "num_outs": num_outs, "counter": counter + 1}
 
 
+# The diffusers scheduler class each sampler reproduces.
+SCHEDULER_CLASSES = {
+    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
 # diffusers' defaults of each scheduler class where they differ from schedules.DEFAULTS: they apply to
 # keys a model's scheduler_config.json leaves out (SD 1.5's has no timestep_spacing, for one).
 CLASS_DEFAULTS = {
-    "ddim": {"clip_sample": True}, "ddpm": {"clip_sample": True}, "pndm": {"set_alpha_to_one": False},
+    "ddim": {"clip_sample": True}, "ddpm": {"clip_sample": True},
+    "pndm": {"set_alpha_to_one": False, "skip_prk_steps": False},
     "euler": {"timestep_spacing": "linspace"}, "euler_a": {"timestep_spacing": "linspace"},
-    "heun": {"timestep_spacing": "linspace"}, "dpmpp_2m": {"timestep_spacing": "linspace"},
+    "heun": {"timestep_spacing": "linspace", "beta_start": 0.00085, "beta_end": 0.012},
+    "dpmpp_2m": {"timestep_spacing": "linspace"},
 }
+# Keys of each class that change its result and that the sampler implements at one value only (its
+# class default unless noted). Keys a sampler's plan takes as options (use_karras_sigmas, ...) are honoured.
+FIXED_KEYS = {
+    "ddim": {"thresholding": False},
+    "ddpm": {"thresholding": False, "variance_type": "fixed_small"},
+    "pndm": {"skip_prk_steps": True},  # PLMS only (False, the class default, begins with Runge-Kutta steps)
+    "euler": {"interpolation_type": "linear", "use_exponential_sigmas": False, "use_beta_sigmas": False,
+              "sigma_min": None, "sigma_max": None, "timestep_type": "discrete", "final_sigmas_type": "zero"},
+    "euler_a": {},
+    "heun": {"use_exponential_sigmas": False, "use_beta_sigmas": False},
+    "dpmpp_2m": {"solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
+                 "thresholding": False, "lower_order_final": True, "euler_at_final": False,
+                 "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
+                 "use_flow_sigmas": False, "variance_type": None, "use_dynamic_shifting": False},
+}
+# What diffusers' StableDiffusionPipeline sets on its own scheduler when the config is outdated.
+_PIPELINE_FIXES = {"steps_offset": 1, "clip_sample": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message):
+    log.warning(message)
+
+
+def configure(name, config, **options):
+    """(settings, plan options) of sampler `name` for a model's scheduler_config.json, as diffusers runs
+    `StableDiffusionPipeline.from_pretrained(folder)` with `pipe.scheduler = Class.from_config(pipe.scheduler.config)`.
+
+    Keys the config leaves out take the class defaults; outdated steps_offset / clip_sample are updated as the
+    pipeline does (on its own scheduler class also where the key is left out); config keys that are plan
+    options are honoured unless given in `options`; other keys at a value the sampler does not implement
+    give one warning each. Raises ValueError for options the sampler does not take.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(sorted(SAMPLERS))}")
+    plan_keys = set(inspect.signature(SAMPLERS[name].plan).parameters) - {"settings", "num_steps"}
+    unknown = sorted(set(options) - plan_keys)
+    if unknown:
+        raise ValueError(f"sampler {name!r} does not take options {unknown}; it takes {sorted(plan_keys) or 'none'}")
+    native = config.get("_class_name") == SCHEDULER_CLASSES[name]
+    config = {**config, **{k: v for k, v in _PIPELINE_FIXES.items() if k in config and config[k] != v}}
+    settings = schedules.scheduler_settings(config, {**CLASS_DEFAULTS[name], **(_PIPELINE_FIXES if native else {})})
+    effective = {**CLASS_DEFAULTS[name], **config}
+    for key, value in FIXED_KEYS[name].items():
+        if effective.get(key, value) != value:
+            _warn_once(f"scheduler config {key}={effective[key]!r}{'' if key in config else ' (left out)'} is not "
+                       f"implemented by sampler {name!r}, which runs {key}={value!r}: results differ from "
+                       f"diffusers' {SCHEDULER_CLASSES[name]}")
+    from_config = {k: config[k] for k in plan_keys if config.get(k) is not None}
+    return settings, {**from_config, **options}
+
 
 SAMPLERS = {
     "ddim": Sampler(ddim_plan, _x_only, _x_in, ddim_step),

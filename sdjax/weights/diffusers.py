@@ -1,6 +1,8 @@
 """Diffusers-format model folders: import into Flax params and export back (safetensors)."""
 import json
+import logging
 import os
+import re
 import shutil
 
 import numpy as np
@@ -11,8 +13,20 @@ from sdjax.weights.convert import to_params, to_state_dict
 from sdjax.weights.errors import WeightLoadError
 from sdjax.weights.files import read_tensors
 
+log = logging.getLogger("sdjax")
+
 KINDS = ("unet", "vae", "text_encoder")
-_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# Weight file names in the order diffusers / transformers look for them: (safetensors, pickle).
+_FILES = {"diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+          "transformers": ("model.safetensors", "pytorch_model.bin")}
+# diffusers < 0.15 named the VAE mid-block attention's layers query/key/value/proj_attn.
+_OLD_VAE_ATTENTION = re.compile(r"^((?:encoder|decoder)\.mid_block\.attentions\.0)\.(query|key|value|proj_attn)\.")
+_NEW_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+# Stable Diffusion's training noise schedule, as diffusers' single-file loading configures it.
+SD_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
+                "prediction_type": "epsilon", "steps_offset": 1, "set_alpha_to_one": False,
+                "clip_sample": False, "skip_prk_steps": True, "timestep_spacing": "leading"}
 _CLASS = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
           "text_encoder": ("transformers", "CLIPTextModel")}
 
@@ -28,21 +42,33 @@ def read_json(path):
         raise WeightLoadError(f"{path} is not valid JSON: {e}") from None
 
 
-def _weight_file(folder, stem, variant):
-    """Path of the weights (or of a shard index) in a component folder."""
-    stem = f"{stem}.{variant}" if variant else stem
-    for ext in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"):
-        if os.path.isfile(os.path.join(folder, stem + ext)):
-            return os.path.join(folder, stem + ext)
+def with_variant(name, variant):
+    """'model.safetensors', 'fp16' -> 'model.fp16.safetensors'; index files: '....index.fp16.json' (as diffusers)."""
+    if not variant:
+        return name
+    head, ext = name.rsplit(".", 1)
+    return f"{head}.{variant}.{ext}"
+
+
+def _weight_file(folder, kind, variant):
+    """Path of the weights (or of a shard index) in a component folder; falls back from a missing variant."""
+    names = _FILES[_CLASS[kind][0]]
+    candidates = [n for name in names for n in (name, name + ".index.json")]
+    for v in ([variant, None] if variant else [None]):
+        for name in candidates:
+            if os.path.isfile(os.path.join(folder, with_variant(name, v))):
+                if v != variant:
+                    log.warning("%s: no %r variant, loading %s", folder, variant, name)
+                return os.path.join(folder, with_variant(name, v))
     found = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    raise WeightLoadError(
-        f"no weights in {folder}: expected {stem}.safetensors (or .bin, or a sharded index); found {found}")
+    raise WeightLoadError(f"no weights in {folder}: expected {' or '.join(with_variant(n, variant) for n in names)}"
+                          f" (or a sharded *.index.json); found {found}")
 
 
 def read_component_tensors(folder, kind, variant=None):
     """{torch name: np.ndarray} of one component folder (sharded or not)."""
-    path = _weight_file(folder, _STEM[kind], variant)
-    if not path.endswith(".index.json"):
+    path = _weight_file(folder, kind, variant)
+    if not path.endswith(".json"):
         return read_tensors(path)
     tensors = {}
     for shard in sorted(set(read_json(path)["weight_map"].values())):
@@ -50,11 +76,25 @@ def read_component_tensors(folder, kind, variant=None):
     return tensors
 
 
-def _with_prefix(kind, tensors):
-    """transformers >= 5 saves CLIPTextModel without the `text_model.` prefix; older files have it."""
-    if kind != "text_encoder" or any(k.startswith("text_model.") for k in tensors):
+def _current_names(kind, tensors):
+    """Tensor names of older writers renamed to today's (diffusers renames them on load too).
+
+    transformers >= 5 saves CLIPTextModel without the `text_model.` prefix; older files have it.
+    The VAE's old attention names become to_q/to_k/to_v/to_out.0, 1x1-conv-shaped kernels Linear.
+    """
+    if kind == "text_encoder" and not any(k.startswith("text_model.") for k in tensors):
+        return {f"text_model.{k}": v for k, v in tensors.items()}
+    if kind != "vae":
         return tensors
-    return {f"text_model.{k}": v for k, v in tensors.items()}
+    out = {}
+    for name, array in tensors.items():
+        m = _OLD_VAE_ATTENTION.match(name)
+        if m:
+            name = f"{m.group(1)}.{_NEW_VAE_ATTENTION[m.group(2)]}.{name[m.end():]}"
+        if ".mid_block.attentions.0.to_" in name and array.ndim == 4:
+            array = array[:, :, 0, 0]
+        out[name] = array
+    return out
 
 
 def load_component(root, kind, dtype=np.float32, variant=None):
@@ -62,9 +102,37 @@ def load_component(root, kind, dtype=np.float32, variant=None):
     folder = os.path.join(root, kind)
     config = read_json(os.path.join(folder, "config.json"))
     module = registry.build(kind, config)
-    params = to_params(kind, _with_prefix(kind, read_component_tensors(folder, kind, variant)),
+    params = to_params(kind, _current_names(kind, read_component_tensors(folder, kind, variant)),
                        registry.param_shapes(kind, module), dtype=dtype)
     return module, params
+
+
+def read_scheduler(root):
+    """The folder's scheduler config, `_class_name` as model_index.json names it (the class diffusers builds);
+    without scheduler_config.json, SD's training schedule (with a warning)."""
+    path = os.path.join(root, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        log.warning("%s has no scheduler/scheduler_config.json: assuming Stable Diffusion's schedule "
+                    "(scaled_linear betas 0.00085..0.012 over 1000 steps, epsilon prediction)", root)
+        return dict(SD_SCHEDULER)
+    config = read_json(path)
+    index = os.path.join(root, "model_index.json")
+    listed = read_json(index).get("scheduler") if os.path.isfile(index) else None
+    if isinstance(listed, list) and len(listed) == 2 and listed[1]:
+        config["_class_name"] = listed[1]
+    return config
+
+
+def note_ignored_components(root):
+    """Log, in one line, the model_index.json components sdjax does not use (safety checker, ...)."""
+    path = os.path.join(root, "model_index.json")
+    if not os.path.isfile(path):
+        return
+    used = {*KINDS, "tokenizer", "scheduler"}
+    ignored = [f"{k} ({v[1]})" for k, v in read_json(path).items()
+               if not k.startswith("_") and k not in used and isinstance(v, list) and None not in v]
+    if ignored:
+        log.info("%s: not used by sdjax: %s", root, ", ".join(ignored))
 
 
 def save_component(root, kind, module, params):
@@ -80,7 +148,7 @@ def save_component(root, kind, module, params):
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in to_state_dict(params).items()}
-    save_file(tensors, os.path.join(folder, _STEM[kind] + ".safetensors"))
+    save_file(tensors, os.path.join(folder, _FILES[lib][0]))
 
 
 def save_folder(root, modules, params, scheduler, tokenizer_dir=None):

@@ -54,9 +54,8 @@ def load_folder(path, variant=None):
     for kind in diffusers.KINDS:
         modules[kind], params[kind] = diffusers.load_component(path, kind, variant=variant)
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
-    sched_file = os.path.join(path, "scheduler", "scheduler_config.json")
-    scheduler = diffusers.read_json(sched_file) if os.path.isfile(sched_file) else {}
-    return modules, params, tokenizer, scheduler
+    diffusers.note_ignored_components(path)
+    return modules, params, tokenizer, diffusers.read_scheduler(path)
 
 
 def load_single_file(path, config_name=None):
