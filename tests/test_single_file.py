@@ -117,16 +117,24 @@ def test_split_original_old_clip_names(sd1, sd1_original):
     assert_same(single_file.split_original(old)["text_encoder"], sd1["text_encoder"])
 
 
-def test_split_original_ema(sd1, sd1_original):
+def test_split_original_ema(sd1, sd1_original, caplog):
     ema = {"model_ema." + k[len("model."):].replace(".", ""): v + 1
            for k, v in sd1_original.items() if k.startswith("model.diffusion_model.")}
     both = {**sd1_original, **ema}
-    assert_same(single_file.split_original(both)["unet"], sd1["unet"])  # default: non-EMA
-    got = single_file.split_original(both, use_ema=True)["unet"]
+    with caplog.at_level("INFO", logger="sdjax"):
+        got = single_file.split_original(both)["unet"]  # default: EMA when present
     assert_same(got, {k: v + 1 for k, v in sd1["unet"].items()})
-    no_ema = {k: v for k, v in sd1_original.items() if not k.startswith("model_ema.")}
+    assert "EMA weights model_ema.*" in caplog.text
+    assert_same(single_file.split_original(both, use_ema=True)["unet"], got)
+    assert_same(single_file.split_original(both, use_ema=False)["unet"], sd1["unet"])
+    # An ema-only (pruned) file: model.diffusion_model.* as stored, bookkeeping keys ignored.
+    no_ema = {k: v for k, v in both.items() if k not in ema}
+    assert_same(single_file.split_original(no_ema)["unet"], sd1["unet"])
     with pytest.raises(WeightLoadError, match="no EMA weights"):
         single_file.split_original(no_ema, use_ema=True)
+    partial = {k: v for k, v in both.items() if k != next(iter(ema))}
+    with pytest.raises(WeightLoadError, match="(?s)UNet EMA weights.*1 missing.*input_blocks00weight"):
+        single_file.split_original(partial)
 
 
 def test_infer_configs_sd1(sd1_original):

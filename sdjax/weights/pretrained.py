@@ -59,11 +59,11 @@ def load_folder(path, variant=None):
     return modules, params, tokenizer, scheduler
 
 
-def load_single_file(path, config_name=None):
+def load_single_file(path, config_name=None, use_ema=None):
     """(modules, params, tokenizer, scheduler config) of an original CompVis/Stability checkpoint."""
     tensors = single_file.read_checkpoint(path)
     configs = single_file.infer_configs(tensors, config_name)
-    parts = single_file.split_original(tensors)
+    parts = single_file.split_original(tensors, use_ema)
     modules, params = {}, {}
     for kind in diffusers.KINDS:
         modules[kind] = registry.build(kind, configs[kind])
@@ -73,19 +73,22 @@ def load_single_file(path, config_name=None):
     return modules, params, load_tokenizer(folder), configs["scheduler"]
 
 
-def load_pretrained(path, dtype="float32", config_name=None, variant=None):
+def load_pretrained(path, dtype="float32", config_name=None, variant=None, use_ema=None):
     """Load a diffusers folder or a single-file checkpoint (.safetensors, .ckpt) into a Pretrained.
 
     config_name picks the architecture of a single file where shapes cannot tell (e.g. "sd21"
-    for v-prediction); variant picks e.g. "fp16" weight files in a diffusers folder.
+    for v-prediction); variant picks e.g. "fp16" weight files in a diffusers folder; use_ema
+    (single files) None takes a training checkpoint's EMA UNet when it has one, False the raw one.
     """
     dtype = _dtype(dtype)
+    if os.path.isdir(path) and use_ema is not None:
+        raise ValueError("use_ema applies to single-file checkpoints; a diffusers folder has one UNet")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "model_index.json")) and not os.path.isdir(os.path.join(path, "unet")):
             raise WeightLoadError(f"{path} is not a diffusers folder: no model_index.json and no unet/ inside")
         modules, params, tokenizer, scheduler = load_folder(path, variant)
     elif os.path.isfile(path):
-        modules, params, tokenizer, scheduler = load_single_file(path, config_name)
+        modules, params, tokenizer, scheduler = load_single_file(path, config_name, use_ema)
     else:
         raise WeightLoadError(f"model not found: {path} (expected a diffusers folder or a .safetensors/.ckpt file)")
     modules, params = _with_dtype(modules, params, dtype)
