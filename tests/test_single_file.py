@@ -244,8 +244,29 @@ class _TrainingState:  # stands for the Lightning objects of unpruned .ckpt file
 def test_read_checkpoint_refuses_pickled_objects(tmp_path):
     path = tmp_path / "m.ckpt"
     torch.save({"state_dict": {"x": torch.ones(2)}, "callbacks": _TrainingState()}, path)
-    with pytest.raises(WeightLoadError, match="besides tensors"):
+    with pytest.raises(WeightLoadError) as err:
         single_file.read_checkpoint(str(path))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: holds Python objects besides tensors")
+    assert "test_single_file._TrainingState" in msg and ".safetensors" in msg
+
+
+@pytest.mark.parametrize("name, cut", [("m.ckpt", 0.5), ("m.ckpt", 0.99), ("m.ckpt", 0),
+                                       ("m.safetensors", 0.5), ("m.safetensors", 0.01)])
+def test_read_checkpoint_truncated(tmp_path, name, cut):
+    """A partly downloaded file: one line naming it, not safetensors' / torch's own exception."""
+    path = tmp_path / name
+    tensors = {"state_dict": {"x": torch.ones(64, 64)}, "global_step": 1}
+    if name.endswith(".ckpt"):
+        torch.save(tensors, path)
+    else:
+        from safetensors.torch import save_file
+        save_file(tensors["state_dict"], path)
+    data = path.read_bytes()
+    path.write_bytes(data[:int(cut * len(data))])
+    with pytest.raises(WeightLoadError, match="truncated or corrupt") as err:
+        single_file.read_checkpoint(str(path))
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
 
 
 def test_read_checkpoint_errors(tmp_path, monkeypatch):
