@@ -167,7 +167,9 @@ def test_infer_configs_sd2_prediction_type(sd2_original):
     plain = dict(sd2_original)
     conv_in = "model.diffusion_model.input_blocks.0.0.weight"
     plain[conv_in] = plain[conv_in][:, :4]  # not inpainting
-    assert single_file.infer_configs(plain)["scheduler"]["prediction_type"] == "v_prediction"
+    v = single_file.infer_configs(plain)  # SD 2.x 768-v: the default for non-base SD2 files
+    assert (v["scheduler"]["prediction_type"], v["vae"]["sample_size"]) == ("v_prediction", 768)
+    assert (v["unet"]["sample_size"], v["unet"]["upcast_attention"]) == (768 // 4, True)
     base = single_file.infer_configs({**plain, "global_step": np.asarray(875000)})
     assert (base["scheduler"]["prediction_type"], base["unet"]["sample_size"]) == ("epsilon", 512 // 4)
     named = single_file.infer_configs(plain, name="sd21")
@@ -177,6 +179,20 @@ def test_infer_configs_sd2_prediction_type(sd2_original):
         single_file.infer_configs(plain, name="sd15")
     with pytest.raises(WeightLoadError, match="unknown checkpoint name"):
         single_file.infer_configs(plain, name="sdxl")
+
+
+def test_infer_configs_sd1_inpainting(sd1_original):
+    """9 input channels (latents, mask, masked-image latents): SD1.5-inpainting, epsilon, 512."""
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    w = sd1_original[conv_in]
+    inpainting = {**sd1_original, conv_in: np.concatenate([w, w, w[:, :1]], 1)}
+    cfg = single_file.infer_configs(inpainting)
+    assert (cfg["unet"]["in_channels"], cfg["unet"]["out_channels"]) == (9, 4)
+    assert (cfg["scheduler"]["prediction_type"], cfg["vae"]["sample_size"]) == ("epsilon", 512)
+    assert cfg["unet"]["upcast_attention"] is False
+    with pytest.raises(WeightLoadError, match="checkpoint is sd1 inpainting"):
+        single_file.infer_configs(inpainting, name="sd15")
+    assert single_file.infer_configs(inpainting, name="sd15-inpainting")["unet"]["in_channels"] == 9
 
 
 @pytest.mark.parametrize("version", ["sd1", "sd2"])
