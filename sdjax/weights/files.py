@@ -65,7 +65,8 @@ def read_tensors(path):
     except WeightLoadError:
         raise
     # What safetensors and torch raise for truncated or corrupt files (torch: zip, EOF, pickle errors).
-    except (SafetensorError, OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+    except (SafetensorError, OSError, RuntimeError, EOFError, KeyError, ValueError,
+            pickle.UnpicklingError) as e:
         why = re.split(r"\.\s|\n", str(e))[0][:200] or type(e).__name__
         raise WeightLoadError(f"{path}: cannot be read, truncated or corrupt? ({why}); "
                               "download it again") from None

@@ -96,12 +96,9 @@ def _unet_weights(state_dict, unet, use_ema):
     if use_ema and not has_ema:
         raise WeightLoadError("use_ema=True but the checkpoint has no EMA weights (model_ema.*); "
                               "'ema-only' files already hold them under model.diffusion_model.*")
-    if not has_ema:
-        log.info("UNet: %s* as stored (no separate EMA copy in the file)", names.UNET_PREFIX)
-        return unet
-    if use_ema is False:
-        log.info("UNet: raw weights %s* (use_ema=False; the EMA copy model_ema.* is ignored)",
-                 names.UNET_PREFIX)
+    if not has_ema or use_ema is False:
+        why = "use_ema=False; the EMA copy model_ema.* is ignored" if has_ema else "no EMA copy in the file"
+        log.info("UNet: %s* as stored (%s)", names.UNET_PREFIX, why)
         return unet
     log.info("UNet: EMA weights model_ema.* (use_ema=False takes the raw %s*)", names.UNET_PREFIX)
     keys = {n: "model_ema." + ("diffusion_model." + n).replace(".", "") for n in unet}
@@ -169,6 +166,26 @@ def _vae_tensors(vae, prefix, unused):
     for name, array in out.items():  # 1x1 conv -> Linear in the mid-block attention
         if ".mid_block.attentions.0.to_" in name and array.ndim == 4:
             out[name] = array[:, :, 0, 0]
+    return out
+
+
+def split_vae(tensors):
+    """diffusers-named AutoencoderKL tensors of a standalone VAE file, diffusers- or ldm-named.
+
+    ldm files (e.g. vae-ft-mse-840000-ema-pruned) hold encoder.*, decoder.*, quant_conv.*,
+    post_quant_conv.* (`first_stage_model.` prefixed or not); their other keys (loss.*,
+    model_ema.*) are ignored.
+    """
+    if any(k.startswith(names.VAE_PREFIX) for k in tensors):
+        tensors = _sub(tensors, names.VAE_PREFIX)
+    if any(k.startswith("encoder.down_blocks.") for k in tensors):
+        return {names.current_vae_name(k): v for k, v in tensors.items()}
+    vae = {k: v for k, v in tensors.items() if k.startswith(names.VAE_MODULES)}
+    if not vae:
+        raise WeightLoadError(f"not a VAE: no encoder.*/decoder.* tensors among its {len(tensors)} keys")
+    unused = []
+    out = _vae_tensors(vae, "", unused)
+    check_names("original VAE", set(), set(unused))
     return out
 
 
