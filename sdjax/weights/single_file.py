@@ -2,7 +2,8 @@
 
 `split_original` renames the tensors into the diffusers / transformers names of the three
 components (then `convert.to_params` applies), `infer_configs` gives their config.json dicts
-from tensor shapes, and `to_original` is the inverse of `split_original`.
+from tensor shapes, and `to_original` is the inverse of `split_original`. `split_vae` reads a
+standalone VAE file (diffusers or ldm names).
 """
 import logging
 import re
