@@ -117,16 +117,24 @@ def test_split_original_old_clip_names(sd1, sd1_original):
     assert_same(single_file.split_original(old)["text_encoder"], sd1["text_encoder"])
 
 
-def test_split_original_ema(sd1, sd1_original):
+def test_split_original_ema(sd1, sd1_original, caplog):
     ema = {"model_ema." + k[len("model."):].replace(".", ""): v + 1
            for k, v in sd1_original.items() if k.startswith("model.diffusion_model.")}
     both = {**sd1_original, **ema}
-    assert_same(single_file.split_original(both)["unet"], sd1["unet"])  # default: non-EMA
-    got = single_file.split_original(both, use_ema=True)["unet"]
+    with caplog.at_level("INFO", logger="sdjax"):
+        got = single_file.split_original(both)["unet"]  # default: EMA when present
     assert_same(got, {k: v + 1 for k, v in sd1["unet"].items()})
-    no_ema = {k: v for k, v in sd1_original.items() if not k.startswith("model_ema.")}
+    assert "EMA weights model_ema.*" in caplog.text
+    assert_same(single_file.split_original(both, use_ema=True)["unet"], got)
+    assert_same(single_file.split_original(both, use_ema=False)["unet"], sd1["unet"])
+    # An ema-only (pruned) file: model.diffusion_model.* as stored, bookkeeping keys ignored.
+    no_ema = {k: v for k, v in both.items() if k not in ema}
+    assert_same(single_file.split_original(no_ema)["unet"], sd1["unet"])
     with pytest.raises(WeightLoadError, match="no EMA weights"):
         single_file.split_original(no_ema, use_ema=True)
+    partial = {k: v for k, v in both.items() if k != next(iter(ema))}
+    with pytest.raises(WeightLoadError, match="(?s)UNet EMA weights.*1 missing.*input_blocks00weight"):
+        single_file.split_original(partial)
 
 
 def test_infer_configs_sd1(sd1_original):
@@ -159,7 +167,9 @@ def test_infer_configs_sd2_prediction_type(sd2_original):
     plain = dict(sd2_original)
     conv_in = "model.diffusion_model.input_blocks.0.0.weight"
     plain[conv_in] = plain[conv_in][:, :4]  # not inpainting
-    assert single_file.infer_configs(plain)["scheduler"]["prediction_type"] == "v_prediction"
+    v = single_file.infer_configs(plain)  # SD 2.x 768-v: the default for non-base SD2 files
+    assert (v["scheduler"]["prediction_type"], v["vae"]["sample_size"]) == ("v_prediction", 768)
+    assert (v["unet"]["sample_size"], v["unet"]["upcast_attention"]) == (768 // 4, True)
     base = single_file.infer_configs({**plain, "global_step": np.asarray(875000)})
     assert (base["scheduler"]["prediction_type"], base["unet"]["sample_size"]) == ("epsilon", 512 // 4)
     named = single_file.infer_configs(plain, name="sd21")
@@ -169,6 +179,20 @@ def test_infer_configs_sd2_prediction_type(sd2_original):
         single_file.infer_configs(plain, name="sd15")
     with pytest.raises(WeightLoadError, match="unknown checkpoint name"):
         single_file.infer_configs(plain, name="sdxl")
+
+
+def test_infer_configs_sd1_inpainting(sd1_original):
+    """9 input channels (latents, mask, masked-image latents): SD1.5-inpainting, epsilon, 512."""
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    w = sd1_original[conv_in]
+    inpainting = {**sd1_original, conv_in: np.concatenate([w, w, w[:, :1]], 1)}
+    cfg = single_file.infer_configs(inpainting)
+    assert (cfg["unet"]["in_channels"], cfg["unet"]["out_channels"]) == (9, 4)
+    assert (cfg["scheduler"]["prediction_type"], cfg["vae"]["sample_size"]) == ("epsilon", 512)
+    assert cfg["unet"]["upcast_attention"] is False
+    with pytest.raises(WeightLoadError, match="checkpoint is sd1 inpainting"):
+        single_file.infer_configs(inpainting, name="sd15")
+    assert single_file.infer_configs(inpainting, name="sd15-inpainting")["unet"]["in_channels"] == 9
 
 
 @pytest.mark.parametrize("version", ["sd1", "sd2"])
@@ -236,8 +260,29 @@ class _TrainingState:  # stands for the Lightning objects of unpruned .ckpt file
 def test_read_checkpoint_refuses_pickled_objects(tmp_path):
     path = tmp_path / "m.ckpt"
     torch.save({"state_dict": {"x": torch.ones(2)}, "callbacks": _TrainingState()}, path)
-    with pytest.raises(WeightLoadError, match="besides tensors"):
+    with pytest.raises(WeightLoadError) as err:
         single_file.read_checkpoint(str(path))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: holds Python objects besides tensors")
+    assert "test_single_file._TrainingState" in msg and ".safetensors" in msg
+
+
+@pytest.mark.parametrize("name, cut", [("m.ckpt", 0.5), ("m.ckpt", 0.99), ("m.ckpt", 0),
+                                       ("m.safetensors", 0.5), ("m.safetensors", 0.01)])
+def test_read_checkpoint_truncated(tmp_path, name, cut):
+    """A partly downloaded file: one line naming it, not safetensors' / torch's own exception."""
+    path = tmp_path / name
+    tensors = {"state_dict": {"x": torch.ones(64, 64)}, "global_step": 1}
+    if name.endswith(".ckpt"):
+        torch.save(tensors, path)
+    else:
+        from safetensors.torch import save_file
+        save_file(tensors["state_dict"], path)
+    data = path.read_bytes()
+    path.write_bytes(data[:int(cut * len(data))])
+    with pytest.raises(WeightLoadError, match="truncated or corrupt") as err:
+        single_file.read_checkpoint(str(path))
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
 
 
 def test_read_checkpoint_errors(tmp_path, monkeypatch):

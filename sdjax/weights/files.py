@@ -1,10 +1,11 @@
 """Reading tensors from checkpoint files (safetensors; PyTorch pickles when torch is installed)."""
 import os
 import pickle
+import re
 
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from sdjax.weights.errors import WeightLoadError
 
@@ -32,9 +33,13 @@ def _read_pickle(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:
+            raise
         raise WeightLoadError(
-            f"{path}: holds Python objects besides tensors (training state?), which are not "
-            f"unpickled for safety; use a pruned or .safetensors checkpoint. ({e})") from None
+            f"{path}: holds Python objects besides tensors ({found.group(1)}; training state?), "
+            "which would run code to unpickle and so are not loaded; use the .safetensors or "
+            "pruned release of the checkpoint") from None
     step = obj.get("global_step") if isinstance(obj, dict) else None
     while isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
@@ -50,7 +55,18 @@ def read_tensors(path):
     if not os.path.isfile(path):
         raise WeightLoadError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
-        return _read_safetensors(path)
-    if path.endswith((".bin", ".ckpt", ".pt", ".pth")):
-        return _read_pickle(path)
-    raise WeightLoadError(f"{path}: unknown weights format (expected .safetensors, .bin, .ckpt or .pt)")
+        read = _read_safetensors
+    elif path.endswith((".bin", ".ckpt", ".pt", ".pth")):
+        read = _read_pickle
+    else:
+        raise WeightLoadError(f"{path}: unknown weights format (expected .safetensors, .bin, .ckpt or .pt)")
+    try:
+        return read(path)
+    except WeightLoadError:
+        raise
+    # What safetensors and torch raise for truncated or corrupt files (torch: zip, EOF, pickle errors).
+    except (SafetensorError, OSError, RuntimeError, EOFError, KeyError, ValueError,
+            pickle.UnpicklingError) as e:
+        why = re.split(r"\.\s|\n", str(e))[0][:200] or type(e).__name__
+        raise WeightLoadError(f"{path}: cannot be read, truncated or corrupt? ({why}); "
+                              "download it again") from None

@@ -11,6 +11,7 @@ import numpy as np
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+VAE_MODULES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # below VAE_PREFIX
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
@@ -126,6 +127,16 @@ def vae_table(levels, layers_per_block):
         if level > 0:
             table[f"decoder.up.{level}.upsample.conv"] = (f"decoder.up_blocks.{i}.upsamplers.0.conv", LEAF)
     return table
+
+
+# diffusers before 0.14 named the VAE mid-block attention query/key/value/proj_attn.
+_OLD_VAE_ATTENTION = re.compile(r"(\.mid_block\.attentions\.0\.)(query|key|value|proj_attn)\.")
+_NEW_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def current_vae_name(name):
+    """Today's diffusers name of a diffusers AutoencoderKL tensor name, old attention names renamed."""
+    return _OLD_VAE_ATTENTION.sub(lambda m: m.group(1) + _NEW_VAE_ATTENTION[m.group(2)] + ".", name)
 
 
 def invert(table):

@@ -1,5 +1,6 @@
 """One entry point for pretrained Stable Diffusion weights: a diffusers folder or a single file."""
 import dataclasses
+import logging
 import os
 import tempfile
 
@@ -15,6 +16,11 @@ from sdjax.weights.convert import to_params
 from sdjax.weights.errors import WeightLoadError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# AutoencoderKL config keys that change the computation, not only the tensor shapes.
+_VAE_ARCHITECTURE = ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                     "latent_channels", "norm_num_groups", "act_fn", "mid_block_add_attention",
+                     "use_quant_conv", "use_post_quant_conv")
+log = logging.getLogger("sdjax")
 
 
 @dataclasses.dataclass
@@ -58,11 +64,11 @@ def load_folder(path, variant=None):
     return modules, params, tokenizer, diffusers.read_scheduler(path)
 
 
-def load_single_file(path, config_name=None):
+def load_single_file(path, config_name=None, use_ema=None):
     """(modules, params, tokenizer, scheduler config) of an original CompVis/Stability checkpoint."""
     tensors = single_file.read_checkpoint(path)
     configs = single_file.infer_configs(tensors, config_name)
-    parts = single_file.split_original(tensors)
+    parts = single_file.split_original(tensors, use_ema)
     modules, params = {}, {}
     for kind in diffusers.KINDS:
         modules[kind] = registry.build(kind, configs[kind])
@@ -72,21 +78,50 @@ def load_single_file(path, config_name=None):
     return modules, params, load_tokenizer(folder), configs["scheduler"]
 
 
-def load_pretrained(path, dtype="float32", config_name=None, variant=None):
+def load_vae(path, module):
+    """Params for the VAE `module` from a diffusers VAE folder or a single file (diffusers or ldm names).
+
+    The model's VAE config (scaling_factor etc.) is kept; a folder's config.json must agree
+    on the architecture, and a file's tensors on the shapes.
+    """
+    if os.path.isdir(path):
+        folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
+        config = diffusers.read_json(os.path.join(folder, "config.json"))
+        config, mine = registry.config_of(registry.build("vae", config)), registry.config_of(module)
+        wrong = [f"{k} = {config[k]!r} (the model's: {mine[k]!r})"
+                 for k in _VAE_ARCHITECTURE if config[k] != mine[k]]
+        if wrong:
+            raise WeightLoadError(f"VAE {folder} does not fit the model's VAE: {'; '.join(wrong)}")
+        if config["scaling_factor"] != mine["scaling_factor"]:
+            log.warning("VAE %s: scaling_factor %s, keeping the model's %s", folder,
+                        config["scaling_factor"], mine["scaling_factor"])
+        tensors = diffusers.read_component_tensors(folder, "vae")
+    else:
+        tensors = single_file.split_vae(single_file.read_checkpoint(path))
+    return to_params(f"VAE {path}", tensors, registry.param_shapes("vae", module))
+
+
+def load_pretrained(path, dtype="float32", config_name=None, variant=None, use_ema=None, vae=None):
     """Load a diffusers folder or a single-file checkpoint (.safetensors, .ckpt) into a Pretrained.
 
     config_name picks the architecture of a single file where shapes cannot tell (e.g. "sd21"
-    for v-prediction); variant picks e.g. "fp16" weight files in a diffusers folder.
+    for v-prediction); variant picks e.g. "fp16" weight files in a diffusers folder; use_ema
+    (single files) None takes a training checkpoint's EMA UNet when it has one, False the raw one;
+    vae replaces the VAE weights (see load_vae).
     """
     dtype = _dtype(dtype)
+    if os.path.isdir(path) and use_ema is not None:
+        raise ValueError("use_ema applies to single-file checkpoints; a diffusers folder has one UNet")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "model_index.json")) and not os.path.isdir(os.path.join(path, "unet")):
             raise WeightLoadError(f"{path} is not a diffusers folder: no model_index.json and no unet/ inside")
         modules, params, tokenizer, scheduler = load_folder(path, variant)
     elif os.path.isfile(path):
-        modules, params, tokenizer, scheduler = load_single_file(path, config_name)
+        modules, params, tokenizer, scheduler = load_single_file(path, config_name, use_ema)
     else:
         raise WeightLoadError(f"model not found: {path} (expected a diffusers folder or a .safetensors/.ckpt file)")
+    if vae is not None:
+        params["vae"] = load_vae(vae, modules["vae"])
     modules, params = _with_dtype(modules, params, dtype)
     return Pretrained(modules, params, tokenizer, scheduler, os.path.abspath(path))
 

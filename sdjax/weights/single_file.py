@@ -2,8 +2,10 @@
 
 `split_original` renames the tensors into the diffusers / transformers names of the three
 components (then `convert.to_params` applies), `infer_configs` gives their config.json dicts
-from tensor shapes, and `to_original` is the inverse of `split_original`.
+from tensor shapes, and `to_original` is the inverse of `split_original`. `split_vae` reads a
+standalone VAE file (diffusers or ldm names).
 """
+import logging
 import re
 
 import numpy as np
@@ -33,6 +35,8 @@ VARIANTS = {
     "sd2-inpainting": ("sd2", "epsilon", 512, False, True),
 }
 SD2_BASE_GLOBAL_STEP = 875000  # diffusers' tell for SD 2.0-base (epsilon, 512) among SD2 files
+EMA_PREFIX = "model_ema.diffusion_model"  # LitEma's UNet copy: the name without 'model.' and dots
+log = logging.getLogger("sdjax")
 
 
 def read_checkpoint(path):
@@ -84,11 +88,20 @@ def _rename_all(tensors, table, prefix, unused):
     return out
 
 
-def _ema(state_dict, unet):
-    """UNet tensors from LitEma's copy, stored as `model_ema.` + the name without 'model.' and dots."""
-    if not any(k.startswith("model_ema.") for k in state_dict):
+def _unet_weights(state_dict, unet, use_ema):
+    """The UNet tensors to load: LitEma's copy (`model_ema.*`) or the raw `model.diffusion_model.*`.
+
+    use_ema None takes the EMA copy when the file has one (the original configs' use_ema=True).
+    """
+    has_ema = any(k.startswith(EMA_PREFIX) for k in state_dict)
+    if use_ema and not has_ema:
         raise WeightLoadError("use_ema=True but the checkpoint has no EMA weights (model_ema.*); "
                               "'ema-only' files already hold them under model.diffusion_model.*")
+    if not has_ema or use_ema is False:
+        why = "use_ema=False; the EMA copy model_ema.* is ignored" if has_ema else "no EMA copy in the file"
+        log.info("UNet: %s* as stored (%s)", names.UNET_PREFIX, why)
+        return unet
+    log.info("UNet: EMA weights model_ema.* (use_ema=False takes the raw %s*)", names.UNET_PREFIX)
     keys = {n: "model_ema." + ("diffusion_model." + n).replace(".", "") for n in unet}
     check_names("UNet EMA weights", {k for k in keys.values() if k not in state_dict}, set())
     return {n: state_dict[k] for n, k in keys.items()}
@@ -124,30 +137,57 @@ def _text_tensors(text, unused):
     return out
 
 
-def split_original(state_dict, use_ema=False):
+def split_original(state_dict, use_ema=None):
     """{"unet" | "vae" | "text_encoder": {diffusers/transformers name: np.ndarray}} of an original file.
 
-    use_ema takes the UNet from the `model_ema.*` copy; off by default, as in diffusers'
-    from_single_file (extract_ema=False). Keys outside the model prefixes (noise-schedule
-    buffers, EMA bookkeeping, global_step) are ignored; tensors under them that no rule maps
-    raise a WeightLoadError listing them.
+    use_ema: None takes the UNet from the `model_ema.*` copy when there is one, True requires
+    it, False takes the raw weights. Keys outside the model prefixes (noise-schedule buffers,
+    EMA bookkeeping, global_step) are ignored; tensors under them that no rule maps raise a
+    WeightLoadError listing them.
     """
     unet, vae, text = _components(state_dict)
-    if use_ema:
-        unet = _ema(state_dict, unet)
+    return _rename_parts(_unet_weights(state_dict, unet, use_ema), vae, text)
+
+
+def _rename_parts(unet, vae, text):
     unused = []
     parts = {
         "unet": _rename_all(unet, names.unet_table(*names.unet_layout_original(set(unet))),
                             names.UNET_PREFIX, unused),
-        "vae": _rename_all(vae, names.vae_table(*names.vae_layout_original(set(vae))),
-                           names.VAE_PREFIX, unused),
+        "vae": _vae_tensors(vae, names.VAE_PREFIX, unused),
         "text_encoder": _text_tensors(text, unused),
     }
     check_names("original checkpoint", set(), set(unused))
-    for name, array in parts["vae"].items():  # 1x1 conv -> Linear in the mid-block attention
-        if ".mid_block.attentions.0.to_" in name and array.ndim == 4:
-            parts["vae"][name] = array[:, :, 0, 0]
     return parts
+
+
+def _vae_tensors(vae, prefix, unused):
+    """diffusers-named AutoencoderKL tensors of ldm's (unprefixed) Encoder/Decoder names."""
+    out = _rename_all(vae, names.vae_table(*names.vae_layout_original(set(vae))), prefix, unused)
+    for name, array in out.items():  # 1x1 conv -> Linear in the mid-block attention
+        if ".mid_block.attentions.0.to_" in name and array.ndim == 4:
+            out[name] = array[:, :, 0, 0]
+    return out
+
+
+def split_vae(tensors):
+    """diffusers-named AutoencoderKL tensors of a standalone VAE file, diffusers- or ldm-named.
+
+    ldm files (e.g. vae-ft-mse-840000-ema-pruned) hold encoder.*, decoder.*, quant_conv.*,
+    post_quant_conv.* (`first_stage_model.` prefixed or not); their other keys (loss.*,
+    model_ema.*) are ignored.
+    """
+    if any(k.startswith(names.VAE_PREFIX) for k in tensors):
+        tensors = _sub(tensors, names.VAE_PREFIX)
+    if any(k.startswith("encoder.down_blocks.") for k in tensors):
+        return {names.current_vae_name(k): v for k, v in tensors.items()}
+    vae = {k: v for k, v in tensors.items() if k.startswith(names.VAE_MODULES)}
+    if not vae:
+        raise WeightLoadError(f"not a VAE: no encoder.*/decoder.* tensors among its {len(tensors)} keys")
+    unused = []
+    out = _vae_tensors(vae, "", unused)
+    check_names("original VAE", set(), set(unused))
+    return out
 
 
 def to_original(parts, text_format="clip"):
@@ -275,7 +315,7 @@ def infer_configs(state_dict, name=None):
     `global_step` is 875000 (SD 2.0-base), as diffusers guesses. So pass name="sd21-base"
     for SD2.x-base files.
     """
-    parts = split_original(state_dict)
+    parts = _rename_parts(*_components(state_dict))  # shapes only: raw or EMA UNet alike
     sd2 = any(k.startswith(names.OPEN_CLIP_PREFIX) for k in state_dict)
     step = state_dict.get("global_step")
     step = int(step) if step is not None and np.ndim(step) == 0 else None
