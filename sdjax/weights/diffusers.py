@@ -66,35 +66,28 @@ def _weight_file(folder, kind, variant):
 
 
 def read_component_tensors(folder, kind, variant=None):
-    """{torch name: np.ndarray} of one component folder (sharded or not)."""
+    """{torch name: np.ndarray} of one component folder (sharded or not), under today's names."""
     path = _weight_file(folder, kind, variant)
     if not path.endswith(".json"):
-        return read_tensors(path)
+        return current_names(kind, read_tensors(path))
     tensors = {}
     for shard in sorted(set(read_json(path)["weight_map"].values())):
         tensors.update(read_tensors(os.path.join(folder, shard)))
-    return tensors
+    return current_names(kind, tensors)
 
 
-def _current_names(kind, tensors):
+def current_names(kind, tensors):
     """Tensor names of older writers renamed to today's (diffusers renames them on load too).
 
     transformers >= 5 saves CLIPTextModel without the `text_model.` prefix; older files have it.
-    The VAE's old attention names become to_q/to_k/to_v/to_out.0, 1x1-conv-shaped kernels Linear.
+    diffusers < 0.15 named the VAE's mid-block attention layers query/key/value/proj_attn.
     """
     if kind == "text_encoder" and not any(k.startswith("text_model.") for k in tensors):
         return {f"text_model.{k}": v for k, v in tensors.items()}
     if kind != "vae":
         return tensors
-    out = {}
-    for name, array in tensors.items():
-        m = _OLD_VAE_ATTENTION.match(name)
-        if m:
-            name = f"{m.group(1)}.{_NEW_VAE_ATTENTION[m.group(2)]}.{name[m.end():]}"
-        if ".mid_block.attentions.0.to_" in name and array.ndim == 4:
-            array = array[:, :, 0, 0]
-        out[name] = array
-    return out
+    rename = lambda m: f"{m.group(1)}.{_NEW_VAE_ATTENTION[m.group(2)]}."  # noqa: E731
+    return {_OLD_VAE_ATTENTION.sub(rename, k): v for k, v in tensors.items()}
 
 
 def load_component(root, kind, dtype=np.float32, variant=None):
@@ -102,7 +95,7 @@ def load_component(root, kind, dtype=np.float32, variant=None):
     folder = os.path.join(root, kind)
     config = read_json(os.path.join(folder, "config.json"))
     module = registry.build(kind, config)
-    params = to_params(kind, _current_names(kind, read_component_tensors(folder, kind, variant)),
+    params = to_params(kind, read_component_tensors(folder, kind, variant),
                        registry.param_shapes(kind, module), dtype=dtype)
     return module, params
 

@@ -129,16 +129,6 @@ def vae_table(levels, layers_per_block):
     return table
 
 
-# diffusers before 0.14 named the VAE mid-block attention query/key/value/proj_attn.
-_OLD_VAE_ATTENTION = re.compile(r"(\.mid_block\.attentions\.0\.)(query|key|value|proj_attn)\.")
-_NEW_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def current_vae_name(name):
-    """Today's diffusers name of a diffusers AutoencoderKL tensor name, old attention names renamed."""
-    return _OLD_VAE_ATTENTION.sub(lambda m: m.group(1) + _NEW_VAE_ATTENTION[m.group(2)] + ".", name)
-
-
 def invert(table):
     """The table for the other direction: {diffusers prefix: (original prefix, renames reversed)}."""
     return {new: (old, {v: k for k, v in renames.items()}) for old, (new, renames) in table.items()}

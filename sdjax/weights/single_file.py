@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 
+from sdjax.weights import diffusers
 from sdjax.weights import ldm_names as names
 from sdjax.weights.errors import WeightLoadError, check_names
 from sdjax.weights.files import read_tensors
@@ -180,7 +181,7 @@ def split_vae(tensors):
     if any(k.startswith(names.VAE_PREFIX) for k in tensors):
         tensors = _sub(tensors, names.VAE_PREFIX)
     if any(k.startswith("encoder.down_blocks.") for k in tensors):
-        return {names.current_vae_name(k): v for k, v in tensors.items()}
+        return diffusers.current_names("vae", tensors)
     vae = {k: v for k, v in tensors.items() if k.startswith(names.VAE_MODULES)}
     if not vae:
         raise WeightLoadError(f"not a VAE: no encoder.*/decoder.* tensors among its {len(tensors)} keys")
@@ -330,8 +331,5 @@ def infer_configs(state_dict, name=None):
                               f"the text encoder width {text_cfg['hidden_size']}")
     unet_cfg.update(sample_size=size // 2 ** (len(vae_cfg["block_out_channels"]) - 1),
                     upcast_attention=upcast)
-    scheduler = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-                 "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
-                 "prediction_type": prediction, "steps_offset": 1, "set_alpha_to_one": False,
-                 "clip_sample": False, "skip_prk_steps": True, "timestep_spacing": "leading"}
+    scheduler = {**diffusers.SD_SCHEDULER, "prediction_type": prediction}
     return {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg, "scheduler": scheduler}
