@@ -4,7 +4,7 @@ import pickle
 
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from sdjax.weights.errors import WeightLoadError
 
@@ -31,10 +31,13 @@ def _read_pickle(path):
             ".safetensors release of the checkpoint, which does not") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:  # torch's message is a page long: say it in one line
         raise WeightLoadError(
-            f"{path}: holds Python objects besides tensors (training state?), which are not "
-            f"unpickled for safety; use a pruned or .safetensors checkpoint. ({e})") from None
+            f"{path}: holds Python objects besides tensors (training state?), which are not unpickled "
+            "for safety, or is corrupt; use a pruned or .safetensors checkpoint") from None
+    except (RuntimeError, EOFError, OSError, KeyError) as e:  # what torch.load raises on a cut or garbled file
+        raise WeightLoadError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt "
+                              f"({_why(e)})") from None
     step = obj.get("global_step") if isinstance(obj, dict) else None
     while isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
@@ -45,12 +48,21 @@ def _read_pickle(path):
     return out
 
 
+def _why(e):
+    """`Type: first sentence` of an exception: torch's messages run to a paragraph."""
+    first = (str(e).splitlines() or [""])[0].split(". ")[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def read_tensors(path):
     """{name: np.ndarray} from a .safetensors file or (with torch) a .bin/.ckpt/.pt pickle."""
     if not os.path.isfile(path):
         raise WeightLoadError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
-        return _read_safetensors(path)
+        try:
+            return _read_safetensors(path)
+        except SafetensorError as e:
+            raise WeightLoadError(f"{path}: not a readable .safetensors file, truncated or corrupt ({e})") from None
     if path.endswith((".bin", ".ckpt", ".pt", ".pth")):
         return _read_pickle(path)
     raise WeightLoadError(f"{path}: unknown weights format (expected .safetensors, .bin, .ckpt or .pt)")
