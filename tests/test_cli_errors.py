@@ -1,9 +1,11 @@
-"""Bad input to sample.py ends in one line naming what is wrong, not a traceback.
+"""Bad input to sample.py / train.py ends in one line naming what is wrong, not a traceback.
 
-In-process `main(argv)`: every case fails before a compile.
+In-process `main(argv)` everywhere (every case fails before a compile), except one train.py run
+in a subprocess with 2 CPU devices: the indivisible batch, and the real interpreter's stderr.
 """
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sample  # noqa: E402
+import train  # noqa: E402
 from sdjax.pipeline import StableDiffusion  # noqa: E402
 
 
@@ -103,3 +106,39 @@ def test_sample_refuses_non_finite_numbers(torch_folder, capsys):
     assert sd.compile_count == 0
     with pytest.raises(SystemExit, match="unknown sampler"):  # library ValueErrors reach the CLI's one line
         sample.main(["--model", torch_folder[1], "--prompt", "a", "--sampler", "nope"])
+
+
+def train_error(tmp_path, overrides, capsys, monkeypatch):
+    """train.py's exit message with the config's fields set as `--config.key=value` would set them."""
+    from absl import flags
+    argv = ["train.py", f"--config={ROOT}/configs/train_tiny.py", f"--workdir={tmp_path / 'run'}"]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags defines --config.x flags from sys.argv: none here,
+    flags.FLAGS(argv)                       # so re-parsing (a fresh config each time) defines nothing twice
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = flags.FLAGS.config
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return _one_line_exit("train.py", train.main, ["train.py"], capsys)
+
+
+def test_train_bad_config_and_data(tmp_path, capsys, monkeypatch):
+    fails = lambda **overrides: train_error(tmp_path, overrides, capsys, monkeypatch)  # noqa: E731
+    msg = fails(**{"data.source": "folder", "data.path": str(tmp_path / "missing")})
+    assert "needs a folder of images" in msg and str(tmp_path / "missing") in msg
+    msg = fails(**{"data.source": "jsonl", "data.path": str(tmp_path / "x.jsonl")})
+    assert "x.jsonl" in msg
+    msg = fails(**{"batch_size": 3, "optimizer.grad_accum_steps": 2})
+    assert "grad_accum_steps=2 must divide batch_size=3" in msg
+    msg = fails(pretrained=str(tmp_path / "no_model"))
+    assert "no_model" in msg
+    assert not os.path.exists(tmp_path / "run")  # each failed before anything was set up
+
+
+def test_train_batch_not_divisible_by_devices(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "train.py", "--config=configs/train_tiny.py", f"--workdir={tmp_path}",
+                           "--config.batch_size=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "train.py: train config: batch_size=3 must be a multiple of the 2 devices" in proc.stderr
