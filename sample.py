@@ -4,6 +4,7 @@
     python sample.py --model path/to/sd-v1-5 --prompt "an astronaut riding a horse" --steps 30
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -12,17 +13,24 @@ from sdjax import host_memory
 from sdjax.demo import DEMO_MODEL
 
 
+def finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: the bundled demo model)")
     p.add_argument("--config-name", default=None, help="architecture of a single file when shapes can't tell (sd15, sd21, sd21-base, ...)")
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=finite_float, default=7.5)
     p.add_argument("--sampler", default="dpmpp_2m")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta")
     p.add_argument("--seed", type=int, default=0, help="image i of the run uses seed + i")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--height", type=int, default=None)
@@ -30,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--init-image", help="img2img / inpainting source image")
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
-    p.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.8; 1.0 for inpainting)")
+    p.add_argument("--strength", type=finite_float, default=None,
+                   help="img2img strength in (0, 1] (default 0.8; 1.0 for inpainting)")
     p.add_argument("--out", default="outputs")
     p.add_argument("--grid", action="store_true", help="also write all images as one grid.png")
     return p.parse_args(argv)
@@ -38,35 +47,42 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:  # bad input (WeightLoadError is a ValueError); bugs still trace back
+        sys.exit(f"sample.py: {e}")
+
+
+def run(args):
     prompts = list(args.prompt)
     if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise FileNotFoundError(f"--prompts-file: no such file: {args.prompts_file}")
         with open(args.prompts_file) as f:
             prompts += [line.strip() for line in f if line.strip()]
     if not prompts:
-        sys.exit("sample.py: give at least one --prompt (or --prompts-file)")
+        raise ValueError("give at least one --prompt (or --prompts-file)")
     model = args.model or DEMO_MODEL
     if not os.path.exists(model):
-        sys.exit(f"sample.py: model not found: {model}" + ("" if args.model else
-                 " (the bundled demo model is not in this install; pass --model PATH)"))
+        raise FileNotFoundError(f"model not found: {model}" + ("" if args.model else
+                                " (the bundled demo model is not in this install; pass --model PATH)"))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"--out {args.out} is a file; give a folder for the images")
 
-    from PIL import Image
-    from sdjax.images import make_grid, save_png
+    from sdjax.images import make_grid, open_image, save_png
     from sdjax.pipeline import StableDiffusion
 
+    image = open_image(args.init_image, "--init-image") if args.init_image else None  # before the slow load
+    mask = open_image(args.mask, "--mask") if args.mask else None
     t0 = time.perf_counter()
     sd = StableDiffusion.load(model, dtype=args.dtype, config_name=args.config_name)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s")
     host_memory.release_freed_memory()  # the file buffers of loading
-    image = Image.open(args.init_image) if args.init_image else None
-    mask = Image.open(args.mask) if args.mask else None
     strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.8)
-    try:
-        images = sd.generate(
-            prompts, negative_prompt=args.negative_prompt, num_steps=args.steps, guidance_scale=args.guidance,
-            sampler=args.sampler, seed=args.seed, height=args.height, width=args.width, eta=args.eta,
-            image=image, mask=mask, strength=strength, num_images_per_prompt=args.num_images)
-    except ValueError as e:
-        sys.exit(f"sample.py: {e}")
+    images = sd.generate(
+        prompts, negative_prompt=args.negative_prompt, num_steps=args.steps, guidance_scale=args.guidance,
+        sampler=args.sampler, seed=args.seed, height=args.height, width=args.width, eta=args.eta,
+        image=image, mask=mask, strength=strength, num_images_per_prompt=args.num_images)
     t = sd.last_timings
     print(f"compile {t.get('compile_sample', 0.0):.1f} s, sampling {t['sample']:.2f} s "
           f"({t['sample'] / args.steps:.3f} s/step for {len(images)} image(s))")

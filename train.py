@@ -37,11 +37,11 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         loop.train(_CONFIG.value, _WORKDIR.value)
-    except loop.TrainingDiverged as e:
+        if _EXPORT.value and jax.process_index() == 0:
+            export(_WORKDIR.value, _EXPORT.value)
+            logging.getLogger("sdjax").info("exported to %s", _EXPORT.value)
+    except (ValueError, OSError, loop.TrainingDiverged) as e:  # bad config, data or weights; bugs trace back
         sys.exit(f"train.py: {e}")
-    if _EXPORT.value and jax.process_index() == 0:
-        export(_WORKDIR.value, _EXPORT.value)
-        logging.getLogger("sdjax").info("exported to %s", _EXPORT.value)
 
 
 if __name__ == "__main__":

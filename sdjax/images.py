@@ -1,9 +1,23 @@
-"""Writing generated images: PNGs with their generation settings as text metadata, and grids."""
+"""A user's images in; generated images out: PNGs with their settings as text metadata, and grids."""
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
+
+
+def open_image(path, what="image"):
+    """The PIL image in `path`, decoded now; FileNotFoundError / ValueError naming `what` and the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no such file: {path}")
+    try:
+        image = Image.open(path)
+        image.load()  # a truncated file fails here, not halfway through a run
+    except UnidentifiedImageError:
+        raise ValueError(f"{what}: {path} is not an image Pillow can read") from None
+    except OSError as e:
+        raise ValueError(f"{what}: {path} cannot be decoded ({e})") from None
+    return image
 
 
 def save_png(image, path, metadata):

@@ -128,7 +128,12 @@ class StableDiffusion:
 
     # ---- generation ----
 
-    def _validate(self, num_steps, sampler, height, width, strength, image, mask):
+    def _validate(self, num_steps, sampler, height, width, strength, image, mask,
+                  guidance_scale=0.0, guidance_rescale=0.0, eta=0.0):
+        numbers = dict(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, strength=strength)
+        for name, value in numbers.items():  # NaN passes every comparison below; it would sample NaN images
+            if not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         f = self.vae_scale_factor
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
@@ -169,7 +174,8 @@ class StableDiffusion:
         f = self.vae_scale_factor
         height = height or self.unet.sample_size * f
         width = width or self.unet.sample_size * f
-        self._validate(num_steps, sampler, height, width, strength, image, mask)
+        self._validate(num_steps, sampler, height, width, strength, image, mask,
+                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta)
         shape = (n, height // f, width // f, self.latent_channels)
         if latents is not None and tuple(np.shape(latents)) != shape:
             raise ValueError(f"latents must have shape {shape} (N, H/{f}, W/{f}, C), got {np.shape(latents)}")

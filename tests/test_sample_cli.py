@@ -1,9 +1,10 @@
-"""sample.py: the images it writes are the API's images, with their settings in the PNG metadata."""
+"""sample.py: the images it writes are the API's images, with their settings in the PNG metadata.
+
+Its errors on bad input: tests/test_cli_errors.py."""
 import os
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,9 +34,3 @@ def test_sample_cli_writes_the_api_images(torch_folder, tmp_path, capsys):
         assert meta["model"] == os.path.basename(folder)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "grid.png")), make_grid(expected))
 
-
-def test_sample_cli_clear_errors(tmp_path, torch_folder):
-    with pytest.raises(SystemExit, match="model not found"):
-        sample.main(["--model", str(tmp_path / "nope"), "--prompt", "a"])
-    with pytest.raises(SystemExit, match="unknown sampler"):
-        sample.main(["--model", torch_folder[1], "--prompt", "a", "--sampler", "nope"])

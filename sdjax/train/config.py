@@ -39,11 +39,11 @@ def check(config):
 
 def check_batch(config, num_devices, process_count):
     """The batch must split evenly over processes and, per micro-batch, over devices."""
-    micro = config.batch_size // config.optimizer.grad_accum_steps
-    _require(config.batch_size % process_count == 0,
-             f"batch_size={config.batch_size} must be a multiple of the {process_count} processes")
-    _require(micro % num_devices == 0,
-             f"batch_size / grad_accum_steps = {micro} must be a multiple of the {num_devices} devices")
+    b, k = config.batch_size, config.optimizer.grad_accum_steps
+    _require(b % process_count == 0, f"batch_size={b} must be a multiple of the {process_count} processes")
+    micro = f"batch_size={b}" if k == 1 else f"batch_size / grad_accum_steps = {b} / {k} = {b // k}"
+    _require((b // k) % num_devices == 0,
+             f"{micro} must be a multiple of the {num_devices} devices (each takes an equal share of the batch)")
 
 
 def compute_dtype(config):

@@ -34,6 +34,14 @@ def pipeline_iterator(config, tokenizer, batch_size, seed, process_index, proces
     return make_iterator(config.data, tokenizer, batch_size, seed, process_index, process_count)
 
 
+def check_data(data_config):
+    """ValueError / FileNotFoundError for a bad `config.data` (e.g. a missing folder), before anything slow."""
+    from sdjax.data import captions, pipeline
+    cfg = pipeline.resolve_config(data_config)
+    if cfg.source != "shapes":
+        captions.captions_config(cfg.path, cfg.source)
+
+
 @dataclasses.dataclass
 class Run:
     """Everything set up for training: the compiled step and what it runs on."""
@@ -61,6 +69,8 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices)
     pindex, pcount = jax.process_index(), jax.process_count()
     config_lib.check_batch(config, mesh.size, pcount)
+    if make_data is pipeline_iterator:  # tests' fake data have no data config to check
+        check_data(config.data)
     pre = pretrained or (autoencoder.load if ae else components.load)(config)
     if not ae:
         config = components.resolved(config, pre.scheduler)

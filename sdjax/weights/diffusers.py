@@ -36,10 +36,13 @@ def read_json(path):
     if not os.path.isfile(path):
         raise WeightLoadError(f"missing file: {path}")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError of a binary file
         raise WeightLoadError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise WeightLoadError(f"{path}: expected a JSON object {{...}}, found a {type(obj).__name__}")
+    return obj
 
 
 def with_variant(name, variant):
@@ -93,6 +96,9 @@ def current_names(kind, tensors):
 def load_component(root, kind, dtype=np.float32, variant=None):
     """(module, params) of `kind` from `root/kind/{config.json, weights}`."""
     folder = os.path.join(root, kind)
+    if not os.path.isdir(folder):
+        raise WeightLoadError(f"{root}: no {kind}/ folder (a diffusers folder holds "
+                              f"{', '.join(k + '/' for k in KINDS)}); found {sorted(os.listdir(root))}")
     config = read_json(os.path.join(folder, "config.json"))
     module = registry.build(kind, config)
     params = to_params(kind, read_component_tensors(folder, kind, variant),
