@@ -24,6 +24,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: the bundled demo model)")
     p.add_argument("--config-name", default=None, help="architecture of a single file when shapes can't tell (sd15, sd21, sd21-base, ...)")
+    p.add_argument("--variant", default=None, help="weight files of a diffusers folder: fp16, non_ema, ema, ...")
+    p.add_argument("--vae", default=None, help="replacement VAE: a diffusers VAE folder or a .safetensors/.ckpt file")
+    p.add_argument("--raw-weights", action="store_true", help="single-file training checkpoints: the raw U-Net, not its EMA")
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--negative-prompt", default=None)
@@ -75,7 +78,8 @@ def run(args):
     image = open_image(args.init_image, "--init-image") if args.init_image else None  # before the slow load
     mask = open_image(args.mask, "--mask") if args.mask else None
     t0 = time.perf_counter()
-    sd = StableDiffusion.load(model, dtype=args.dtype, config_name=args.config_name)
+    sd = StableDiffusion.load(model, dtype=args.dtype, config_name=args.config_name, variant=args.variant,
+                              vae=args.vae, use_ema=False if args.raw_weights else None)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s")
     host_memory.release_freed_memory()  # the file buffers of loading
     strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.8)

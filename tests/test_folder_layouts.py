@@ -220,3 +220,20 @@ def test_karras_sigmas_from_the_config_sample_as_diffusers(torch_folder, tmp_pat
     effect = np.abs(_images(sd, "dpmpp_2m", latents, use_karras_sigmas=False) - ref).mean()
     print(f"karras from config: mean abs diff {err:.2e}, without karras {effect:.2e}")
     assert err <= 1e-5 and effect > 20 * err, (err, effect)
+
+
+def test_sample_cli_variant(variant_folder, tmp_path):
+    """sample.py --variant writes the images of load(path, variant=...), which differ from the main files'."""
+    import sys
+    from PIL import Image
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import sample
+    kw = dict(num_steps=2, guidance_scale=3.0, sampler="ddim", seed=1, height=SIZE, width=SIZE, progress=False)
+    sample.main(["--model", variant_folder, "--variant", "non_ema", "--prompt", PROMPT, "--steps", "2",
+                 "--guidance", "3", "--sampler", "ddim", "--seed", "1", "--height", str(SIZE), "--width", str(SIZE),
+                 "--out", str(tmp_path)])
+    got = np.asarray(Image.open(tmp_path / "0000-seed1.png"))
+    want = StableDiffusion.load(variant_folder, variant="non_ema").generate(PROMPT, **kw)[0]
+    main = StableDiffusion.load(variant_folder).generate(PROMPT, **kw)[0]
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got.astype(int) - main).mean() > 1
