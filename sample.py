@@ -33,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=finite_float, default=7.5)
     p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--clip-skip", type=int, default=0, help="condition on the text encoder's layer this many before the last")
     p.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta")
     p.add_argument("--seed", type=int, default=0, help="image i of the run uses seed + i")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -86,7 +87,7 @@ def run(args):
     images = sd.generate(
         prompts, negative_prompt=args.negative_prompt, num_steps=args.steps, guidance_scale=args.guidance,
         sampler=args.sampler, seed=args.seed, height=args.height, width=args.width, eta=args.eta,
-        image=image, mask=mask, strength=strength, num_images_per_prompt=args.num_images)
+        image=image, mask=mask, strength=strength, clip_skip=args.clip_skip, num_images_per_prompt=args.num_images)
     t = sd.last_timings
     print(f"compile {t.get('compile_sample', 0.0):.1f} s, sampling {t['sample']:.2f} s "
           f"({t['sample'] / args.steps:.3f} s/step for {len(images)} image(s))")

@@ -49,10 +49,24 @@ def to_mask_array(mask, height, width):
     return (np.asarray(mask, np.float32) / 255 >= 0.5).astype(np.float32)
 
 
+SEEDS = 2 ** 32  # seeds are 0 .. 2^32 - 1, as UIs write them
+NOISE_KINDS = ("initial", "steps", "image", "masked_image")
+
+
 def image_keys(seed, n):
-    """Keys of images seed..seed+n-1: (initial-noise keys [n], per-iteration noise keys [n])."""
-    keys = jax.vmap(lambda i: jax.random.split(jax.random.key(i)))(jnp.arange(seed, seed + n))
-    return keys[:, 0], keys[:, 1]
+    """Keys of images seed..seed+n-1 by purpose: {kind: [n] keys} for kind in NOISE_KINDS (modulo 2^32).
+
+    initial: the starting noise; steps: the per-iteration noise (folded with the iteration); image /
+    masked_image: the VAE posterior samples of img2img and inpainting. Seed s gives jax.random.key(s).
+    """
+    seeds = jnp.asarray((np.arange(n, dtype=np.uint64) + np.uint64(seed)) % SEEDS, jnp.uint32)
+
+    def per_image(s):
+        root = jax.random.key(s)
+        initial, steps = jax.random.split(root)
+        image, masked = jax.random.split(jax.random.fold_in(root, 1))
+        return dict(initial=initial, steps=steps, image=image, masked_image=masked)
+    return jax.vmap(per_image)(seeds)
 
 
 class StableDiffusion:
@@ -98,23 +112,26 @@ class StableDiffusion:
         """Put a batch-leading array on all local devices along the batch axis."""
         return jax.device_put(x, NamedSharding(self.mesh, P("data")))
 
-    def encode_prompts(self, prompts):
-        """list of str -> text embeddings [B, 77, D] (the text encoder's last hidden state)."""
+    def encode_prompts(self, prompts, clip_skip=0):
+        """list of str -> text embeddings [B, 77, D]: the final-normed output of the text encoder's last layer,
+        or, with clip_skip=k, of the layer k before it (diffusers' clip_skip)."""
         ids, truncated = tokenize(self.tokenizer, prompts, self.text_encoder.max_position_embeddings)
         if truncated:
             log.warning("a prompt is longer than %d tokens and was truncated (as the reference does)",
                         self.text_encoder.max_position_embeddings)
-        fn = lambda p, i: self.text_encoder.apply({"params": p}, i)["last_hidden_state"]  # noqa: E731
-        return self._run("text", fn, self.params["text_encoder"], jnp.asarray(ids))
+        fn = lambda p, i: self.text_encoder.apply({"params": p}, i, clip_skip)["last_hidden_state"]  # noqa: E731
+        return self._run("text", fn, self.params["text_encoder"], jnp.asarray(ids), static=(clip_skip,))
 
-    def encode_images(self, images):
-        """[B,H,W,3] in [-1, 1] -> scaled latents [B,H/f,W/f,c] (the posterior mean)."""
+    def encode_images(self, images, noise=None):
+        """[B,H,W,3] in [-1, 1] -> scaled latents [B,H/f,W/f,c]: the posterior mean, or with unit `noise`
+        [B,H/f,W/f,c] the posterior sample mean + std * noise (diffusers' retrieve_latents)."""
         vae = self.vae
 
-        def fn(p, x):
-            z = vae.apply({"params": p}, x.astype(vae.dtype), method=AutoencoderKL.encode).mean
+        def fn(p, x, noise):
+            d = vae.apply({"params": p}, x.astype(vae.dtype), method=AutoencoderKL.encode)
+            z = d.mean if noise is None else d.mean + d.std * noise.astype(d.mean.dtype)
             return (z - (vae.shift_factor or 0.0)) * vae.scaling_factor
-        return self._run("vae_encode", fn, self.params["vae"], jnp.asarray(images, jnp.float32))
+        return self._run("vae_encode", fn, self.params["vae"], jnp.asarray(images, jnp.float32), noise)
 
     def decode_latents(self, latents):
         """Scaled latents [B,h,w,c] -> images float32 [B,H,W,3] in [0, 1]."""
@@ -155,13 +172,16 @@ class StableDiffusion:
 
     def generate(self, prompt, negative_prompt=None, num_steps=50, guidance_scale=7.5, sampler="ddim",
                  seed=0, height=None, width=None, latents=None, eta=0.0, image=None, mask=None,
-                 strength=0.8, guidance_rescale=0.0, num_images_per_prompt=1, output_type="uint8",
-                 progress=True, **sampler_options):
+                 strength=0.8, guidance_rescale=0.0, num_images_per_prompt=1, clip_skip=0, sample_posterior=True,
+                 noise=None, output_type="uint8", progress=True, **sampler_options):
         """Images for `prompt` (str or list): uint8 [N, H, W, 3] (or float32 in [0, 1] with output_type="np").
 
-        Image i of the batch is drawn from seed `seed + i`, so it is the same picture alone or in a batch.
-        latents: the initial unit-variance noise [N, H/f, W/f, c] instead of drawing it (diffusers' `latents=`).
-        image (+ mask, white = repaint): img2img with `strength`, or inpainting.
+        Image i of the batch is drawn from seed `seed + i` (seeds in [0, 2^32)), so it is the same picture
+        alone or in a batch. image (+ mask, white = repaint): img2img with `strength`, or inpainting; the image
+        is encoded as a posterior sample (sample_posterior=False: its mean). clip_skip: condition on the text
+        encoder's layer that many before the last (the prompt's; the negative prompt's is the last, as diffusers). noise: {kind: unit noise} replacing the draws from the seed
+        (NOISE_KINDS; "initial", "image", "masked_image": [N, H/f, W/f, c]; "steps": [S, N, H/f, W/f, c] for the
+        S iterations that run); latents= is noise={"initial": latents} (diffusers' `latents=`).
         """
         given = _as_list(prompt, "prompt")
         negatives = [""] if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
@@ -176,64 +196,66 @@ class StableDiffusion:
         width = width or self.unet.sample_size * f
         self._validate(num_steps, sampler, height, width, strength, image, mask,
                        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta)
-        shape = (n, height // f, width // f, self.latent_channels)
-        if latents is not None and tuple(np.shape(latents)) != shape:
-            raise ValueError(f"latents must have shape {shape} (N, H/{f}, W/{f}, C), got {np.shape(latents)}")
+        if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEEDS - n:
+            raise ValueError(f"seed must be an integer in [0, 2^32 - {n}] for {n} image(s), got {seed!r}")
+        if not isinstance(clip_skip, int) or not 0 <= clip_skip < self.text_encoder.num_hidden_layers:
+            raise ValueError(f"clip_skip must be an integer in [0, {self.text_encoder.num_hidden_layers - 1}], "
+                             f"got {clip_skip!r}")
+        noise = dict(noise or {})
+        if latents is not None:
+            noise["initial"] = latents
 
         # Host-side plan; every array goes into the compiled loop as an argument.
         s = samplers_lib.SAMPLERS[sampler]
         options = dict(sampler_options, eta=eta) if sampler == "ddim" else dict(sampler_options)
         settings, options = samplers_lib.configure(sampler, self.scheduler_config, **options)
         plan = s.plan(settings, num_steps, **options)
-        from_image = image is not None and strength < 1
-        if from_image:
-            plan = samplers_lib.slice_plan(plan, (num_steps - int(num_steps * strength)) * plan.order)
-
-        # Per-image keys (seed + i); the batch is padded to a multiple of the device count.
+        start = (num_steps - int(num_steps * strength)) * plan.order if image is not None else 0
+        # The batch is padded to a multiple of the device count.
         pad = -n % self.mesh.devices.size
         b = n + pad
-        noise_keys, step_keys = image_keys(seed, b)
-        if latents is None:
-            noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(noise_keys)
-        else:
-            noise = jnp.asarray(np.concatenate([latents, np.repeat(latents[-1:], pad, 0)]), jnp.float32)
         padded = lambda items: items + items[-1:] * pad  # noqa: E731
+        noise = self._noise(noise, (n, height // f, width // f, self.latent_channels), pad, start,
+                            len(plan.timesteps), seed)
         cfg = guidance_scale > 1
-        context = self.encode_prompts(padded(prompts))
-        batch = dict(noise=noise, keys=step_keys, context=context)
+        batch = dict(noise=noise["initial"], keys=noise["keys"], context=self.encode_prompts(padded(prompts), clip_skip))
         if cfg:
-            batch["uncond"] = self.encode_prompts(padded(negatives))
+            batch["uncond"] = self.encode_prompts(padded(negatives))  # diffusers skips no layer here
         if image is not None:
-            batch.update(self._image_inputs(image, mask, height, width, b))
+            batch.update(self._image_inputs(image, mask, height, width, b, noise, sample_posterior))
         batch = jax.tree.map(self._shard, batch)
+        step_noise = None
+        if "steps" in noise:
+            step_noise = jax.device_put(noise["steps"], NamedSharding(self.mesh, P(None, "data")))
         # Inpainting by latent blending re-noises the image to the NEXT iteration's level: (1, 0) after the last.
         next_a = np.append(plan.noise_a[1:], np.float32(1)).astype(np.float32)
         next_b = np.append(plan.noise_b[1:], np.float32(0)).astype(np.float32)
         blend = mask is not None and "concat" not in batch
+        # Where the loop starts: from the image noised to the first level that runs (diffusers' add_noise),
+        # or, for inpainting at full strength, from pure noise, as diffusers does.
+        pure = image is None or (mask is not None and strength == 1)
+        first = (0.0, plan.init_noise_sigma) if pure else (plan.noise_a[start], plan.noise_b[start])
+        self._first_index = start
+        unet = self.unet
 
-        self._first_index = int(plan.steps["index"][0])
-        unet, init_sigma = self.unet, plan.init_noise_sigma
-
-        def run(params, steps, timesteps, next_a, next_b, batch, scale, rescale):
-            if from_image:
-                x = plan_a0 * batch["image_latents"] + plan_b0 * batch["noise"]
-            else:
-                x = init_sigma * batch["noise"]
+        def run(params, steps, timesteps, next_a, next_b, batch, step_noise, start, first, scale, rescale):
+            x = first[1] * batch["noise"]
+            if image is not None:
+                x = x + first[0] * batch["image_latents"]
             context = jnp.concatenate([batch["uncond"], batch["context"]]) if cfg else batch["context"]
             return sampling.sample(
                 lambda x, t, c: unet.apply({"params": params}, x, t, c), s, plan.options, steps, timesteps,
-                x, context, batch["keys"], guidance_scale=scale, cfg=cfg,
+                x, context, batch["keys"], guidance_scale=scale, cfg=cfg, start=start,
                 guidance_rescale=rescale if guidance_rescale else None, concat=batch.get("concat"),
                 blend=(batch["image_latents"], batch["noise"], batch["mask"], next_a, next_b) if blend else None,
-                progress=self._tick if progress else None)
-        plan_a0, plan_b0 = np.float32(plan.noise_a[0]), np.float32(plan.noise_b[0])
-        static = (sampler, tuple(sorted(plan.options.items())), cfg, from_image, blend, plan_a0, plan_b0,
-                  init_sigma, bool(guidance_rescale), progress)
-        args = (self.params["unet"], plan.steps, plan.timesteps, next_a, next_b, batch,
-                np.float32(guidance_scale), np.float32(guidance_rescale))
+                noise=step_noise, progress=self._tick if progress else None)
+        static = (sampler, tuple(sorted(plan.options.items())), cfg, image is not None, blend, bool(guidance_rescale),
+                  progress)
+        args = (self.params["unet"], plan.steps, plan.timesteps, next_a, next_b, batch, step_noise, np.int32(start),
+                np.asarray(first, np.float32), np.float32(guidance_scale), np.float32(guidance_rescale))
         self.last_timings = {}
         compiled = self._compile("sample", run, *args, static=static)
-        self._bar = tqdm(total=len(plan.timesteps), desc=f"{sampler} x{n}", disable=not progress, leave=False)
+        self._bar = tqdm(total=len(plan.timesteps) - start, desc=f"{sampler} x{n}", disable=not progress, leave=False)
         t0 = time.perf_counter()
         out = jax.block_until_ready(compiled(*args))
         self.last_timings["sample"] = time.perf_counter() - t0
@@ -241,22 +263,50 @@ class StableDiffusion:
         images = np.asarray(self.decode_latents(out))[:n]
         return images if output_type == "np" else (images * 255).round().astype(np.uint8)
 
+    def _noise(self, given, shape, pad, start, iterations, seed):
+        """{"initial", "image", "masked_image": [b,h,w,c]; "keys": [b] step keys; "steps": [S,b,h,w,c] if given}:
+        the given unit noise (shapes checked), the rest drawn from image i's seed + i; b = n + pad rows."""
+        unknown = sorted(set(given) - set(NOISE_KINDS))
+        if unknown:
+            raise ValueError(f"noise: unknown kinds {unknown}; valid: {', '.join(NOISE_KINDS)}")
+        f = self.vae_scale_factor
+        for kind, value in given.items():
+            want = ((iterations - start,) if kind == "steps" else ()) + shape
+            if tuple(np.shape(value)) != want:
+                where = "latents" if kind == "initial" else f"noise[{kind!r}]"
+                raise ValueError(f"{where} must have shape {want} ({'S, ' if kind == 'steps' else ''}N, H/{f}, "
+                                 f"W/{f}, C), got {np.shape(value)}")
+        keys = image_keys(seed, shape[0] + pad)
+        out = {"keys": keys["steps"]}
+        for kind in ("initial", "image", "masked_image"):
+            if kind in given:
+                x = np.asarray(given[kind], np.float32)
+                out[kind] = jnp.asarray(np.concatenate([x, np.repeat(x[-1:], pad, 0)]))
+            else:
+                out[kind] = jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(keys[kind])
+        if "steps" in given:  # the iterations before `start` do not run: their noise is never read
+            x = np.asarray(given["steps"], np.float32)
+            out["steps"] = jnp.asarray(np.concatenate([np.zeros((start,) + x.shape[1:], np.float32),
+                                                       np.concatenate([x, np.repeat(x[:, -1:], pad, 1)], 1)]))
+        return out
+
     def _tick(self, index):
         """Progress callback from inside the compiled loop (once per device: keep the furthest)."""
         self._bar.n = max(self._bar.n, int(index) - self._first_index + 1)
         self._bar.refresh()
 
-    def _image_inputs(self, image, mask, height, width, b):
+    def _image_inputs(self, image, mask, height, width, b, noise, sample_posterior):
         """Batch inputs of img2img / inpainting: image latents, and the mask (blending) or the
         mask + masked-image latents appended to a 9-channel U-Net's input."""
+        eps = lambda kind: noise[kind] if sample_posterior else None  # noqa: E731
         img = to_image_array(image, height, width)
-        out = {"image_latents": self.encode_images(np.repeat(img[None], b, 0))}
+        out = {"image_latents": self.encode_images(np.repeat(img[None], b, 0), eps("image"))}
         if mask is not None:
             f = self.vae_scale_factor
             m = to_mask_array(mask, height, width)
             m_lat = np.broadcast_to(m[::f, ::f, None], (b, height // f, width // f, 1)).astype(np.float32)
             if self.unet.in_channels == 2 * self.latent_channels + 1:
-                masked = self.encode_images(np.repeat((img * (m[..., None] < 0.5))[None], b, 0))
+                masked = self.encode_images(np.repeat((img * (m[..., None] < 0.5))[None], b, 0), eps("masked_image"))
                 out["concat"] = jnp.concatenate([jnp.asarray(m_lat), masked], axis=-1)
             else:
                 out["mask"] = jnp.asarray(m_lat)

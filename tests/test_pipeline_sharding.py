@@ -26,5 +26,10 @@ def test_eight_devices_give_the_single_device_images(torch_folder, tmp_path):
     out = tmp_path / "eight.npy"
     subprocess.run([sys.executable, "-c", CHILD.format(prompts=PROMPTS, kw=KW), folder, str(out)],
                    env=env, check=True, timeout=600)
-    one = StableDiffusion.load(folder).generate(PROMPTS, **KW)
-    np.testing.assert_allclose(np.load(out), one, atol=1e-5)
+    sd = StableDiffusion.load(folder)
+    eight, one = np.load(out), sd.generate(PROMPTS, **KW)
+    # XLA:CPU rounds some dots and reductions differently for other batch sizes (~1e-6, see test_pipeline)
+    np.testing.assert_allclose(eight, one, atol=1e-5)
+    # one image per device is one image alone: the same bits
+    alone = [sd.generate(p, **{**KW, "seed": KW["seed"] + i})[0] for i, p in enumerate(PROMPTS)]
+    np.testing.assert_array_equal(eight, np.stack(alone))

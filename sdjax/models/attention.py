@@ -7,7 +7,7 @@ at 4096 tokens), so there attention runs head by head over query chunks whose sc
 import jax
 import jax.numpy as jnp
 
-ALL_AT_ONCE_BYTES = 8 * 2 ** 20  # CPU: below this many bytes of scores, all heads in one batched matmul
+ALL_AT_ONCE_BYTES = 8 * 2 ** 20  # CPU: below this many bytes of one image's scores, all heads in one batched matmul
 CHUNK_BYTES = 16 * 2 ** 20       # CPU: bytes of scores per query chunk otherwise
 
 
@@ -56,7 +56,7 @@ def chunked_attention(q, k, v, *, causal=False):
     s = k.shape[1]
     heads = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], dh)  # noqa: E731
     q, k, v = heads(q * jnp.asarray(dh ** -0.5, q.dtype)), heads(k), heads(v)
-    if b * h * t * s * 4 <= ALL_AT_ONCE_BYTES:
+    if h * t * s * 4 <= ALL_AT_ONCE_BYTES:  # per image: an image's bits do not depend on its batch
         out = _softmax_attend(q, k, v, causal)
     else:
         cq = query_chunk(t, s)
