@@ -1,4 +1,5 @@
 """The public API: `StableDiffusion.load(path)` and `generate(prompt, ...)` -> uint8 images."""
+import functools
 import logging
 import time
 
@@ -82,6 +83,9 @@ class StableDiffusion:
         self.latent_channels = self.vae.latent_channels
         self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
         self.params = jax.device_put(pretrained.params, NamedSharding(self.mesh, P()))
+        # image by image (sampling.map_images): an image's bits do not depend on its batch. On CPU that costs
+        # little (an image is a large matmul already); accelerators keep whole batches
+        self.per_image = jax.default_backend() == "cpu"
         self._compiled = {}
         self.compile_count = 0
         self.last_timings = {}
@@ -95,7 +99,7 @@ class StableDiffusion:
 
     def _compile(self, name, fn, *args, static=()):
         """`fn` compiled once per (name, static, argument shapes); compile time is recorded."""
-        sig = (name, static, jax.tree.structure(args),
+        sig = (name, static, self.per_image, jax.tree.structure(args),
                tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)))
         if sig not in self._compiled:
             t0 = time.perf_counter()
@@ -107,6 +111,12 @@ class StableDiffusion:
     def _run(self, name, fn, *args, static=()):
         """Call `fn(*args)`, compiled once per (name, static, argument shapes)."""
         return self._compile(name, fn, *args, static=static)(*args)
+
+    def _batched(self, fn):
+        """fn over batch-leading arrays, image by image when `per_image`."""
+        if not self.per_image:
+            return fn
+        return lambda p, *xs: sampling.map_images(functools.partial(fn, p), self.mesh.devices.size, *xs)
 
     def _shard(self, x):
         """Put a batch-leading array on all local devices along the batch axis."""
@@ -120,7 +130,7 @@ class StableDiffusion:
             log.warning("a prompt is longer than %d tokens and was truncated (as the reference does)",
                         self.text_encoder.max_position_embeddings)
         fn = lambda p, i: self.text_encoder.apply({"params": p}, i, clip_skip)["last_hidden_state"]  # noqa: E731
-        return self._run("text", fn, self.params["text_encoder"], jnp.asarray(ids), static=(clip_skip,))
+        return self._run("text", self._batched(fn), self.params["text_encoder"], jnp.asarray(ids), static=(clip_skip,))
 
     def encode_images(self, images, noise=None):
         """[B,H,W,3] in [-1, 1] -> scaled latents [B,H/f,W/f,c]: the posterior mean, or with unit `noise`
@@ -131,7 +141,7 @@ class StableDiffusion:
             d = vae.apply({"params": p}, x.astype(vae.dtype), method=AutoencoderKL.encode)
             z = d.mean if noise is None else d.mean + d.std * noise.astype(d.mean.dtype)
             return (z - (vae.shift_factor or 0.0)) * vae.scaling_factor
-        return self._run("vae_encode", fn, self.params["vae"], jnp.asarray(images, jnp.float32), noise)
+        return self._run("vae_encode", self._batched(fn), self.params["vae"], jnp.asarray(images, jnp.float32), noise)
 
     def decode_latents(self, latents):
         """Scaled latents [B,h,w,c] -> images float32 [B,H,W,3] in [0, 1]."""
@@ -141,7 +151,7 @@ class StableDiffusion:
             z = z / vae.scaling_factor + (vae.shift_factor or 0.0)
             x = vae.apply({"params": p}, z.astype(vae.dtype), method=AutoencoderKL.decode)
             return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0, 1)
-        return self._run("vae_decode", fn, self.params["vae"], latents)
+        return self._run("vae_decode", self._batched(fn), self.params["vae"], latents)
 
     # ---- generation ----
 
@@ -242,13 +252,13 @@ class StableDiffusion:
             x = first[1] * batch["noise"]
             if image is not None:
                 x = x + first[0] * batch["image_latents"]
-            context = jnp.concatenate([batch["uncond"], batch["context"]]) if cfg else batch["context"]
             return sampling.sample(
                 lambda x, t, c: unet.apply({"params": params}, x, t, c), s, plan.options, steps, timesteps,
-                x, context, batch["keys"], guidance_scale=scale, cfg=cfg, start=start,
+                x, batch["context"], batch["keys"], guidance_scale=scale, uncond=batch.get("uncond"), start=start,
                 guidance_rescale=rescale if guidance_rescale else None, concat=batch.get("concat"),
                 blend=(batch["image_latents"], batch["noise"], batch["mask"], next_a, next_b) if blend else None,
-                noise=step_noise, progress=self._tick if progress else None)
+                noise=step_noise, progress=self._tick if progress else None,
+                groups=self.mesh.devices.size if self.per_image else None)
         static = (sampler, tuple(sorted(plan.options.items())), cfg, image is not None, blend, bool(guidance_rescale),
                   progress)
         args = (self.params["unet"], plan.steps, plan.timesteps, next_a, next_b, batch, step_noise, np.int32(start),

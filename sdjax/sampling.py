@@ -17,18 +17,34 @@ def rescale_guidance(guided, cond, rescale):
     return rescale * guided * (std(cond) / std(guided)) + (1 - rescale) * guided
 
 
-def guided_prediction(unet_fn, x_in, t, context, guidance_scale, guidance_rescale, cfg):
-    """U-Net output with classifier-free guidance.
+def map_images(fn, groups, *xs):
+    """fn(*xs) for batch-leading arrays (None passes through), computed one image per group at a time: the
+    batch is `groups` groups (the devices it is sharded over; a multiple of them) and `lax.map` runs through
+    each group's images in turn, so every call of fn sees one image per group, whatever the batch. XLA
+    rounds dots and reductions differently for other batch sizes; this way an image's bits do not depend on
+    the batch it is in. fn takes and returns batch-leading arrays; it is called on one image (vmapped over
+    the groups, which stay where they are sharded)."""
+    b = next(x.shape[0] for x in xs if x is not None)
+    split = lambda x: x.reshape(groups, b // groups, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731 [b/g, g, ...]
+    one = lambda *a: jax.tree.map(lambda y: y[0], fn(*(None if y is None else y[None] for y in a)))  # noqa: E731
+    out = jax.lax.map(lambda a: jax.vmap(one)(*a), tuple(None if x is None else split(x) for x in xs))
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(b, *y.shape[2:]), out)
 
-    x_in: [B,h,w,C]; context: [2B,L,D] (unconditional rows first) when cfg, else [B,L,D].
-    The two halves go through the U-Net as one batch of 2B.
+
+def guided_prediction(unet_fn, x_in, t, context, uncond, guidance_scale, guidance_rescale, groups=None):
+    """U-Net output with classifier-free guidance (none when uncond is None).
+
+    x_in: [B,h,w,C]; context, uncond: [B,L,D]. Each image's unconditional and conditional rows go through
+    the U-Net together (a batch of 2 per image); groups: compute image by image (`map_images`), else the
+    whole batch at once.
     """
-    if not cfg:
-        return unet_fn(x_in, t, context)
-    out = unet_fn(jnp.concatenate([x_in, x_in]), t, context)
-    uncond, cond = jnp.split(out, 2)
-    out = uncond + guidance_scale * (cond - uncond)
-    return out if guidance_rescale is None else rescale_guidance(out, cond, guidance_rescale)
+    def guided(x, c, u):
+        if u is None:
+            return unet_fn(x, t, c)
+        uncond_out, cond = jnp.split(unet_fn(jnp.concatenate([x, x]), t, jnp.concatenate([u, c])), 2)
+        out = uncond_out + guidance_scale * (cond - uncond_out)
+        return out if guidance_rescale is None else rescale_guidance(out, cond, guidance_rescale)
+    return guided(x_in, context, uncond) if groups is None else map_images(guided, groups, x_in, context, uncond)
 
 
 def step_noise(keys, index, shape):
@@ -36,8 +52,8 @@ def step_noise(keys, index, shape):
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, index), shape))(keys)
 
 
-def sample(unet_fn, sampler, options, steps, timesteps, x, context, keys, *, guidance_scale, cfg, start=0,
-           guidance_rescale=None, concat=None, blend=None, noise=None, progress=None):
+def sample(unet_fn, sampler, options, steps, timesteps, x, context, keys, *, guidance_scale=1.0, uncond=None,
+           start=0, guidance_rescale=None, concat=None, blend=None, noise=None, progress=None, groups=None):
     """Run a sampler from iteration `start` to the end; returns the final latents [B,h,w,c] (float32, unscaled
     by the VAE factor).
 
@@ -65,7 +81,8 @@ def sample(unet_fn, sampler, options, steps, timesteps, x, context, keys, *, gui
         x_in = sampler.model_input(state, step)
         if concat is not None:
             x_in = jnp.concatenate([x_in, concat], axis=-1)
-        out = guided_prediction(unet_fn, x_in.astype(dtype), t, context, guidance_scale, guidance_rescale, cfg)
+        out = guided_prediction(unet_fn, x_in.astype(dtype), t, context, uncond, guidance_scale, guidance_rescale,
+                                  groups)
         eps = it["noise"] if noise is not None else step_noise(keys, step["index"], x.shape[1:])
         state = step_fn(state, out.astype(jnp.float32), step, eps)
         if blend is not None:

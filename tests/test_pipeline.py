@@ -199,14 +199,20 @@ def test_guidance_rescale_matches_diffusers(sd, reference, torch_folder):
 
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_image_is_bit_identical_alone_and_in_a_batch(sd, guidance):
-    """Image i of seed s alone (seed s + i) and in a batch of 3: no choice of sdjax counts the batch (im2col,
-    attention), but XLA:CPU rounds some dots (small N) and reductions (GroupNorm) differently for other batch
-    sizes, ~1e-6: within 1e-5 here; one image per device is bit-identical (test_pipeline_sharding)."""
+    """Image i of seed s alone (seed s + i) and in a batch of 3: the same bits, because the pipeline computes
+    image by image (per_image); computed as one batch, XLA:CPU rounds some dots and GroupNorm sums differently."""
     kw = dict(num_steps=2, guidance_scale=guidance, height=SIZE, width=SIZE, sampler="euler_a", output_type="np",
               progress=False)
     batch = sd.generate(["a", "b", "c"], seed=20, **kw)
     alone = sd.generate("b", seed=21, **kw)
-    np.testing.assert_allclose(alone[0], batch[1], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(alone[0], batch[1])
+    sd.per_image = False  # the effect: whole batches differ in the last bits
+    try:
+        whole = sd.generate(["a", "b", "c"], seed=20, **kw)
+    finally:
+        sd.per_image = True
+    assert not np.array_equal(whole[1], alone[0])
+    np.testing.assert_allclose(whole[1], alone[0], atol=1e-5)
 
 
 def test_seeds_cover_uint32(sd):
