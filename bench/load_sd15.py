@@ -16,7 +16,7 @@ def write_random_folder(folder):
     import jax
     import numpy as np
     from configs import sd15
-    from sdjax.clip_vocab import write_clip_tokenizer
+    from sdjax.text.clip_vocab import write_clip_tokenizer
     from sdjax.models import registry
     from sdjax.weights.diffusers import save_folder
     cfg = sd15.get_config().to_dict()

@@ -43,7 +43,7 @@ class Sdjax:
         self.dtype = dtype
 
     def text_encode(self, spec):
-        from sdjax.tokenizer import tokenize
+        from sdjax.text.tokenizer import tokenize
         ids, _ = tokenize(self.sd.tokenizer, [common.PROMPT, ""], self.sd.text_encoder.max_position_embeddings)
         te = self.sd.text_encoder
         return Case(lambda p, i: te.apply({"params": p}, i)["last_hidden_state"],

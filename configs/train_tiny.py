@@ -2,7 +2,7 @@
 import ml_collections
 
 from configs import tiny
-from sdjax.data import pipeline
+from sdjax.data import input_pipeline
 
 
 def get_config():
@@ -16,7 +16,7 @@ def get_config():
     c.pretrained = ""                # a diffusers folder or single file to start from instead of `model`
     c.tokenizer = ""                 # a CLIPTokenizer folder; "" = the bundled CLIP vocabulary
     c.train_text_encoder = False
-    c.data = pipeline.default_config()  # fields: see sdjax.data.pipeline.default_config
+    c.data = input_pipeline.default_config()  # fields: see sdjax.data.input_pipeline.default_config
     c.data.update(source="shapes", image_size=32, random_flip=False,  # a flip would contradict "on the left"
                   num_threads=2, shapes=dict(num_train=5000, num_test=200, num_heldout=200, seed=0))
     c.batch_size = 16

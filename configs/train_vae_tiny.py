@@ -8,7 +8,7 @@ torchvision's VGG16; nothing is downloaded).
 import ml_collections
 
 from configs import tiny
-from sdjax.data import pipeline
+from sdjax.data import input_pipeline
 
 
 def get_config():
@@ -20,7 +20,7 @@ def get_config():
     c.model.discriminator = ml_collections.ConfigDict(dict(input_nc=3, ndf=16, n_layers=2, norm_num_groups=8))
     c.pretrained = ""                        # a diffusers folder whose vae/ to fine-tune instead of `model.vae`
     c.tokenizer = ""                         # the pipeline tokenizes captions; unused by this stage
-    c.data = pipeline.default_config()
+    c.data = input_pipeline.default_config()
     c.data.update(source="shapes", image_size=32, random_flip=True, num_threads=2,
                   shapes=dict(num_train=5000, num_test=200, num_heldout=200, seed=0))
     c.batch_size = 16

@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 
 from sdjax import sampling
 from sdjax.diffusion import samplers as samplers_lib
-from sdjax.models.autoencoder import AutoencoderKL
-from sdjax.tokenizer import tokenize
+from sdjax.models.autoencoder import from_latents, to_latents
+from sdjax.text.tokenizer import tokenize
 from sdjax.weights.pretrained import load_pretrained
 
 log = logging.getLogger("sdjax")
@@ -135,22 +135,12 @@ class StableDiffusion:
     def encode_images(self, images, noise=None):
         """[B,H,W,3] in [-1, 1] -> scaled latents [B,H/f,W/f,c]: the posterior mean, or with unit `noise`
         [B,H/f,W/f,c] the posterior sample mean + std * noise (diffusers' retrieve_latents)."""
-        vae = self.vae
-
-        def fn(p, x, noise):
-            d = vae.apply({"params": p}, x.astype(vae.dtype), method=AutoencoderKL.encode)
-            z = d.mean if noise is None else d.mean + d.std * noise.astype(d.mean.dtype)
-            return (z - (vae.shift_factor or 0.0)) * vae.scaling_factor
+        fn = functools.partial(to_latents, self.vae)
         return self._run("vae_encode", self._batched(fn), self.params["vae"], jnp.asarray(images, jnp.float32), noise)
 
     def decode_latents(self, latents):
         """Scaled latents [B,h,w,c] -> images float32 [B,H,W,3] in [0, 1]."""
-        vae = self.vae
-
-        def fn(p, z):
-            z = z / vae.scaling_factor + (vae.shift_factor or 0.0)
-            x = vae.apply({"params": p}, z.astype(vae.dtype), method=AutoencoderKL.decode)
-            return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0, 1)
+        fn = lambda p, z: jnp.clip(from_latents(self.vae, p, z).astype(jnp.float32) / 2 + 0.5, 0, 1)  # noqa: E731
         return self._run("vae_decode", self._batched(fn), self.params["vae"], latents)
 
     # ---- generation ----

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from configs import tiny
-from sdjax.clip_vocab import write_clip_tokenizer
+from sdjax.text.clip_vocab import write_clip_tokenizer
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import train_vae_tiny
-from sdjax.data import shapes
+from sdjax.data import synthetic_shapes as shapes
 from sdjax.models.lpips import LPIPS
 from sdjax.train import ae_losses, ae_step, autoencoder
 from sdjax.train.state import create_state

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import transformers
 
-from sdjax.data import bpe, shapes
-from sdjax.tokenizer import load_tokenizer, tokenize
+from sdjax.data import synthetic_shapes as shapes
+from sdjax.text import bpe
+from sdjax.text.tokenizer import load_tokenizer, tokenize
 
 EXTRA = ["Hello, World! It's 2024 — naïve café ☃ 😀", "tabs\tand   spaces", "a photo of a cat on a mat"]
 

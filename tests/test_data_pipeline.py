@@ -8,8 +8,8 @@ import pytest
 import transformers
 from PIL import Image
 
-from sdjax.clip_vocab import write_clip_tokenizer
-from sdjax.data import pipeline
+from sdjax.text.clip_vocab import write_clip_tokenizer
+from sdjax.data import input_pipeline
 
 SHAPES = dict(source="shapes", image_size=32, num_threads=2, center_crop=False,
               shapes=dict(num_train=64, num_test=8, num_heldout=8, seed=1))
@@ -62,7 +62,7 @@ def take(it, n):
 
 def numbered_iterator(numbered, data_dir, tokenizer, batch, seed=0, index=0, count=1):
     cfg = dict(source="folder", path=numbered, data_dir=data_dir, image_size=16, num_threads=2)
-    return pipeline.make_iterator(cfg, tokenizer, batch, seed, index, count)
+    return input_pipeline.make_iterator(cfg, tokenizer, batch, seed, index, count)
 
 
 def assert_same(a, b):
@@ -84,9 +84,9 @@ def test_batch_format_and_tokens(numbered, data_dir, tokenizer):
 
 def test_deterministic_from_seed(data_dir, tokenizer):
     cfg = dict(SHAPES, data_dir=data_dir)
-    a = take(pipeline.make_iterator(cfg, tokenizer, 8, seed=5), 10)
-    assert_same(a, take(pipeline.make_iterator(cfg, tokenizer, 8, seed=5), 10))
-    c = take(pipeline.make_iterator(cfg, tokenizer, 8, seed=6), 10)
+    a = take(input_pipeline.make_iterator(cfg, tokenizer, 8, seed=5), 10)
+    assert_same(a, take(input_pipeline.make_iterator(cfg, tokenizer, 8, seed=5), 10))
+    c = take(input_pipeline.make_iterator(cfg, tokenizer, 8, seed=6), 10)
     assert not all(np.array_equal(x["images"], y["images"]) for x, y in zip(a, c))
 
 
@@ -106,11 +106,11 @@ def test_processes_get_disjoint_shards_covering_the_split(numbered, data_dir, to
 
 def test_resume_replays_the_same_batches(data_dir, tokenizer):
     cfg = dict(SHAPES, data_dir=data_dir)
-    it = pipeline.make_iterator(cfg, tokenizer, 8, seed=2)
+    it = input_pipeline.make_iterator(cfg, tokenizer, 8, seed=2)
     take(it, 5)
     state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
     rest = take(it, 7)  # crosses the epoch boundary (8 batches per epoch)
-    again = pipeline.make_iterator(cfg, tokenizer, 8, seed=2)
+    again = input_pipeline.make_iterator(cfg, tokenizer, 8, seed=2)
     again.set_state(state)
     assert_same(take(again, 7), rest)
 
@@ -118,13 +118,13 @@ def test_resume_replays_the_same_batches(data_dir, tokenizer):
 def test_resume_through_orbax(tmp_path, data_dir, tokenizer):
     ocp = pytest.importorskip("orbax.checkpoint")
     cfg = dict(SHAPES, data_dir=data_dir)
-    it = pipeline.make_iterator(cfg, tokenizer, 8, seed=3)
+    it = input_pipeline.make_iterator(cfg, tokenizer, 8, seed=3)
     take(it, 3)
     with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
         mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         mngr.wait_until_finished()
     rest = take(it, 4)
-    again = pipeline.make_iterator(cfg, tokenizer, 8, seed=3)
+    again = input_pipeline.make_iterator(cfg, tokenizer, 8, seed=3)
     with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
         mngr.restore(mngr.latest_step(), args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(again)))
     assert_same(take(again, 4), rest)
@@ -137,12 +137,12 @@ def test_corrupt_images_skipped_and_counted(tmp_path, data_dir, tokenizer):
     bad = [b"not an image at all", jpeg.getvalue()[:300], b""]
     path = write_folder(tmp_path / "mixed", good + bad, [f"picture {i}" for i in range(9)])
     cfg = dict(source="folder", path=path, data_dir=data_dir, image_size=16, num_threads=2)
-    it = pipeline.make_iterator(cfg, tokenizer, 3, seed=0)
+    it = input_pipeline.make_iterator(cfg, tokenizer, 3, seed=0)
     seen = sum((indices(b) for b in take(it, 6)), [])  # 3 epochs of the 6 good images
     assert sorted(seen) == sorted(list(range(6)) * 3)
     assert 6 <= it.skipped <= 9  # 3 bad per epoch; the last epoch's may still be ahead
     state = it.get_state()
-    again = pipeline.make_iterator(cfg, tokenizer, 3, seed=0)
+    again = input_pipeline.make_iterator(cfg, tokenizer, 3, seed=0)
     again.set_state(state)
     assert again.skipped == it.skipped
 
@@ -151,7 +151,7 @@ def test_all_corrupt_raises_instead_of_hanging(tmp_path, data_dir, tokenizer):
     path = write_folder(tmp_path / "broken", [b"junk", b"more junk"], ["a", "b"])
     cfg = dict(source="folder", path=path, data_dir=data_dir, image_size=16, num_threads=2)
     with pytest.raises(RuntimeError, match="no decodable image"):
-        next(pipeline.make_iterator(cfg, tokenizer, 1, seed=0))
+        next(input_pipeline.make_iterator(cfg, tokenizer, 1, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def stripes(tmp_path_factory):
 def stripe_images(stripes, data_dir, tokenizer, n, **options):
     cfg = dict(source="folder", path=stripes[1], data_dir=data_dir, image_size=32, num_threads=2, **options)
     return [np.rint((b["images"][0] + 1) * 127.5).astype(np.uint8)
-            for b in take(pipeline.make_iterator(cfg, tokenizer, 1, seed=0), n)]
+            for b in take(input_pipeline.make_iterator(cfg, tokenizer, 1, seed=0), n)]
 
 
 def test_center_crop(stripes, data_dir, tokenizer):
@@ -192,13 +192,13 @@ def test_random_crop_and_flip_are_windows_of_the_resized_image(stripes, data_dir
 
 def test_config_errors(data_dir, tokenizer):
     with pytest.raises(ValueError, match="unknown keys"):
-        pipeline.resolve_config(dict(SHAPES, imagesize=3))
+        input_pipeline.resolve_config(dict(SHAPES, imagesize=3))
     with pytest.raises(ValueError, match="source"):
-        pipeline.resolve_config(dict(source="webdataset"))
+        input_pipeline.resolve_config(dict(source="webdataset"))
     with pytest.raises(ValueError, match="split"):
-        pipeline.resolve_config(dict(source="folder", split="heldout"))
+        input_pipeline.resolve_config(dict(source="folder", split="heldout"))
     with pytest.raises(ValueError, match="process_index"):
-        pipeline.make_iterator(dict(SHAPES, data_dir=data_dir), tokenizer, 8, 0, process_index=2, process_count=2)
+        input_pipeline.make_iterator(dict(SHAPES, data_dir=data_dir), tokenizer, 8, 0, process_index=2, process_count=2)
 
 
 @pytest.mark.slow
@@ -207,7 +207,7 @@ def test_worker_processes_give_the_same_batches(data_dir, tokenizer):
     if not flags.FLAGS.is_parsed():  # grain's worker processes read --grain_* flags, as under absl.app.run
         flags.FLAGS.mark_as_parsed()
     cfg = dict(SHAPES, data_dir=data_dir)
-    a = take(pipeline.make_iterator(cfg, tokenizer, 8, seed=4), 6)
-    it = pipeline.make_iterator(dict(cfg, num_workers=2), tokenizer, 8, seed=4)
+    a = take(input_pipeline.make_iterator(cfg, tokenizer, 8, seed=4), 6)
+    it = input_pipeline.make_iterator(dict(cfg, num_workers=2), tokenizer, 8, seed=4)
     assert_same(take(it, 6), a)
     it.close()

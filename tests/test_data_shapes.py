@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sdjax.data import shapes
+from sdjax.data import synthetic_shapes as shapes
 
 RGB = {(255, 0, 0): "red", (0, 255, 0): "green", (0, 0, 255): "blue", (255, 255, 0): "yellow",
        (255, 0, 255): "magenta", (0, 255, 255): "cyan", (255, 255, 255): "white"}

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sdjax.data import shapes
+from sdjax.data import synthetic_shapes as shapes
 from sdjax.eval.shapes import detect, prompts, score
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import transformers
 
-from sdjax.tokenizer import load_tokenizer, tokenize
+from sdjax.text.tokenizer import load_tokenizer, tokenize
 
 MERGES = ["c a", "ca t</w>", "d o", "do g</w>", "p h", "ph o", "t o</w>", "pho to</w>"]
 PROMPTS = ["a photo of a cat", "A  DOG!", "", "cat " * 80]

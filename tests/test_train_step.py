@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import train_tiny
-from sdjax.clip_vocab import write_clip_tokenizer
-from sdjax.tokenizer import load_tokenizer
+from sdjax.text.clip_vocab import write_clip_tokenizer
+from sdjax.text.tokenizer import load_tokenizer
 from sdjax.train import loop, optim, sharding
 from sdjax.train.export import load_params
 from sdjax.train.state import create_state

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def captions(n=20000, seed=0):
     """Captions of n training scenes (the tokenizer's corpus)."""
-    from sdjax.data import shapes
+    from sdjax.data import synthetic_shapes as shapes
     rng = np.random.default_rng(seed)
     return [shapes.caption(shapes.sample_spec(rng, "train")) for _ in range(n)]
 
@@ -35,9 +35,9 @@ def train(config, workdir, export_dir, *overrides):
 def latent_scale(vae_folder, data_config, tokenizer_dir, n=512):
     """1 / std of the trained autoencoder's latent means over n training images (SD's 0.18215 is this)."""
     import jax
-    from sdjax.data.pipeline import make_iterator
+    from sdjax.data.input_pipeline import make_iterator
     from sdjax.models.autoencoder import AutoencoderKL
-    from sdjax.tokenizer import load_tokenizer
+    from sdjax.text.tokenizer import load_tokenizer
     from sdjax.weights.diffusers import load_component
     vae, params = load_component(vae_folder, "vae")
     batches = make_iterator(data_config, load_tokenizer(tokenizer_dir), 64, seed=0)
@@ -52,7 +52,7 @@ def assemble_init(workdir, tokenizer_dir, vae_export, scale):
     from configs import demo
     from sdjax.models import registry
     from sdjax.weights.diffusers import load_component, save_folder
-    from sdjax.tokenizer import load_tokenizer
+    from sdjax.text.tokenizer import load_tokenizer
     out = os.path.join(workdir, "init")
     vocab = len(load_tokenizer(tokenizer_dir))
     cfg = demo.get_config(vocab_size=vocab).to_dict()
@@ -77,7 +77,7 @@ def main(argv=None):
     os.makedirs(a.workdir, exist_ok=True)
     tok = os.path.join(a.workdir, "tokenizer")
     if not os.path.isdir(tok):
-        from sdjax.data.bpe import train_tokenizer
+        from sdjax.text.bpe import train_tokenizer
         train_tokenizer(captions(), tok, vocab_size=a.vocab_size)
     data_dir = f"--config.data.data_dir={os.path.join(a.workdir, 'tfds')}"
     steps = lambda n: [f"--config.total_steps={n}"] if n else []  # noqa: E731

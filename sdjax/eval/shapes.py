@@ -12,7 +12,7 @@ import json
 import numpy as np
 from scipy import ndimage
 
-from sdjax.data import shapes
+from sdjax.data import synthetic_shapes as shapes
 
 PALETTE = {name: np.array(rgb) >= 128 for name, rgb in shapes.COLORS.items()}
 FOREGROUND = 127  # brightest channel above half: blurred edges cut at their middle

@@ -2,8 +2,9 @@
 
 Parameter names follow the diffusers module tree (`encoder.down_blocks.0.resnets.0.conv1`,
 `decoder.mid_block.attentions.0.to_q`, `quant_conv`, ...) so weights convert mechanically.
-Images and latents are NHWC; images in [-1, 1]; latents here are unscaled (the pipeline
-applies `scaling_factor` / `shift_factor`).
+Images and latents are NHWC; images in [-1, 1]. The module's latents are unscaled; `to_latents` /
+`from_latents` are the one place where `scaling_factor` / `shift_factor` are applied, for the diffusion
+model's (scaled) latent space.
 """
 from typing import Any, Optional, Sequence
 
@@ -331,3 +332,18 @@ class AutoencoderKL(nn.Module):
         else:
             z = posterior.mode()
         return self.decode(z)
+
+
+def to_latents(vae, params, images, noise=None):
+    """images [B, H, W, 3] in [-1, 1] -> the diffusion model's latents [B, h, w, c] (float32):
+    (z - shift_factor) * scaling_factor, z the posterior mean, or with unit `noise` [B, h, w, c] the
+    posterior sample mean + std * noise."""
+    post = vae.apply({"params": params}, images, method="encode")
+    z = post.mean if noise is None else post.mean + post.std * noise.astype(post.mean.dtype)
+    return (z - (vae.shift_factor or 0.0)) * vae.scaling_factor
+
+
+def from_latents(vae, params, latents):
+    """The diffusion model's latents [B, h, w, c] -> images [B, H, W, 3] in about [-1, 1] (vae.dtype)."""
+    z = latents / vae.scaling_factor + (vae.shift_factor or 0.0)
+    return vae.apply({"params": params}, z, method="decode")

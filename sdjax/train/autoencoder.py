@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sdjax.clip_vocab import write_clip_tokenizer
+from sdjax.text.clip_vocab import write_clip_tokenizer
 from sdjax.models import registry
 from sdjax.models.discriminator import NLayerDiscriminator
 from sdjax.models.lpips import load_lpips
-from sdjax.tokenizer import load_tokenizer
+from sdjax.text.tokenizer import load_tokenizer
 from sdjax.train import ae_step
 from sdjax.train.config import COMPUTE_DTYPES, compute_dtype
 from sdjax.train.optim import SCHEDULES, make_optimizer as make_one_optimizer

@@ -4,9 +4,9 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from sdjax.clip_vocab import write_clip_tokenizer
+from sdjax.text.clip_vocab import write_clip_tokenizer
 from sdjax.models import registry
-from sdjax.tokenizer import load_tokenizer, tokenize
+from sdjax.text.tokenizer import load_tokenizer, tokenize
 from sdjax.train.config import compute_dtype
 from sdjax.weights.diffusers import KINDS
 from sdjax.weights.pretrained import Pretrained, load_pretrained

@@ -26,7 +26,7 @@ class TrainingDiverged(RuntimeError):
 
 def pipeline_iterator(config, tokenizer, batch_size, seed, process_index, process_count):
     """The real input pipeline (sdjax.data): a checkpointable iterator of this process's batches."""
-    from sdjax.data.pipeline import make_iterator, prepare
+    from sdjax.data.input_pipeline import make_iterator, prepare
     if process_count > 1:  # build the data set once, then let every process read it
         if process_index == 0:
             prepare(config.data)
@@ -36,8 +36,8 @@ def pipeline_iterator(config, tokenizer, batch_size, seed, process_index, proces
 
 def check_data(data_config):
     """ValueError / FileNotFoundError for a bad `config.data` (e.g. a missing folder), before anything slow."""
-    from sdjax.data import captions, pipeline
-    cfg = pipeline.resolve_config(data_config)
+    from sdjax.data import captions, input_pipeline
+    cfg = input_pipeline.resolve_config(data_config)
     if cfg.source != "shapes":
         captions.captions_config(cfg.path, cfg.source)
 

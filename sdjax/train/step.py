@@ -7,6 +7,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sdjax.diffusion import schedules
+from sdjax.models.autoencoder import to_latents
 from sdjax.train import losses
 from sdjax.train.optim import ema_decay_at, ema_update
 from sdjax.train.sharding import BATCH
@@ -39,11 +40,7 @@ def guarded_update(state, grads, finite, tx, config):
 
 def latents(vae, vae_params, images, noise, sample):
     """Images [b, H, W, 3] in [-1, 1] -> scaled latents [b, h, w, c] (posterior mean, or a draw with `noise`)."""
-    post = vae.apply({"params": vae_params}, images, method="encode")
-    z = post.mean + post.std * noise if sample else post.mean
-    if getattr(vae, "shift_factor", None) is not None:
-        z = z - vae.shift_factor
-    return jax.lax.stop_gradient(z * vae.scaling_factor)
+    return jax.lax.stop_gradient(to_latents(vae, vae_params, images, noise if sample else None))
 
 
 def latent_shape(vae, vae_params, images):

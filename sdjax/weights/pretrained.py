@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.clip_vocab import write_clip_tokenizer
+from sdjax.text.clip_vocab import write_clip_tokenizer
 from sdjax.models import registry
-from sdjax.tokenizer import load_tokenizer
+from sdjax.text.tokenizer import load_tokenizer
 from sdjax.weights import diffusers, single_file
 from sdjax.weights.convert import to_params
 from sdjax.weights.errors import WeightLoadError

@@ -4,7 +4,7 @@ import json
 import tokenizers
 import transformers
 
-from sdjax.clip_vocab import write_tokenizer_files
+from sdjax.text.clip_vocab import write_tokenizer_files
 
 # 256 byte symbols, the same with '</w>', and <|startoftext|> / <|endoftext|>.
 NUM_BASE_TOKENS = 2 * 256 + 2
@@ -35,6 +35,6 @@ def train_merges(captions, vocab_size):
 def train_tokenizer(captions, folder, vocab_size=4096, pad_token="<|endoftext|>"):
     """Train on `captions` and write vocab.json + merges.txt + tokenizer_config.json into `folder`; returns it.
 
-    The folder loads with transformers.CLIPTokenizer.from_pretrained (and sdjax.tokenizer.load_tokenizer).
+    The folder loads with transformers.CLIPTokenizer.from_pretrained (and sdjax.text.tokenizer.load_tokenizer).
     """
     return write_tokenizer_files(folder, train_merges(captions, vocab_size), pad_token)

@@ -14,8 +14,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from sdjax.data import captions, shapes
-from sdjax.tokenizer import tokenize
+from sdjax.data import captions, synthetic_shapes as shapes
+from sdjax.text.tokenizer import tokenize
 
 
 def default_config():
