@@ -206,8 +206,7 @@ def pndm_step(state, out, step, noise, *, prediction_type):
     x = jnp.where(redo, state["saved"], state["x"])
     abar_t = jnp.where(redo, step["redo_abar_t"], step["abar_t"])
     abar_prev = jnp.where(redo, step["redo_abar_prev"], step["abar_prev"])
-    if prediction_type == "v_prediction":
-        combined = abar_t ** 0.5 * combined + (1 - abar_t) ** 0.5 * x
+    combined = schedules.to_eps(combined, x, abar_t ** 0.5, (1 - abar_t) ** 0.5, prediction_type)
     return {"x": _pndm_transfer(x, combined, abar_t, abar_prev),
             "saved": jnp.where(counter == 0, state["x"], state["saved"]),
             "outs": outs, "num_outs": num_outs, "counter": counter + 1}

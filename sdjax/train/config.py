@@ -1,7 +1,7 @@
 """Checks of a training config where it enters (clear messages), and values derived from it."""
 import jax.numpy as jnp
 
-from sdjax.train.losses import PREDICTION_TYPES
+from sdjax.diffusion.schedules import PREDICTION_TYPES
 from sdjax.train.optim import SCHEDULES
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
