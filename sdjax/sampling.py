@@ -2,11 +2,11 @@
 
 Pure and jit-able: params and every per-step array are arguments, nothing is read from outside.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
 
+from sdjax.diffusion.plan import bind
 from sdjax.models.conv import loop_constant_kernels
 
 
@@ -57,7 +57,7 @@ def sample(unet_fn, sampler, options, steps, timesteps, x, context, keys, *, gui
     """Run a sampler from iteration `start` to the end; returns the final latents [B,h,w,c] (float32, unscaled
     by the VAE factor).
 
-    unet_fn(x, t, context) -> prediction; sampler/options: a `samplers.Sampler` and its plan's static
+    unet_fn(x, t, context) -> prediction; sampler/options: a `plan.Sampler` and its plan's static
     options; steps/timesteps: the plan's per-iteration arrays [S, ...]; start: the first iteration run (may be
     traced: img2img's strength then needs no recompilation; the sampler's state begins there, as a sliced
     plan's would); x: starting latents in the sampler's scale; keys: [B] per-image PRNG keys for stochastic
@@ -67,7 +67,7 @@ def sample(unet_fn, sampler, options, steps, timesteps, x, context, keys, *, gui
     unmasked region is replaced by the image noised to the next level (next_a/next_b: [S], (1, 0) last).
     progress(index) is called from the loop body through `jax.debug.callback`.
     """
-    step_fn = functools.partial(sampler.step, **options)
+    step_fn = bind(sampler, options)
     dtype = jax.tree.leaves(context)[0].dtype
     xs = {"step": steps, "t": timesteps}
     if blend is not None:
