@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from sdjax import sampling
 from sdjax.diffusion import samplers as samplers_lib
 from sdjax.models.autoencoder import from_latents, to_latents
+from sdjax.models.conv import loop_constant_kernels
 from sdjax.text.tokenizer import tokenize
 from sdjax.weights.pretrained import load_pretrained
 
@@ -68,11 +69,12 @@ def denoise(unet, params, steps, timesteps, batch, start, first, scale, rescale,
     x = first[1] * batch["noise"]
     if "image_latents" in batch:
         x = x + first[0] * batch["image_latents"]
-    return sampling.sample(
-        lambda x, t, c: unet.apply({"params": params}, x, t, c), samplers_lib.SAMPLERS[sampler], dict(options),
-        steps, timesteps, x, batch["context"], batch["keys"], guidance_scale=scale, uncond=batch.get("uncond"),
-        start=start, guidance_rescale=rescale if rescaled else None, concat=batch.get("concat"),
-        blend=batch.get("blend"), noise=batch.get("step_noise"), progress=progress, groups=groups)
+    with loop_constant_kernels():  # the U-Net's weights are constants of the loop: transform them once
+        return sampling.sample(
+            lambda x, t, c: unet.apply({"params": params}, x, t, c), samplers_lib.SAMPLERS[sampler], dict(options),
+            steps, timesteps, x, batch["context"], batch["keys"], guidance_scale=scale, uncond=batch.get("uncond"),
+            start=start, guidance_rescale=rescale if rescaled else None, concat=batch.get("concat"),
+            blend=batch.get("blend"), noise=batch.get("step_noise"), progress=progress, groups=groups)
 
 
 SEEDS = 2 ** 32  # seeds are 0 .. 2^32 - 1, as UIs write them

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.diffusion.plan import bind
-from sdjax.models.conv import loop_constant_kernels
 
 
 class Blend(NamedTuple):
@@ -110,6 +109,4 @@ def sample(unet_fn, sampler, options, steps, timesteps, x, context, keys, *, gui
             jax.debug.callback(progress, step["index"])
         return state
 
-    with loop_constant_kernels():  # the U-Net's weights are constants of the loop
-        state = jax.lax.fori_loop(start, len(timesteps), body, sampler.init(x, steps))
-    return state["x"]
+    return jax.lax.fori_loop(start, len(timesteps), body, sampler.init(x, steps))["x"]

@@ -14,7 +14,7 @@ import optax
 from sdjax.text.clip_vocab import write_clip_tokenizer
 from sdjax.models import registry
 from sdjax.models.discriminator import NLayerDiscriminator
-from sdjax.models.lpips import load_lpips
+from sdjax.weights.lpips import load_lpips
 from sdjax.text.tokenizer import load_tokenizer
 from sdjax.train import ae_step
 from sdjax.train.config import COMPUTE_DTYPES, compute_dtype
