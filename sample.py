@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--attention", default="auto", choices=["auto", "flash", "chunked", "xla", "cudnn"],
+                   help="attention implementation (auto: flash kernels on GPU/TPU, chunked on CPU)")
     p.add_argument("--init-image", help="img2img / inpainting source image")
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
     p.add_argument("--strength", type=finite_float, default=None,
@@ -79,9 +81,9 @@ def run(args):
     image = open_image(args.init_image, "--init-image") if args.init_image else None  # before the slow load
     mask = open_image(args.mask, "--mask") if args.mask else None
     t0 = time.perf_counter()
-    sd = StableDiffusion.load(model, dtype=args.dtype, config_name=args.config_name, variant=args.variant,
-                              vae=args.vae, use_ema=False if args.raw_weights else None)
-    print(f"loaded {model} in {time.perf_counter() - t0:.1f} s")
+    sd = StableDiffusion.load(model, dtype=args.dtype, attention=args.attention, config_name=args.config_name,
+                              variant=args.variant, vae=args.vae, use_ema=False if args.raw_weights else None)
+    print(f"loaded {model} in {time.perf_counter() - t0:.1f} s; running on {host_memory.backend_note()}")
     host_memory.release_freed_memory()  # the file buffers of loading
     strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.8)
     images = sd.generate(

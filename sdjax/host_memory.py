@@ -10,6 +10,8 @@ hands back what is free now, e.g. after loading weights).
 import ctypes
 import ctypes.util
 import functools
+import importlib.util
+import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
@@ -24,13 +26,34 @@ def _glibc():
         return None
 
 
+ACCELERATOR_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm7_plugin", "jax_rocm60_plugin", "libtpu")
+
+
+def runs_on_cpu():
+    """Whether jax will compute on the CPU, judged without starting jax (JAX_PLATFORMS, installed plugins)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
+
+
+def backend_note():
+    """The backend jax computes on, and a hint when a GPU is present but jax has no CUDA plugin."""
+    import jax
+    backend = f"{jax.default_backend()} ({jax.device_count()} device(s))"
+    if jax.default_backend() == "cpu" and os.path.exists("/dev/nvidia0"):
+        backend += ": this machine has an NVIDIA GPU, but jax has no CUDA plugin: pip install -e '.[cuda]'"
+    return backend
+
+
 def keep_freed_memory():
-    """Make malloc keep and reuse freed memory; True when applied (glibc), False elsewhere.
+    """Make malloc keep and reuse freed memory when jax computes on the CPU; True when applied (glibc, CPU).
 
     Call it first thing in a process, before jax (or torch) starts threads: threads that have
-    allocated already keep their own arenas, which still map large blocks afresh."""
+    allocated already keep their own arenas, which still map large blocks afresh. On GPU/TPU the big
+    buffers live on the device and one malloc arena would only serialise the host threads."""
     libc = _glibc()
-    if libc is None:
+    if libc is None or not runs_on_cpu():
         return False
     # -1: never trim (man mallopt); 0 mmaps: large blocks come from the heap, where they are reused
     return all(libc.mallopt(opt, value) == 1

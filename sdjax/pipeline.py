@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from sdjax import sampling
 from sdjax.diffusion import samplers as samplers_lib
+from sdjax.models.attention import IMPLEMENTATIONS, implementation as attention_implementation
 from sdjax.models.autoencoder import from_latents, to_latents
 from sdjax.models.conv import loop_constant_kernels
 from sdjax.text.tokenizer import tokenize
@@ -113,26 +114,33 @@ class StableDiffusion:
         # image by image (sampling.map_images): an image's bits do not depend on its batch. On CPU that costs
         # little (an image is a large matmul already); accelerators keep whole batches
         self.per_image = jax.default_backend() == "cpu"
+        self.attention = "auto"  # attention.IMPLEMENTATIONS: "auto" chooses per platform when compiling
         self._compiled = {}
         self.compile_count = 0
         self.last_timings = {}  # compile and run seconds of the last call, by part
         self.last_compiled = {}  # the compiled executables of the last call, by part (XLA's cost/memory analyses)
 
     @classmethod
-    def load(cls, path, dtype="float32", **options):
-        """A pipeline over a diffusers folder or a single-file checkpoint; options as `load_pretrained`'s."""
-        return cls(load_pretrained(path, dtype=dtype, **options))
+    def load(cls, path, dtype="float32", attention="auto", **options):
+        """A pipeline over a diffusers folder or a single-file checkpoint; options as `load_pretrained`'s;
+        attention: one of models.attention.IMPLEMENTATIONS ("auto": the platform's fastest)."""
+        if attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {attention!r}")
+        sd = cls(load_pretrained(path, dtype=dtype, **options))
+        sd.attention = attention
+        return sd
 
     # ---- compiled pieces ----
 
     def _compile(self, name, fn, *args, **static):
         """fn(*args, **static) compiled once per (name, static, argument shapes); compile time is recorded.
         The static keyword arguments are the compile key and what fn receives: nothing else may vary."""
-        sig = (name, tuple(sorted(static.items())), self.per_image, jax.tree.structure(args),
+        sig = (name, tuple(sorted(static.items())), self.per_image, self.attention, jax.tree.structure(args),
                tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)))
         if sig not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[sig] = jax.jit(functools.partial(fn, **static)).lower(*args).compile()
+            with attention_implementation(self.attention):
+                self._compiled[sig] = jax.jit(functools.partial(fn, **static)).lower(*args).compile()
             self.compile_count += 1
             self.last_timings[f"compile_{name}"] = time.perf_counter() - t0
         self.last_compiled[name] = self._compiled[sig]

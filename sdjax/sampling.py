@@ -92,6 +92,8 @@ def sample(unet_fn, sampler, options, steps, timesteps, x, context, keys, *, gui
     if noise is not None:
         xs["noise"] = noise
 
+    xs = jax.tree.map(jnp.asarray, xs)  # a plan's numpy arrays are indexed by the traced iteration
+
     def body(i, state):
         it = jax.tree.map(lambda a: a[i], xs)
         step, t = it["step"], it["t"]

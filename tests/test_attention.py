@@ -40,9 +40,14 @@ def test_cross_attention_chunks_and_grads(monkeypatch):
 
 def test_multi_head_attention_impls_agree():
     q, k, v = (x.reshape(2, x.shape[1], -1) for x in qkv(2, 16, 16, 4, 8))
-    got = attention.multi_head_attention(q, k, v, 4, causal=True, impl="chunked")
-    want = attention.multi_head_attention(q, k, v, 4, causal=True, impl="xla")
-    np.testing.assert_allclose(got, want, atol=2e-6)
+    outs = {}
+    for name in ("auto", "chunked", "xla"):
+        with attention.implementation(name):
+            outs[name] = attention.multi_head_attention(q, k, v, 4, causal=True)
+    np.testing.assert_allclose(outs["chunked"], outs["xla"], atol=2e-6)
+    np.testing.assert_array_equal(outs["auto"], outs["chunked"])  # on CPU
+    with pytest.raises(ValueError, match="attention must be one of"):
+        attention.implementation("flashy").__enter__()
 
 
 def test_bfloat16_scores_in_float32():

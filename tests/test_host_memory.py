@@ -42,3 +42,12 @@ def test_freed_memory_is_reused_without_page_faults():
     assert kept["kept"]
     assert min(plain["faults"]) > pages // 2  # glibc maps the block afresh each time: every page faults again
     assert max(kept["faults"]) < pages // 20  # reused: the pages are already there
+
+
+def test_only_on_cpu(monkeypatch):
+    """On GPU/TPU the buffers live on the device: malloc is left as it is."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert not host_memory.runs_on_cpu() and not host_memory.keep_freed_memory()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host_memory.runs_on_cpu()
+

@@ -1,36 +1,105 @@
 """Multi-head attention shared by the U-Net, the autoencoder and the CLIP text tower.
 
-On GPU/TPU it is `jax.nn.dot_product_attention` (cuDNN flash attention where available). On CPU,
-XLA materialises every head's score matrix at once, which is memory-bound (6x slower than PyTorch
-at 4096 tokens), so there attention runs head by head over query chunks whose scores fit in cache.
+The implementation is chosen for the platform the code is lowered for (`jax.lax.platform_dependent`), or
+forced with `implementation(name)` around tracing:
+- "flash" on TPU: the Pallas TPU flash-attention kernel (jax.experimental.pallas.ops.tpu); on CUDA: the
+  Pallas GPU (Triton) flash kernel, for bfloat16/float16. Scores never reach memory (SD 2.1 at 768²,
+  batch 8 with guidance, would need ~27 GB for one layer's float32 scores). Sequence lengths that are
+  not multiples of 128 (77-token cross-attention keys, the 8x8 level) and float32 on CUDA fall back to
+  "xla"; head dims are zero-padded to what the kernels take (40/80/160 -> 64/128/256 on CUDA, 160 -> 256
+  on TPU). The kernels accumulate scores in float32, which is SD 2.x's `upcast_attention`.
+- "chunked" on CPU: XLA materialises every head's score matrix at once, which is memory-bound (6x slower
+  than PyTorch at 4096 tokens), so attention runs head by head over query chunks that fit in cache.
+- "xla": `jax.nn.dot_product_attention` as XLA ops; "cudnn": its cuDNN kernel (needs a GPU to trace).
 """
+import contextlib
+import contextvars
+import math
+
 import jax
 import jax.numpy as jnp
 
 ALL_AT_ONCE_BYTES = 8 * 2 ** 20  # CPU: below this many bytes of one image's scores, all heads in one batched matmul
 CHUNK_BYTES = 16 * 2 ** 20       # CPU: bytes of scores per query chunk otherwise
+IMPLEMENTATIONS = ("auto", "flash", "chunked", "xla", "cudnn")
+FLASH_MULTIPLE = 128             # the flash kernels take sequence lengths that are multiples of this
+_IMPLEMENTATION = contextvars.ContextVar("attention_implementation", default="auto")
 
 
-def multi_head_attention(q, k, v, num_heads, *, causal=False, upcast=False, impl=None):
+@contextlib.contextmanager
+def implementation(name):
+    """Attention traced inside uses `name` (one of IMPLEMENTATIONS; "auto": chosen per platform at lowering).
+
+    A trace-time setting: enter it around tracing (jit's lower / the first call)."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {name!r}")
+    token = _IMPLEMENTATION.set(name)
+    try:
+        yield
+    finally:
+        _IMPLEMENTATION.reset(token)
+
+
+def multi_head_attention(q, k, v, num_heads, *, causal=False, upcast=False):
     """Scaled dot-product attention over heads.
 
     q: [B, Lq, D], k/v: [B, Lk, D] -> [B, Lq, D]. D is split into `num_heads` heads.
     `upcast` computes the softmax(QK^T)V in float32 (SD 2.x `upcast_attention`).
-    `impl`: "chunked" (the CPU default) or "xla" / "cudnn" / None for jax.nn.dot_product_attention.
     """
     b, lq, d = q.shape
     dtype = q.dtype
-    split = lambda x: x.reshape(x.shape[0], x.shape[1], num_heads, d // num_heads)
+    split = lambda x: x.reshape(x.shape[0], x.shape[1], num_heads, d // num_heads)  # noqa: E731
     q, k, v = split(q), split(k), split(v)
-    if upcast:
+    impl = _IMPLEMENTATION.get()
+    flash_shapes = lq % FLASH_MULTIPLE == 0 and k.shape[1] % FLASH_MULTIPLE == 0
+    if upcast and not (impl in ("auto", "flash") and flash_shapes):  # the kernels accumulate in float32 anyway
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    if impl is None and jax.default_backend() == "cpu":
-        impl = "chunked"
-    if impl == "chunked":
-        out = chunked_attention(q, k, v, causal=causal)
+    xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")  # noqa: E731
+    chunked = lambda q, k, v: chunked_attention(q, k, v, causal=causal)  # noqa: E731
+    gpu = lambda q, k, v: (gpu_flash(q, k, v, causal) if flash_shapes and q.dtype in (jnp.bfloat16, jnp.float16)  # noqa: E731
+                           else xla(q, k, v))
+    tpu = lambda q, k, v: tpu_flash(q, k, v, causal) if flash_shapes else xla(q, k, v)  # noqa: E731
+    if impl == "auto":
+        out = jax.lax.platform_dependent(q, k, v, cpu=chunked, cuda=gpu, tpu=tpu, default=xla)
+    elif impl == "flash":
+        out = jax.lax.platform_dependent(q, k, v, cuda=gpu, default=tpu)
+    elif impl == "cudnn":
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     else:
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+        out = {"chunked": chunked, "xla": xla}[impl](q, k, v)
     return out.reshape(b, lq, d).astype(dtype)
+
+
+def _pad_head_dim(x, to):
+    return x if x.shape[-1] == to else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, to - x.shape[-1])])
+
+
+def tpu_flash(q, k, v, causal=False):
+    """Pallas TPU flash attention: q: [B, T, H, Dh], k/v: [B, S, H, Dh] -> [B, T, H, Dh]; T, S multiples of 128.
+    Head dims over 128 are zero-padded to a multiple of 128 (zeros change neither scores nor outputs)."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+    dh = q.shape[-1]
+    to = dh if dh <= 128 else -(-dh // 128) * 128
+    t, s = q.shape[1], k.shape[1]
+    heads_first = lambda x: _pad_head_dim(x, to).transpose(0, 2, 1, 3)  # noqa: E731 [B, H, L, Dh]
+    block = lambda n: math.gcd(n, 512)  # noqa: E731
+    sizes = fa.BlockSizes(block_q=block(t), block_k_major=block(s), block_k=block(s), block_b=1,
+                          block_q_major_dkv=block(t), block_k_major_dkv=block(s), block_k_dkv=block(s),
+                          block_q_dkv=block(t), block_k_major_dq=block(s), block_k_dq=block(s), block_q_dq=block(t))
+    out = fa.flash_attention(heads_first(q), heads_first(k), heads_first(v), causal=causal, sm_scale=dh ** -0.5,
+                             block_sizes=sizes)
+    return out.transpose(0, 2, 1, 3)[..., :dh]
+
+
+def gpu_flash(q, k, v, causal=False, interpret=False):
+    """Pallas GPU (Triton) flash attention, [B, T, H, Dh] layout; head dims zero-padded to a power of 2 >= 16.
+    interpret: run the kernel in Pallas' interpreter (any platform; tests)."""
+    from jax.experimental.pallas.ops.gpu import attention as ga
+    dh = q.shape[-1]
+    to = max(16, 1 << (dh - 1).bit_length())
+    q, k, v = (_pad_head_dim(x, to) for x in (q, k, v))
+    out = ga.mha(q, k, v, segment_ids=None, sm_scale=dh ** -0.5, causal=causal, interpret=interpret)
+    return out[..., :dh]
 
 
 def _softmax_attend(q, k, v, causal, offset=0):

@@ -1,4 +1,5 @@
-"""Convolution for the models: flax's nn.Conv, with three faster ways on CPU for what the models use.
+"""Convolution for the models: flax's nn.Conv, with three faster ways on CPU for what the models use (chosen
+when lowering for CPU; other platforms get XLA's convolution).
 
 - 3x3 float32 convolutions from 16x16 on: Winograd F(4x4, 3x3) (Lavin & Gray 2016), 4x fewer
   multiplications: the input and output tiles go through fixed 6x6 / 4x6 transforms and the channels
@@ -65,8 +66,16 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
              and all(d in (None, 1) or d == (1, 1) for d in (lhs_dilation, rhs_dilation))
              and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
              and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1))
-    if not plain or jax.default_backend() != "cpu":
+    if not plain:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **args)
+    # chosen for the platform the code is lowered for: XLA's own convolution everywhere but on CPU
+    return lax.platform_dependent(
+        lhs, rhs, cpu=lambda lhs, rhs: _cpu_conv(lhs, rhs, window_strides, padding, precision, args),
+        default=lambda lhs, rhs: lax.conv_general_dilated(lhs, rhs, window_strides, padding, **args))
+
+
+def _cpu_conv(lhs, rhs, window_strides, padding, precision, args):
+    """Winograd, im2col or XLA's convolution, whichever is fastest on CPU for this shape."""
     kh, kwd, _, cout = rhs.shape
     _, h, w, _ = lhs.shape
     if isinstance(padding, str):

@@ -1,16 +1,36 @@
 """Multi-process plumbing: joining the cluster, and host values every process must agree on."""
 import base64
 import json
+import logging
+import os
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 
+# Variables a multi-process launch sets, with the process count: SLURM, Open MPI / PMI (mpirun, Kubernetes
+# MPI jobs), and the worker list of a multi-host Cloud TPU slice.
+_CLUSTER_SIZE = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def in_cluster(environ=os.environ):
+    """Whether this process is one of several that a cluster launcher started (jax.distributed can find them)."""
+    sizes = [environ.get(k, "") for k in _CLUSTER_SIZE]
+    return any(s.isdigit() and int(s) > 1 for s in sizes) or "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
 def initialize(coordinator, num_processes, process_id):
-    """jax.distributed.initialize when a coordinator address is given (or JAX finds one in the environment)."""
+    """Join the other processes: with a coordinator address as given; on a SLURM / MPI cluster or a multi-host
+    TPU slice, by jax.distributed.initialize() with no arguments (JAX reads the cluster's environment);
+    otherwise this is the only process."""
     if coordinator:
         jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif in_cluster():
+        jax.distributed.initialize()
+    else:
+        return
+    logging.getLogger("sdjax").info("process %d of %d", jax.process_index(), jax.process_count())
 
 
 def _jsonable(obj):

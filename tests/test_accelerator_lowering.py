@@ -1,0 +1,89 @@
+"""The graphs that run on GPU/TPU, checked on this CPU by lowering for those platforms: the fused attention
+kernel is in the module, the CPU-only convolution paths (Winograd, im2col) are not."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.models import tiny
+from sdjax import sampling
+from sdjax.diffusion import samplers, schedules
+from sdjax.models import attention, registry
+
+KERNEL = {"tpu": "tpu_custom_call", "cuda": "triton"}  # Pallas flash attention's custom call, per platform
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """The tiny U-Net at 16x16 latents (256 tokens at the top level: flash-sized), bfloat16, abstract params."""
+    cfg = tiny.get_config().to_dict()["unet"]
+    module = registry.build("unet", {**cfg, "sample_size": 16}, dtype=jnp.bfloat16)
+    shapes = registry.param_shapes("unet", module)
+    convs = sum(x.ndim == 4 for x in jax.tree.leaves(shapes))  # conv kernels are HWIO
+    return module, shapes, convs, cfg["cross_attention_dim"]
+
+
+def _guided(module):
+    def fn(p, x, c, u):
+        unet_fn = lambda x, t, c: module.apply({"params": p}, x, t, c)  # noqa: E731
+        return sampling.guided_prediction(unet_fn, x, jnp.float32(500), c, u, 7.5, None)
+    return fn
+
+
+def _sampler_loop(module):
+    plan = samplers.SAMPLERS["dpmpp_2m"].plan(schedules.scheduler_settings(dict(beta_schedule="scaled_linear")), 3)
+
+    def fn(p, x, c, u):
+        unet_fn = lambda x, t, c: module.apply({"params": p}, x, t, c)  # noqa: E731
+        keys = jax.random.split(jax.random.key(0), x.shape[0])
+        return sampling.sample(unet_fn, samplers.SAMPLERS["dpmpp_2m"], plan.options, plan.steps, plan.timesteps,
+                               x.astype(jnp.float32), c, keys, guidance_scale=7.5, uncond=u)
+    return fn
+
+
+def _lowered(fn, shapes, dim, platform, attention_impl="auto"):
+    x = jax.ShapeDtypeStruct((2, 16, 16, 4), jnp.bfloat16)
+    c = jax.ShapeDtypeStruct((2, 77, dim), jnp.bfloat16)
+    with attention.implementation(attention_impl):
+        return jax.jit(fn).trace(shapes, x, c, c).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("graph", [_guided, _sampler_loop], ids=["guided_unet", "sampler_scan"])
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_accelerator_graph_has_flash_attention_and_no_cpu_paths(unet, graph, platform):
+    module, shapes, convs, dim = unet
+    text = _lowered(graph(module), shapes, dim, platform)
+    assert KERNEL[platform] in text
+    assert text.count("stablehlo.convolution") == convs  # every conv is XLA's: no Winograd / im2col
+    # the effect: lowered for the CPU, the same graph has neither kernel and fewer convolutions
+    cpu = _lowered(graph(module), shapes, dim, "cpu")
+    assert not any(k in cpu for k in KERNEL.values()) and cpu.count("stablehlo.convolution") < convs
+    # forcing XLA attention removes the kernel
+    assert KERNEL[platform] not in _lowered(graph(module), shapes, dim, platform, "xla")
+
+
+def test_float32_falls_back_to_xla_on_cuda_and_keeps_flash_on_tpu():
+    q = jax.ShapeDtypeStruct((1, 256, 64), jnp.float32)
+    fn = jax.jit(lambda q: attention.multi_head_attention(q, q, q, 2, upcast=True))
+    assert "triton" not in fn.trace(q).lower(lowering_platforms=("cuda",)).as_text()
+    assert "tpu_custom_call" in fn.trace(q).lower(lowering_platforms=("tpu",)).as_text()
+
+
+@pytest.mark.parametrize("dh", [40, 80, 160])
+def test_flash_head_dims_lower(dh):
+    """SD's head dims (40/80/160 in SD 1.x) are padded to what the kernels take, never an error."""
+    for dtype, platform in ((jnp.bfloat16, "tpu"), (jnp.float16, "cuda")):
+        q = jax.ShapeDtypeStruct((1, 256, 2 * dh), dtype)
+        fn = jax.jit(lambda q: attention.multi_head_attention(q, q, q, 2))
+        assert KERNEL[platform] in fn.trace(q).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_gpu_flash_wrapper_matches_xla_in_interpret_mode():
+    """The Pallas GPU kernel run by Pallas' interpreter on this CPU: our layout and head-dim padding (40 -> 64)
+    give jax.nn.dot_product_attention's result."""
+    ks = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (1, 128, 2, 40), jnp.float32) for key in ks)
+    got = attention.gpu_flash(q, k, v, interpret=True)
+    want = jax.nn.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.abs(want - jax.nn.dot_product_attention(q, k, v * 1.01)).max() > 100 * 2e-5
