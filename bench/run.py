@@ -35,12 +35,16 @@ SPECS = {
     "sd15": [("text_encode", {}), ("unet_cfg", dict(size=256)), ("unet_cfg", dict(size=512)),
              ("vae_decode", dict(size=512)), ("sample", dict(size=256, steps=25)),
              ("train_step", dict(size=256, batch=1))],
+    # bench/device.sh on one GPU: 512², 50 DPM++ steps with guidance at batch 1 and 8, the train step at batch 8
+    "sd15-device": [("sample", dict(size=512, steps=50, batch=1)), ("sample", dict(size=512, steps=50, batch=8)),
+                    ("train_step", dict(size=512, batch=8))],
     "demo": [("text_encode", {}), ("unet_cfg", dict(size=64)), ("vae_decode", dict(size=64)),
              ("sample", dict(size=64, steps=25)), ("train_step", dict(size=64, batch=8))],
 }
 
 
 def folder(model):
+    model = model.split("-")[0]  # sd15-device: the SD 1.5 folder
     if model == "demo":
         from sdjax.demo import DEMO_MODEL
         return DEMO_MODEL
@@ -89,6 +93,11 @@ def child(model, dtype, impls, cases, repeats):
                        xla_bytes=case.xla_bytes, peak_extra_rss=extra[side.name])
             if name == "sample" and side.name == "sdjax":
                 rec["loop_s_per_step"] = case.loop_s / spec["steps"]
+            if side.name == "sdjax":
+                from bench.sdjax_side import device_peak_bytes
+                rec["device_peak_bytes"] = device_peak_bytes()
+            elif side.torch.cuda.is_available():
+                rec["device_peak_bytes"] = side.torch.cuda.max_memory_allocated()
             print("RESULT " + json.dumps(rec), flush=True)
         del built
 
@@ -128,8 +137,9 @@ def table(records, info):
     """Rows of case | dtype | sdjax | torch | ratio | GFLOP | GFLOP/s | % of peak | compile | memory."""
     by = {}
     for r in records:
-        by.setdefault((r["model"], r["case"], r.get("size"), r["dtype"]), {})[r["impl"]] = r
-    lines = [f"{'model':5} {'case':11} {'size':>4} {'dtype':8} {'sdjax s':>8} {'torch s':>8} {'ratio':>6} "
+        size = r.get("size") and (f"{r['size']}" + (f"x{r['batch']}" if r.get("batch", 1) > 1 else ""))
+        by.setdefault((r["model"], r["case"], size, r["dtype"]), {})[r["impl"]] = r
+    lines = [f"{'model':5} {'case':11} {'size':>6} {'dtype':8} {'sdjax s':>8} {'torch s':>8} {'ratio':>6} "
              f"{'GFLOP':>8} {'GFLOP/s':>8} {'%peak':>6} {'compile':>7} {'XLA MiB':>8} {'torch MiB':>9}"]
     for (model, case, size, dtype), row in by.items():
         s, t = row.get("sdjax"), row.get("torch")
@@ -139,7 +149,7 @@ def table(records, info):
         peak = info["matmul_peak_flops"].get(dtype)
         mib = lambda b, w: format(b / 2 ** 20, f"{w}.0f") if b else format("-", f">{w}")  # noqa: E731
         num = lambda x, f: format(x, f) if x is not None else "-"  # noqa: E731
-        lines.append(f"{model:5} {case:11} {size or '':>4} {dtype:8} {num(s and s['median_s'], '8.3f'):>8} "
+        lines.append(f"{model:5} {case:11} {size or '':>6} {dtype:8} {num(s and s['median_s'], '8.3f'):>8} "
                      f"{num(t and t['median_s'], '8.3f'):>8} {num(ratio, '6.2f'):>6} {num(fl and fl / 1e9, '8.1f'):>8} "
                      f"{num(rate and rate / 1e9, '8.1f'):>8} {num(rate and peak and 100 * rate / peak, '6.1f'):>6} "
                      f"{num(s and s['compile_s'], '7.1f'):>7} {mib(s and s['xla_bytes'], 8)} "

@@ -80,7 +80,7 @@ class Sdjax:
             compile_s = None
 
             def run(self):
-                pipe.generate(common.PROMPT, num_steps=spec["steps"], guidance_scale=common.GUIDANCE,
+                pipe.generate([common.PROMPT] * spec.get("batch", 1), num_steps=spec["steps"], guidance_scale=common.GUIDANCE,
                               sampler="dpmpp_2m", height=spec["size"], width=spec["size"], progress=False)
                 self.compile_s = pipe.last_timings.get("compile_sample", self.compile_s)
                 self.loop_s = pipe.last_timings["sample"]  # the denoising loop alone
@@ -118,6 +118,12 @@ class Sdjax:
         ctx = jnp.asarray(np.random.default_rng(1).standard_normal((b, 77, te.hidden_size), np.float32))
         self.sd.params["unet"] = None  # the step owns the (fp32) weights now: keep one copy in memory
         return Case(step, params, tx.init(params), x, jnp.full((b,), 500), ctx, jnp.asarray(x), donate=(0, 1))
+
+
+def device_peak_bytes():
+    """Peak memory in use on the first device since the process started (GPU/TPU allocator stats), or None."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
 
 
 def matmul_peak(dtype, n=4096, repeats=5):
