@@ -1,6 +1,6 @@
 """Train Stable Diffusion in JAX (all logic lives in sdjax.train).
 
-    python train.py --config=configs/train_tiny.py --workdir=/tmp/run [--config.total_steps=500 ...]
+    python train.py --config=configs/train/tiny.py --workdir=/tmp/run [--config.total_steps=500 ...]
     python train.py ... --coordinator=host0:1234 --num_processes=2 --process_id=0   # one per host
 
 A run resumes from the latest checkpoint in --workdir; SIGTERM saves and exits; --export_dir
@@ -14,7 +14,7 @@ from ml_collections import config_flags
 
 from sdjax import host_memory
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/train_*.py file", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/train/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here")
 _EXPORT = flags.DEFINE_string("export_dir", None, "after training, write a diffusers folder here")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "multi-host: address:port of process 0")

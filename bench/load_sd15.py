@@ -15,7 +15,7 @@ import time
 def write_random_folder(folder):
     import jax
     import numpy as np
-    from configs import sd15
+    from configs.models import sd15
     from sdjax.text.clip_vocab import write_clip_tokenizer
     from sdjax.models import registry
     from sdjax.weights.diffusers import save_folder

@@ -54,20 +54,21 @@ class Sdjax:
         return jnp.zeros((2, te.max_position_embeddings, te.hidden_size), jnp.dtype(self.dtype))
 
     def unet_cfg(self, spec):
-        unet, g = self.sd.unet, common.GUIDANCE
+        """The guided U-Net call of the sampling loop (one image and its unconditional twin, batch 2)."""
+        from sdjax.sampling import guided_prediction
+        unet = self.sd.unet
 
         def fn(p, x, t, ctx):
-            uncond, cond = jnp.split(unet.apply({"params": p}, jnp.concatenate([x, x]), t, ctx), 2)
-            return uncond + g * (cond - uncond)
+            unet_fn = lambda x, t, c: unet.apply({"params": p}, x, t, c)  # noqa: E731
+            return guided_prediction(unet_fn, x, t, ctx[1:], ctx[:1], common.GUIDANCE, None)
         x = jnp.asarray(common.latents(spec, self.sd.latent_channels, self.sd.vae_scale_factor))
         return Case(fn, self.sd.params["unet"], x.astype(jnp.dtype(self.dtype)), jnp.asarray(500), self._context())
 
     def vae_decode(self, spec):
-        from sdjax.models.autoencoder import AutoencoderKL
+        from sdjax.models.autoencoder import from_latents
         vae = self.sd.vae
         z = common.latents(spec, self.sd.latent_channels, self.sd.vae_scale_factor)
-        return Case(lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode),
-                    self.sd.params["vae"], jnp.asarray(z, jnp.dtype(self.dtype)))
+        return Case(lambda p, z: from_latents(vae, p, z), self.sd.params["vae"], jnp.asarray(z, jnp.dtype(self.dtype)))
 
     def sample(self, spec):
         """The whole pipeline: text encoding, `steps` DPM++ steps with guidance, VAE decoding.
@@ -86,7 +87,7 @@ class Sdjax:
 
             @property
             def _analysis(self):
-                return analysis(next(c for k, c in pipe._compiled.items() if k[0] == "sample"))
+                return analysis(pipe.last_compiled["sample"])
 
             @property
             def flops(self):  # XLA counts a loop body once: the denoising loop is about `steps` times that

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from sdjax import sampling
 from sdjax.diffusion import samplers as samplers_lib
 from sdjax.models.autoencoder import from_latents, to_latents
+from sdjax.models.conv import loop_constant_kernels
 from sdjax.text.tokenizer import tokenize
 from sdjax.weights.pretrained import load_pretrained
 
@@ -48,6 +49,32 @@ def to_mask_array(mask, height, width):
     if mask.size != (width, height):
         mask = mask.resize((width, height), Image.LANCZOS)
     return (np.asarray(mask, np.float32) / 255 >= 0.5).astype(np.float32)
+
+
+def _prompt_lists(prompt, negative_prompt, per_prompt):
+    """(prompts, negative prompts), one per image: each prompt repeated `per_prompt` times."""
+    given = _as_list(prompt, "prompt")
+    negatives = [""] if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+    negatives = negatives * len(given) if len(negatives) == 1 else negatives
+    if len(negatives) != len(given):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(given)} prompts")
+    repeat = lambda items: [x for x in items for _ in range(per_prompt)]  # noqa: E731
+    return repeat(given), repeat(negatives)
+
+
+def denoise(unet, params, steps, timesteps, batch, start, first, scale, rescale, *, sampler, options, rescaled,
+            groups, progress):
+    """The sampling loop on a batch (`StableDiffusion._batch`) -> final latents [b,h,w,c], from x =
+    first[0] * image_latents + first[1] * noise at iteration `start`. The keyword arguments are static."""
+    x = first[1] * batch["noise"]
+    if "image_latents" in batch:
+        x = x + first[0] * batch["image_latents"]
+    with loop_constant_kernels():  # the U-Net's weights are constants of the loop: transform them once
+        return sampling.sample(
+            lambda x, t, c: unet.apply({"params": params}, x, t, c), samplers_lib.SAMPLERS[sampler], dict(options),
+            steps, timesteps, x, batch["context"], batch["keys"], guidance_scale=scale, uncond=batch.get("uncond"),
+            start=start, guidance_rescale=rescale if rescaled else None, concat=batch.get("concat"),
+            blend=batch.get("blend"), noise=batch.get("step_noise"), progress=progress, groups=groups)
 
 
 SEEDS = 2 ** 32  # seeds are 0 .. 2^32 - 1, as UIs write them
@@ -88,7 +115,8 @@ class StableDiffusion:
         self.per_image = jax.default_backend() == "cpu"
         self._compiled = {}
         self.compile_count = 0
-        self.last_timings = {}
+        self.last_timings = {}  # compile and run seconds of the last call, by part
+        self.last_compiled = {}  # the compiled executables of the last call, by part (XLA's cost/memory analyses)
 
     @classmethod
     def load(cls, path, dtype="float32", **options):
@@ -97,26 +125,29 @@ class StableDiffusion:
 
     # ---- compiled pieces ----
 
-    def _compile(self, name, fn, *args, static=()):
-        """`fn` compiled once per (name, static, argument shapes); compile time is recorded."""
-        sig = (name, static, self.per_image, jax.tree.structure(args),
+    def _compile(self, name, fn, *args, **static):
+        """fn(*args, **static) compiled once per (name, static, argument shapes); compile time is recorded.
+        The static keyword arguments are the compile key and what fn receives: nothing else may vary."""
+        sig = (name, tuple(sorted(static.items())), self.per_image, jax.tree.structure(args),
                tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)))
         if sig not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[sig] = jax.jit(fn).lower(*args).compile()
+            self._compiled[sig] = jax.jit(functools.partial(fn, **static)).lower(*args).compile()
             self.compile_count += 1
             self.last_timings[f"compile_{name}"] = time.perf_counter() - t0
+        self.last_compiled[name] = self._compiled[sig]
         return self._compiled[sig]
 
-    def _run(self, name, fn, *args, static=()):
-        """Call `fn(*args)`, compiled once per (name, static, argument shapes)."""
-        return self._compile(name, fn, *args, static=static)(*args)
+    def _run(self, name, fn, *args, **static):
+        """Call `fn(*args, **static)`, compiled once per (name, static, argument shapes)."""
+        return self._compile(name, fn, *args, **static)(*args)
 
     def _batched(self, fn):
-        """fn over batch-leading arrays, image by image when `per_image`."""
+        """fn(params, *batch-leading arrays, **static), image by image when `per_image`."""
         if not self.per_image:
             return fn
-        return lambda p, *xs: sampling.map_images(functools.partial(fn, p), self.mesh.devices.size, *xs)
+        groups = self.mesh.devices.size
+        return lambda p, *xs, **static: sampling.map_images(functools.partial(fn, p, **static), groups, *xs)
 
     def _shard(self, x):
         """Put a batch-leading array on all local devices along the batch axis."""
@@ -129,8 +160,8 @@ class StableDiffusion:
         if truncated:
             log.warning("a prompt is longer than %d tokens and was truncated (as the reference does)",
                         self.text_encoder.max_position_embeddings)
-        fn = lambda p, i: self.text_encoder.apply({"params": p}, i, clip_skip)["last_hidden_state"]  # noqa: E731
-        return self._run("text", self._batched(fn), self.params["text_encoder"], jnp.asarray(ids), static=(clip_skip,))
+        fn = lambda p, i, clip_skip: self.text_encoder.apply({"params": p}, i, clip_skip)["last_hidden_state"]  # noqa: E731
+        return self._run("text", self._batched(fn), self.params["text_encoder"], jnp.asarray(ids), clip_skip=clip_skip)
 
     def encode_images(self, images, noise=None):
         """[B,H,W,3] in [-1, 1] -> scaled latents [B,H/f,W/f,c]: the posterior mean, or with unit `noise`
@@ -145,7 +176,7 @@ class StableDiffusion:
 
     # ---- generation ----
 
-    def _validate(self, num_steps, sampler, height, width, strength, image, mask,
+    def _validate(self, num_steps, sampler, height, width, strength, image, mask, seed=0, n=1, clip_skip=0,
                   guidance_scale=0.0, guidance_rescale=0.0, eta=0.0):
         numbers = dict(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, strength=strength)
         for name, value in numbers.items():  # NaN passes every comparison below; it would sample NaN images
@@ -169,6 +200,11 @@ class StableDiffusion:
         inpaint_unet = self.unet.in_channels == 2 * self.latent_channels + 1
         if inpaint_unet and mask is None:
             raise ValueError("this is an inpainting U-Net (9 input channels): give image= and mask=")
+        if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEEDS - n:
+            raise ValueError(f"seed must be an integer in [0, 2^32 - {n}] for {n} image(s), got {seed!r}")
+        layers = self.text_encoder.num_hidden_layers
+        if not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+            raise ValueError(f"clip_skip must be an integer in [0, {layers - 1}], got {clip_skip!r}")
 
     def generate(self, prompt, negative_prompt=None, num_steps=50, guidance_scale=7.5, sampler="ddim",
                  seed=0, height=None, width=None, latents=None, eta=0.0, image=None, mask=None,
@@ -183,78 +219,36 @@ class StableDiffusion:
         (NOISE_KINDS; "initial", "image", "masked_image": [N, H/f, W/f, c]; "steps": [S, N, H/f, W/f, c] for the
         S iterations that run); latents= is noise={"initial": latents} (diffusers' `latents=`).
         """
-        given = _as_list(prompt, "prompt")
-        negatives = [""] if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
-        negatives = negatives * len(given) if len(negatives) == 1 else negatives
-        if len(negatives) != len(given):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(given)} prompts")
-        repeat = lambda items: [x for x in items for _ in range(num_images_per_prompt)]  # noqa: E731
-        prompts, negatives = repeat(given), repeat(negatives)
-        n = len(prompts)
-        f = self.vae_scale_factor
+        prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images_per_prompt)
+        n, f = len(prompts), self.vae_scale_factor
         height = height or self.unet.sample_size * f
         width = width or self.unet.sample_size * f
-        self._validate(num_steps, sampler, height, width, strength, image, mask,
+        self._validate(num_steps, sampler, height, width, strength, image, mask, seed, n, clip_skip,
                        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta)
-        if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEEDS - n:
-            raise ValueError(f"seed must be an integer in [0, 2^32 - {n}] for {n} image(s), got {seed!r}")
-        if not isinstance(clip_skip, int) or not 0 <= clip_skip < self.text_encoder.num_hidden_layers:
-            raise ValueError(f"clip_skip must be an integer in [0, {self.text_encoder.num_hidden_layers - 1}], "
-                             f"got {clip_skip!r}")
-        noise = dict(noise or {})
-        if latents is not None:
-            noise["initial"] = latents
+        noise = {**(noise or {}), **({} if latents is None else {"initial": latents})}
 
         # Host-side plan; every array goes into the compiled loop as an argument.
-        s = samplers_lib.SAMPLERS[sampler]
         options = dict(sampler_options, eta=eta) if sampler == "ddim" else dict(sampler_options)
         settings, options = samplers_lib.configure(sampler, self.scheduler_config, **options)
-        plan = s.plan(settings, num_steps, **options)
+        plan = samplers_lib.SAMPLERS[sampler].plan(settings, num_steps, **options)
         start = (num_steps - int(num_steps * strength)) * plan.order if image is not None else 0
-        # The batch is padded to a multiple of the device count.
-        pad = -n % self.mesh.devices.size
-        b = n + pad
-        padded = lambda items: items + items[-1:] * pad  # noqa: E731
+        pad = -n % self.mesh.devices.size  # the batch is padded to a multiple of the device count
         noise = self._noise(noise, (n, height // f, width // f, self.latent_channels), pad, start,
                             len(plan.timesteps), seed)
-        cfg = guidance_scale > 1
-        batch = dict(noise=noise["initial"], keys=noise["keys"], context=self.encode_prompts(padded(prompts), clip_skip))
-        if cfg:
-            batch["uncond"] = self.encode_prompts(padded(negatives))  # diffusers skips no layer here
-        if image is not None:
-            batch.update(self._image_inputs(image, mask, height, width, b, noise, sample_posterior))
-        batch = jax.tree.map(self._shard, batch)
-        step_noise = None
-        if "steps" in noise:
-            step_noise = jax.device_put(noise["steps"], NamedSharding(self.mesh, P(None, "data")))
-        # Inpainting by latent blending re-noises the image to the NEXT iteration's level: (1, 0) after the last.
-        next_a = np.append(plan.noise_a[1:], np.float32(1)).astype(np.float32)
-        next_b = np.append(plan.noise_b[1:], np.float32(0)).astype(np.float32)
-        blend = mask is not None and "concat" not in batch
+        batch = self._batch(prompts + prompts[-1:] * pad, negatives + negatives[-1:] * pad, guidance_scale > 1,
+                            clip_skip, noise, image, mask, height, width, sample_posterior, plan)
         # Where the loop starts: from the image noised to the first level that runs (diffusers' add_noise),
         # or, for inpainting at full strength, from pure noise, as diffusers does.
         pure = image is None or (mask is not None and strength == 1)
         first = (0.0, plan.init_noise_sigma) if pure else (plan.noise_a[start], plan.noise_b[start])
-        self._first_index = start
-        unet = self.unet
-
-        def run(params, steps, timesteps, next_a, next_b, batch, step_noise, start, first, scale, rescale):
-            x = first[1] * batch["noise"]
-            if image is not None:
-                x = x + first[0] * batch["image_latents"]
-            return sampling.sample(
-                lambda x, t, c: unet.apply({"params": params}, x, t, c), s, plan.options, steps, timesteps,
-                x, batch["context"], batch["keys"], guidance_scale=scale, uncond=batch.get("uncond"), start=start,
-                guidance_rescale=rescale if guidance_rescale else None, concat=batch.get("concat"),
-                blend=(batch["image_latents"], batch["noise"], batch["mask"], next_a, next_b) if blend else None,
-                noise=step_noise, progress=self._tick if progress else None,
-                groups=self.mesh.devices.size if self.per_image else None)
-        static = (sampler, tuple(sorted(plan.options.items())), cfg, image is not None, blend, bool(guidance_rescale),
-                  progress)
-        args = (self.params["unet"], plan.steps, plan.timesteps, next_a, next_b, batch, step_noise, np.int32(start),
-                np.asarray(first, np.float32), np.float32(guidance_scale), np.float32(guidance_rescale))
+        args = (self.params["unet"], plan.steps, plan.timesteps, batch, np.int32(start), np.asarray(first, np.float32),
+                np.float32(guidance_scale), np.float32(guidance_rescale))
+        static = dict(sampler=sampler, options=tuple(sorted(plan.options.items())), rescaled=bool(guidance_rescale),
+                      groups=self.mesh.devices.size if self.per_image else None,
+                      progress=self._tick if progress else None)
         self.last_timings = {}
-        compiled = self._compile("sample", run, *args, static=static)
+        compiled = self._compile("sample", functools.partial(denoise, self.unet), *args, **static)
+        self._first_index = start
         self._bar = tqdm(total=len(plan.timesteps) - start, desc=f"{sampler} x{n}", disable=not progress, leave=False)
         t0 = time.perf_counter()
         out = jax.block_until_ready(compiled(*args))
@@ -262,6 +256,21 @@ class StableDiffusion:
         self._bar.close()
         images = np.asarray(self.decode_latents(out))[:n]
         return images if output_type == "np" else (images * 255).round().astype(np.uint8)
+
+    def _batch(self, prompts, negatives, cfg, clip_skip, noise, image, mask, height, width, sample_posterior, plan):
+        """The loop's per-image inputs, on the devices: noise, step keys (or step noise), text embeddings, and
+        image / mask inputs of img2img and inpainting."""
+        batch = dict(noise=noise["initial"], keys=noise["keys"], context=self.encode_prompts(prompts, clip_skip))
+        if cfg:
+            batch["uncond"] = self.encode_prompts(negatives)  # diffusers skips no layer here
+        if image is not None:
+            batch.update(self._image_inputs(image, mask, height, width, len(prompts), noise, sample_posterior))
+        batch = jax.tree.map(self._shard, batch)
+        if "mask" in batch:
+            batch["blend"] = sampling.Blend.from_plan(plan, batch["image_latents"], batch["noise"], batch.pop("mask"))
+        if "steps" in noise:
+            batch["step_noise"] = jax.device_put(noise["steps"], NamedSharding(self.mesh, P(None, "data")))
+        return batch
 
     def _noise(self, given, shape, pad, start, iterations, seed):
         """{"initial", "image", "masked_image": [b,h,w,c]; "keys": [b] step keys; "steps": [S,b,h,w,c] if given}:

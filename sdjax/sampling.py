@@ -2,12 +2,30 @@
 
 Pure and jit-able: params and every per-step array are arguments, nothing is read from outside.
 """
-import functools
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from sdjax.models.conv import loop_constant_kernels
+from sdjax.diffusion.plan import bind
+
+
+class Blend(NamedTuple):
+    """Inpainting by latent blending (4-channel U-Nets, as diffusers): after each iteration the unmasked region
+    is replaced by the image noised to the level of the next iteration."""
+    image: jax.Array   # [B,h,w,c] image latents
+    noise: jax.Array   # [B,h,w,c] the unit noise they are noised with
+    mask: jax.Array    # [B,h,w,1] 1 = repaint
+    next_a: jax.Array  # [S] x at the next iteration's level = next_a * image + next_b * noise; (1, 0) after the last
+    next_b: jax.Array
+
+    @classmethod
+    def from_plan(cls, plan, image, noise, mask):
+        """The blend of a plan: next_a / next_b are its noise levels shifted by one iteration."""
+        shifted = lambda a, last: np.append(a[1:], np.float32(last)).astype(np.float32)  # noqa: E731
+        return cls(image, noise, mask, shifted(plan.noise_a, 1), shifted(plan.noise_b, 0))
 
 
 def rescale_guidance(guided, cond, rescale):
@@ -57,21 +75,20 @@ def sample(unet_fn, sampler, options, steps, timesteps, x, context, keys, *, gui
     """Run a sampler from iteration `start` to the end; returns the final latents [B,h,w,c] (float32, unscaled
     by the VAE factor).
 
-    unet_fn(x, t, context) -> prediction; sampler/options: a `samplers.Sampler` and its plan's static
+    unet_fn(x, t, context) -> prediction; sampler/options: a `plan.Sampler` and its plan's static
     options; steps/timesteps: the plan's per-iteration arrays [S, ...]; start: the first iteration run (may be
     traced: img2img's strength then needs no recompilation; the sampler's state begins there, as a sliced
     plan's would); x: starting latents in the sampler's scale; keys: [B] per-image PRNG keys for stochastic
     samplers, or noise: [S, B,h,w,c] the unit noise of every iteration instead. concat: [B,h,w,k] channels
-    appended to the U-Net input (mask + masked-image latents of 9-channel inpainting U-Nets). blend:
-    (image_latents, noise, mask, next_a, next_b) for inpainting by latent blending: after each step the
-    unmasked region is replaced by the image noised to the next level (next_a/next_b: [S], (1, 0) last).
+    appended to the U-Net input (mask + masked-image latents of 9-channel inpainting U-Nets). blend: a `Blend`
+    for inpainting by latent blending.
     progress(index) is called from the loop body through `jax.debug.callback`.
     """
-    step_fn = functools.partial(sampler.step, **options)
+    step_fn = bind(sampler, options)
     dtype = jax.tree.leaves(context)[0].dtype
     xs = {"step": steps, "t": timesteps}
     if blend is not None:
-        xs.update(next_a=blend[3], next_b=blend[4])
+        xs.update(next_a=blend.next_a, next_b=blend.next_b)
     if noise is not None:
         xs["noise"] = noise
 
@@ -86,13 +103,10 @@ def sample(unet_fn, sampler, options, steps, timesteps, x, context, keys, *, gui
         eps = it["noise"] if noise is not None else step_noise(keys, step["index"], x.shape[1:])
         state = step_fn(state, out.astype(jnp.float32), step, eps)
         if blend is not None:
-            image, first_noise, mask, _, _ = blend
-            proper = it["next_a"] * image + it["next_b"] * first_noise
-            state = {**state, "x": (1 - mask) * proper + mask * state["x"]}
+            proper = it["next_a"] * blend.image + it["next_b"] * blend.noise
+            state = {**state, "x": (1 - blend.mask) * proper + blend.mask * state["x"]}
         if progress is not None:
             jax.debug.callback(progress, step["index"])
         return state
 
-    with loop_constant_kernels():  # the U-Net's weights are constants of the loop
-        state = jax.lax.fori_loop(start, len(timesteps), body, sampler.init(x, steps))
-    return state["x"]
+    return jax.lax.fori_loop(start, len(timesteps), body, sampler.init(x, steps))["x"]

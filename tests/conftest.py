@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from configs import tiny
+from configs.models import tiny
 from sdjax.text.clip_vocab import write_clip_tokenizer
 
 torch.set_num_threads(1)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from sdjax.diffusion import samplers
+from sdjax.diffusion.plan import bind
 
 # The SD 1.x scheduler_config.json (PNDM), also what pipelines pass to other schedulers' from_config.
 SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -73,7 +73,7 @@ def run_diffusers(scheduler, x, noises=None, randn_module=None, start=0, step_kw
 
 def run_ours(sampler, plan, x, noises=None):
     """Our sampler under jit + lax.scan, one fake-model call per iteration -> [S,...] x after each iteration."""
-    step_fn = samplers.bind(sampler, plan)
+    step_fn = bind(sampler, plan.options)
     n = len(plan.timesteps)
     noises = np.zeros((n,) + x.shape, np.float32) if noises is None else noises[:n]
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import train_vae_tiny
+from configs.train import vae_tiny as train_vae_tiny
 from sdjax.data import synthetic_shapes as shapes
 from sdjax.models.lpips import LPIPS
 from sdjax.train.vae import vae_losses, vae_stage, vae_step
@@ -14,7 +14,7 @@ STEPS, DISC_START = 24, 12
 
 
 def tiny_config():
-    """configs/train_vae_tiny.py with a still smaller VAE / discriminator (32x32 images)."""
+    """configs/train/vae_tiny.py with a still smaller VAE / discriminator (32x32 images)."""
     c = train_vae_tiny.get_config()
     c.model.vae.update(block_out_channels=(8, 16), norm_num_groups=4)
     c.model.discriminator.update(ndf=8, n_layers=2, norm_num_groups=4)

@@ -1,7 +1,7 @@
 """The autoencoder stage through the training loop: train, checkpoint, resume, export, the VAE in diffusers.
 
 Fast: sdjax.train.loop.train in this process (1 device, in-memory data). Slow: `train.py --config
-configs/train_vae_tiny.py` on 4 fake devices (data x fsdp = 2 x 2) with the real shapes pipeline.
+configs/train/vae_tiny.py` on 4 fake devices (data x fsdp = 2 x 2) with the real shapes pipeline.
 """
 import json
 import os
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs import train_vae_tiny
+from configs.train import vae_tiny as train_vae_tiny
 from sdjax.train import loop, stages
 from sdjax.train.vae import vae_stage
 from sdjax.train.checkpoint import Checkpointer
@@ -96,7 +96,7 @@ def test_config_errors():
 def train_cli(workdir, data_dir, steps, export_dir=None):
     """train.py in a fresh process with 4 CPU devices, data x fsdp = 2 x 2; returns its output."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    args = [sys.executable, "train.py", "--config=configs/train_vae_tiny.py", f"--workdir={workdir}",
+    args = [sys.executable, "train.py", "--config=configs/train/vae_tiny.py", f"--workdir={workdir}",
             f"--config.total_steps={steps}", "--config.batch_size=8", "--config.log_every=1",
             "--config.checkpoint_every=2", "--config.loss.disc_start=0", "--config.mesh.data=2",
             "--config.mesh.fsdp=2", "--config.mesh.min_shard_size=256", *SMALL, f"--config.data.data_dir={data_dir}",

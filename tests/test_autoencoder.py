@@ -10,7 +10,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from sdjax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sdjax.weights.convert import to_params, to_state_dict, torch_name
-from sdjax.weights.errors import WeightLoadError
+from sdjax.errors import UnsupportedConfig
 
 torch.set_num_threads(1)
 TOL = 1e-4
@@ -202,5 +202,5 @@ def test_from_config_rejects_unsupported(key, value):
     cfg = dict(SD15_VAE, block_out_channels=[128, 256],
                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
     cfg[key] = value
-    with pytest.raises(WeightLoadError, match=key):
+    with pytest.raises(UnsupportedConfig, match=key):
         AutoencoderKL.from_config(cfg)

@@ -111,7 +111,7 @@ def test_sample_refuses_non_finite_numbers(torch_folder, capsys):
 def train_error(tmp_path, overrides, capsys, monkeypatch):
     """train.py's exit message with the config's fields set as `--config.key=value` would set them."""
     from absl import flags
-    argv = ["train.py", f"--config={ROOT}/configs/train_tiny.py", f"--workdir={tmp_path / 'run'}"]
+    argv = ["train.py", f"--config={ROOT}/configs/train/tiny.py", f"--workdir={tmp_path / 'run'}"]
     monkeypatch.setattr(sys, "argv", argv)  # config_flags defines --config.x flags from sys.argv: none here,
     flags.FLAGS(argv)                       # so re-parsing (a fresh config each time) defines nothing twice
     for key, value in overrides.items():
@@ -138,7 +138,7 @@ def test_train_bad_config_and_data(tmp_path, capsys, monkeypatch):
 
 def test_train_batch_not_divisible_by_devices(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.run([sys.executable, "train.py", "--config=configs/train_tiny.py", f"--workdir={tmp_path}",
+    proc = subprocess.run([sys.executable, "train.py", "--config=configs/train/tiny.py", f"--workdir={tmp_path}",
                            "--config.batch_size=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "train.py: train config: batch_size=3 must be a multiple of the 2 devices" in proc.stderr

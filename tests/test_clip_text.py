@@ -8,7 +8,7 @@ import transformers
 
 from sdjax.models.clip_text import CLIPTextModel
 from sdjax.weights.convert import to_params, to_state_dict
-from sdjax.weights.errors import WeightLoadError
+from sdjax.errors import UnsupportedConfig
 
 VOCAB = 1000
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4,
@@ -92,7 +92,7 @@ def test_clip_text_names_round_trip(name):
 @pytest.mark.parametrize("bad", [dict(hidden_act="gelu_new"), dict(model_type="t5"),
                                  dict(eos_token_id=[2, 3]), dict(num_attention_heads=5)])
 def test_clip_text_rejects_unsupported_config(bad):
-    with pytest.raises(WeightLoadError, match=next(iter(bad))):
+    with pytest.raises(UnsupportedConfig, match=next(iter(bad))):
         CLIPTextModel.from_config(dict(CONFIGS["sd1"], **bad))
 
 

@@ -11,7 +11,7 @@ from sdjax.demo import DEMO_MODEL
 from sdjax.pipeline import StableDiffusion
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEMO_MODEL, "model_index.json")),
-                                reason="the demo model is not built (python -m sdjax.demo.build)")
+                                reason="the demo model is not built (python scripts/build_demo.py)")
 
 
 def test_demo_model_is_small():

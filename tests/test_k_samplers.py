@@ -7,7 +7,8 @@ from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteSchedu
 
 from sampler_reference import SD_CONFIG, run_diffusers, run_ours, test_inputs
 from sdjax.diffusion import schedules
-from sdjax.diffusion.samplers import SAMPLERS, slice_plan
+from sdjax.diffusion.plan import slice_plan
+from sdjax.diffusion.samplers import SAMPLERS
 
 torch.set_num_threads(1)
 TOL = 1e-4      # max abs difference where |x| stays O(10) (SD's sigma_max ~ 14.6)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from sdjax.models.lpips import LPIPS, load_lpips
+from sdjax.models.lpips import LPIPS
+from sdjax.weights.lpips import load_lpips
 from sdjax.weights.convert import to_params, to_state_dict
-from sdjax.weights.errors import WeightLoadError
+from sdjax.errors import WeightLoadError
 
 torch.set_num_threads(1)
 NARROW = (8, 16, 16, 32, 32)

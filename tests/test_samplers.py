@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
 from sampler_reference import SD_CONFIG, run_diffusers, run_ours, test_inputs
-from sdjax.diffusion import samplers, schedules
+from sdjax.diffusion import plan as plan_lib, samplers, schedules
 
 torch.set_num_threads(1)
 TOL = 1e-4
@@ -97,7 +97,7 @@ def test_img2img_slice(name, strength):
     scheduler.set_timesteps(num_steps)
     start = (num_steps - int(num_steps * strength)) * scheduler.order
     full = samplers.SAMPLERS[name].plan(schedules.scheduler_settings(SD_CONFIG), num_steps)
-    plan = samplers.slice_plan(full, start)
+    plan = plan_lib.slice_plan(full, start)
     np.testing.assert_array_equal(plan.timesteps, scheduler.timesteps[start:].numpy())
     x0, noises = test_inputs(2, len(plan.timesteps) + 1)
     x_ref = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(noises[-1]), scheduler.timesteps[start:start + 1])
@@ -112,4 +112,4 @@ def test_errors():
         samplers.SAMPLERS["pndm"].plan(schedules.scheduler_settings(dict(SD_CONFIG, prediction_type="sample")), 4)
     plan = samplers.SAMPLERS["ddim"].plan(schedules.scheduler_settings(SD_CONFIG), 4)
     with pytest.raises(ValueError, match="start"):
-        samplers.slice_plan(plan, 4)
+        plan_lib.slice_plan(plan, 4)

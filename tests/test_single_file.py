@@ -9,7 +9,7 @@ from diffusers.loaders import single_file_utils as ref
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdjax.weights import single_file
-from sdjax.weights.errors import WeightLoadError
+from sdjax.errors import WeightLoadError
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ from safetensors.numpy import save_file
 
 from conftest import torch_state
 from sdjax.weights.convert import to_state_dict
-from sdjax.weights.errors import WeightLoadError
+from sdjax.errors import WeightLoadError
 from sdjax.weights.pretrained import load_pretrained
 from sdjax.weights.single_file import to_original
 

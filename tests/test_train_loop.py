@@ -89,7 +89,7 @@ def test_two_processes_agree_with_one(tmp_path, cache):
 
 
 def train_py(workdir, cache, *overrides, devices=1):
-    return run([os.path.join(ROOT, "train.py"), "--config=configs/train_tiny.py", f"--workdir={workdir}",
+    return run([os.path.join(ROOT, "train.py"), "--config=configs/train/tiny.py", f"--workdir={workdir}",
                 *[f"--config.{o}" for o in overrides]], cache, devices)
 
 
@@ -118,7 +118,7 @@ def test_resume_through_train_py_is_bit_identical(tmp_path, cache):
 def test_it_learns_shapes(tmp_path, cache):
     """The tiny model on 32x32 shapes: mean loss of the last 20 of 200 steps < 0.3 x that of the first 20.
 
-    A reference run of configs/train_tiny.py (batch 16, lr 1e-3, min-SNR 5, log_every 20) logged
+    A reference run of configs/train/tiny.py (batch 16, lr 1e-3, min-SNR 5, log_every 20) logged
     0.89 for steps 1-20, 0.38 at 40, 0.15 at 100, 0.11 at 181-200: the ratio is ~0.12.
     """
     workdir = tmp_path / "learn"
@@ -131,7 +131,7 @@ def test_it_learns_shapes(tmp_path, cache):
 @pytest.mark.slow
 def test_remat_and_bf16_steps(tmp_path):
     """One step of the tiny model: remat changes nothing; bf16 compute stays close to fp32, master params fp32."""
-    from configs import train_tiny
+    from configs.train import tiny as train_tiny
     from sdjax.train import loop
     from sdjax.train.sharding import global_batch
     from train_fakes import fake_data

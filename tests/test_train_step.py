@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import train_tiny
+from configs.train import tiny as train_tiny
 from sdjax.text.clip_vocab import write_clip_tokenizer
 from sdjax.text.tokenizer import load_tokenizer
 from sdjax.train import loop, optim, sharding

@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.weights.convert import to_params, to_state_dict
-from sdjax.weights.errors import WeightLoadError
+from sdjax.errors import UnsupportedConfig
 
 torch.set_num_threads(1)
 
@@ -110,7 +110,7 @@ def test_timestep_scalar_equals_broadcast_vector(case):
     ("down_block_types", ["AttnDownBlock2D", "DownBlock2D"]), ("resnet_time_scale_shift", "scale_shift"),
     ("transformer_layers_per_block", [[1, 2], [1]]), ("mystery_option", 1)])
 def test_from_config_rejects_unsupported(key, value):
-    with pytest.raises(WeightLoadError, match=key):
+    with pytest.raises(UnsupportedConfig, match=key):
         UNet2DConditionModel.from_config({**SD1, key: value})
 
 

@@ -10,7 +10,7 @@ from flax import traverse_util
 
 from conftest import torch_state as _torch_state
 from sdjax.weights.convert import to_state_dict
-from sdjax.weights.errors import WeightLoadError
+from sdjax.errors import WeightLoadError
 from sdjax.weights.pretrained import load_pretrained, save_pretrained
 
 

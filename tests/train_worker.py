@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_config(steps):
-    """configs/train_tiny.py at 16x16, batch 8, every step logged; small arrays are fsdp-sharded too."""
-    from configs import train_tiny
+    """configs/train/tiny.py at 16x16, batch 8, every step logged; small arrays are fsdp-sharded too."""
+    from configs.train import tiny as train_tiny
     c = train_tiny.get_config()
     c.model.vae.sample_size, c.model.unet.sample_size, c.data.image_size = 16, 8, 16
     c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 8, steps, 1, 2

@@ -11,7 +11,6 @@ import logging
 import grain
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from sdjax.data import captions, synthetic_shapes as shapes

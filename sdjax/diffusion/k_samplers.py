@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.diffusion import schedules
-from sdjax.diffusion.samplers import SAMPLERS, Plan, Sampler
+from sdjax.diffusion.plan import Plan, Sampler, x_itself, x_only
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
@@ -151,11 +151,6 @@ def dpmpp_2m_plan(settings, num_steps, use_karras_sigmas=False, final_sigmas_typ
 
 # ---- state updates (inside jit / lax.scan) ----
 
-def _k_init(x, steps):
-    """State of the single-step samplers: {"x": [B,h,w,c]}."""
-    return {"x": x}
-
-
 def _scaled_input(state, step):
     """x / sqrt(sigma^2 + 1): the U-Net's input in the variance-exploding samplers."""
     return state["x"] * step["c_in"]
@@ -164,11 +159,6 @@ def _scaled_input(state, step):
 def _denoised(x, out, step):
     """Predicted x0 [B,h,w,c] from the model output."""
     return step["c_skip"] * x + step["c_out"] * out
-
-
-def _unscaled_input(state, step):
-    """x itself: DPM-Solver++'s x is already in the U-Net's scale."""
-    return state["x"]
 
 
 def euler_step(state, out, step, noise):
@@ -217,9 +207,8 @@ def dpmpp_2m_step(state, out, step, noise):
 
 
 K_SAMPLERS = {
-    "euler": Sampler(euler_plan, _k_init, _scaled_input, euler_step),
-    "euler_a": Sampler(euler_a_plan, _k_init, _scaled_input, euler_a_step),
+    "euler": Sampler(euler_plan, x_only, _scaled_input, euler_step),
+    "euler_a": Sampler(euler_a_plan, x_only, _scaled_input, euler_a_step),
     "heun": Sampler(heun_plan, heun_init, _scaled_input, heun_step),
-    "dpmpp_2m": Sampler(dpmpp_2m_plan, dpmpp_init, _unscaled_input, dpmpp_2m_step),
+    "dpmpp_2m": Sampler(dpmpp_2m_plan, dpmpp_init, x_itself, dpmpp_2m_step),
 }
-SAMPLERS.update(K_SAMPLERS)

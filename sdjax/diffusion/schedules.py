@@ -94,6 +94,21 @@ def spaced_timesteps(settings, num_steps):
 
 # ---- conversions between what a model predicts (x_t = alpha x0 + sigma eps, alpha^2 + sigma^2 = 1) ----
 
+def add_noise(x0, eps, alpha, sigma):
+    """x_t = alpha x0 + sigma eps (diffusers' add_noise with alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t))."""
+    return alpha * x0 + sigma * eps
+
+
+def target(x0, eps, alpha, sigma, prediction_type):
+    """What a model of `prediction_type` outputs at x_t = alpha x0 + sigma eps: eps, v = alpha eps - sigma x0
+    (Salimans & Ho 2022; diffusers' get_velocity), or x0 ("sample")."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return alpha * eps - sigma * x0
+    return x0
+
+
 def to_x0(prediction, x_t, alpha, sigma, prediction_type):
     """Model output -> predicted clean sample x0."""
     if prediction_type == "epsilon":
@@ -110,11 +125,6 @@ def to_eps(prediction, x_t, alpha, sigma, prediction_type):
     if prediction_type == "v_prediction":
         return alpha * prediction + sigma * x_t
     return (x_t - alpha * prediction) / sigma
-
-
-def v_target(x0, eps, alpha, sigma):
-    """The v-prediction target v = alpha eps - sigma x0 (Salimans & Ho 2022)."""
-    return alpha * eps - sigma * x0
 
 
 def karras_sigmas(sigma_min, sigma_max, num_steps, rho=7.0):

@@ -16,16 +16,9 @@ from flax import struct
 
 from sdjax.models.attention import multi_head_attention
 from sdjax.models.conv import Conv
-from sdjax.weights.errors import WeightLoadError
+from sdjax.models import model_config
+from sdjax.models.activations import ACTIVATIONS
 
-# Resnet non-linearities by diffusers name (`get_activation`).
-ACTIVATIONS = {
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "relu": nn.relu,
-    "mish": jax.nn.mish,
-}
 EPS = 1e-6  # GroupNorm eps used throughout the diffusers Encoder/Decoder.
 
 
@@ -271,28 +264,18 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, **overrides):
-        """Build from a diffusers config dict; WeightLoadError for keys/values we do not support."""
-        cfg = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
-        known = set(cls.__dataclass_fields__) - {"parent", "name", "dtype", "param_dtype"}
-        for key in cfg.keys() - known:
-            raise WeightLoadError(f"AutoencoderKL: unsupported config key {key!r} = {cfg[key]!r}")
-        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-        model = cls(**cfg, **overrides)
-        model.check_config()
-        return model
+        """Build from a diffusers config dict (model_config.build); overrides (e.g. dtype) win."""
+        return model_config.build(cls, cfg, overrides)
 
     def check_config(self):
-        """Raise WeightLoadError for architecture options this implementation lacks."""
+        """UnsupportedConfig for architecture options this implementation lacks."""
         n = len(self.block_out_channels)
         for key, types, want in (("down_block_types", self.down_block_types, "DownEncoderBlock2D"),
                                  ("up_block_types", self.up_block_types, "UpDecoderBlock2D")):
             if len(types) != n or any(t != want for t in types):
-                raise WeightLoadError(
-                    f"AutoencoderKL: unsupported {key} = {list(types)!r}; expected "
-                    f"{n} x {want!r} (one per block_out_channels entry)")
-        if self.act_fn.lower() not in ACTIVATIONS:
-            raise WeightLoadError(f"AutoencoderKL: unsupported act_fn = {self.act_fn!r}; "
-                                  f"expected one of {sorted(ACTIVATIONS)}")
+                raise model_config.unsupported("AutoencoderKL", key, list(types),
+                                               f"{n} x {want!r} (one per block_out_channels entry)")
+        model_config.check_activation("AutoencoderKL", "act_fn", self.act_fn.lower())
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

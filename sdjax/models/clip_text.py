@@ -8,19 +8,12 @@ No attention_mask input: Stable Diffusion pads prompts and relies on the causal 
 import functools
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from sdjax.errors import UnsupportedConfig
+from sdjax.models import model_config
+from sdjax.models.activations import ACTIVATIONS
 from sdjax.models.attention import multi_head_attention
-from sdjax.weights.errors import WeightLoadError
-
-
-def quick_gelu(x):
-    """OpenAI CLIP's sigmoid approximation of GELU."""
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": functools.partial(jax.nn.gelu, approximate=False)}
 
 
 def eos_positions(input_ids, eos_token_id):
@@ -165,34 +158,22 @@ class CLIPTextModel(CLIPTextTransformer):
 
     @classmethod
     def from_config(cls, cfg, **overrides):
-        """Build from a transformers CLIPTextConfig dict; WeightLoadError for unsupported values.
+        """Build from a transformers CLIPTextConfig dict (model_config.build); overrides (e.g. dtype) win.
 
         Keys that are not fields (projection_dim, dropouts, init scales, token ids other than
         eos, the generic PretrainedConfig keys that old config.json files dump) do not change
         the forward pass and are ignored.
         """
-        cfg = dict(cfg)
-        model_type = cfg.get("model_type", "clip_text_model")
-        if model_type != "clip_text_model":
-            raise WeightLoadError(f"CLIPTextModel: unsupported model_type = {model_type!r}; "
-                                  "expected 'clip_text_model'")
-        fields = set(cls.__dataclass_fields__) - {"parent", "name", "dtype", "param_dtype"}
-        model = cls(**{k: v for k, v in cfg.items() if k in fields}, **overrides)
-        model.check_config()
-        return model
+        return model_config.build(cls, cfg, overrides, only={"model_type": "clip_text_model"}, unknown="ignore")
 
     def check_config(self):
-        """Raise WeightLoadError for options this implementation lacks."""
-        if self.hidden_act not in ACTIVATIONS:
-            raise WeightLoadError(f"CLIPTextModel: unsupported hidden_act = {self.hidden_act!r}; "
-                                  f"expected one of {sorted(ACTIVATIONS)}")
+        """UnsupportedConfig for options this implementation lacks."""
+        model_config.check_activation("CLIPTextModel", "hidden_act", self.hidden_act)
         if not isinstance(self.eos_token_id, int):
-            raise WeightLoadError(f"CLIPTextModel: unsupported eos_token_id = "
-                                  f"{self.eos_token_id!r}; expected one integer")
+            raise model_config.unsupported("CLIPTextModel", "eos_token_id", self.eos_token_id, "one integer")
         if self.hidden_size % self.num_attention_heads:
-            raise WeightLoadError(
-                f"CLIPTextModel: hidden_size = {self.hidden_size} is not a multiple of "
-                f"num_attention_heads = {self.num_attention_heads}")
+            raise UnsupportedConfig(f"CLIPTextModel: hidden_size = {self.hidden_size} is not a multiple of "
+                                    f"num_attention_heads = {self.num_attention_heads}")
 
     @nn.compact
     def __call__(self, input_ids, skip_last_layers: int = 0):

@@ -3,9 +3,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sdjax.models.conv import Conv
-from sdjax.models.unet_blocks import (ACTIVATIONS, DownBlock2D, TimestepEmbedding, UNetMidBlock2DCrossAttn,
-                                      UpBlock2D, timestep_embedding)
-from sdjax.weights.errors import WeightLoadError
+from sdjax.models import model_config
+from sdjax.models.activations import ACTIVATIONS
+from sdjax.models.unet_blocks import (DownBlock2D, TimestepEmbedding, UNetMidBlock2DCrossAttn, UpBlock2D,
+                                      timestep_embedding)
 
 # Block type -> whether it carries cross-attention transformers.
 _DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -30,20 +31,6 @@ _BOOKKEEPING = {"architectures", "transformers_version", "torch_dtype"}
 def _per_block(value, n):
     """An int/bool/None, or a per-block sequence, as a tuple of length n."""
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-
-
-def check_supported(cfg):
-    """Raise WeightLoadError naming the first config key whose value this U-Net does not implement."""
-    for key, value in cfg.items():
-        bad = ((key in _ONLY and value != _ONLY[key])
-               or (key == "down_block_types" and any(t not in _DOWN_TYPES for t in value))
-               or (key == "up_block_types" and any(t not in _UP_TYPES for t in value))
-               or (key == "act_fn" and value not in ACTIVATIONS)
-               or (key == "norm_num_groups" and value is None)
-               or (key == "transformer_layers_per_block" and isinstance(value, (tuple, list))
-                   and any(isinstance(v, (tuple, list)) for v in value)))
-        if bad:
-            raise WeightLoadError(f"UNet2DConditionModel: unsupported config {key}={value!r}")
 
 
 class UNet2DConditionModel(nn.Module):
@@ -86,19 +73,26 @@ class UNet2DConditionModel(nn.Module):
     remat: bool = False  # not a config key: recompute each block's activations in the backward pass
 
     @classmethod
-    def from_config(cls, cfg, **kwargs):
-        """Build from a diffusers `config.json` dict; kwargs (e.g. dtype) override it."""
-        check_supported(cfg)
-        fields = set(cls.__dataclass_fields__) - {"parent", "name"}
-        unknown = {k for k in cfg if k not in fields and k not in _ONLY and k not in _NO_EFFECT
-                   and k not in _BOOKKEEPING and not k.startswith("_")}
-        if unknown:
-            raise WeightLoadError(f"UNet2DConditionModel: unknown config key(s) {sorted(unknown)}")
-        args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in fields}
-        return cls(**{**args, **kwargs})
+    def from_config(cls, cfg, **overrides):
+        """Build from a diffusers `config.json` dict (model_config.build); overrides (e.g. dtype) win."""
+        return model_config.build(cls, cfg, overrides, only=_ONLY, ignored=_NO_EFFECT | _BOOKKEEPING)
+
+    def check_config(self):
+        """UnsupportedConfig naming the first field whose value this U-Net does not implement."""
+        for key, types, known in (("down_block_types", self.down_block_types, _DOWN_TYPES),
+                                  ("up_block_types", self.up_block_types, _UP_TYPES)):
+            if any(t not in known for t in types):
+                raise model_config.unsupported("UNet2DConditionModel", key, list(types), f"types from {sorted(known)}")
+        model_config.check_activation("UNet2DConditionModel", "act_fn", self.act_fn)
+        if self.norm_num_groups is None:
+            raise model_config.unsupported("UNet2DConditionModel", "norm_num_groups", None, "an integer")
+        layers = self.transformer_layers_per_block
+        if isinstance(layers, (tuple, list)) and any(isinstance(v, (tuple, list)) for v in layers):
+            raise model_config.unsupported("UNet2DConditionModel", "transformer_layers_per_block", layers,
+                                           "an integer or one per block")
 
     def _check_inputs(self, sample, context):
-        check_supported({k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("parent", "name")})
+        self.check_config()
         if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
             raise ValueError(f"sample must be [B, H, W, {self.in_channels}], got {sample.shape}")
         if context.ndim != 3 or context.shape[-1] not in _per_block(self.cross_attention_dim, 1):

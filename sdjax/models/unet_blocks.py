@@ -5,10 +5,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax.models.activations import ACTIVATIONS
 from sdjax.models.attention import multi_head_attention
 from sdjax.models.conv import Conv
 
-ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu}
 
 
 def timestep_embedding(timesteps, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=10000):

@@ -12,7 +12,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
-from sdjax.weights.errors import WeightLoadError, check_names
+from sdjax.errors import WeightLoadError
 
 # Module lists in the reference models: their numeric children become `name_i` in Flax.
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
@@ -23,6 +23,24 @@ LIST_NAMES = frozenset({
 })
 # Buffers that some checkpoints carry and that are not parameters.
 IGNORED = re.compile(r"(^|\.)position_ids$")
+
+
+def _listing(names, limit=20):
+    names = sorted(names)
+    shown = "\n  ".join(names[:limit])
+    more = f"\n  ... and {len(names) - limit} more" if len(names) > limit else ""
+    return f"\n  {shown}{more}"
+
+
+def check_names(component, missing, unexpected):
+    """Raise one error listing every missing and unexpected tensor name, if any."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing tensor(s):{_listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor(s):{_listing(unexpected)}")
+    if parts:
+        raise WeightLoadError(f"{component}: checkpoint does not match the model architecture.\n" + "\n".join(parts))
 
 
 def flax_path(torch_name):

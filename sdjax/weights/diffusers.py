@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 
 from sdjax.models import registry
 from sdjax.weights.convert import to_params, to_state_dict
-from sdjax.weights.errors import WeightLoadError
+from sdjax.errors import UnsupportedConfig, WeightLoadError
 from sdjax.weights.files import read_tensors
 
 log = logging.getLogger("sdjax")
@@ -100,7 +100,10 @@ def load_component(root, kind, dtype=np.float32, variant=None):
         raise WeightLoadError(f"{root}: no {kind}/ folder (a diffusers folder holds "
                               f"{', '.join(k + '/' for k in KINDS)}); found {sorted(os.listdir(root))}")
     config = read_json(os.path.join(folder, "config.json"))
-    module = registry.build(kind, config)
+    try:
+        module = registry.build(kind, config)
+    except UnsupportedConfig as e:
+        raise WeightLoadError(f"{os.path.join(folder, 'config.json')}: {e}") from None
     params = to_params(kind, read_component_tensors(folder, kind, variant),
                        registry.param_shapes(kind, module), dtype=dtype)
     return module, params

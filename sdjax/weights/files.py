@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from sdjax.weights.errors import WeightLoadError
+from sdjax.errors import WeightLoadError
 
 
 def _read_safetensors(path):

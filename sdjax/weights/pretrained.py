@@ -13,7 +13,7 @@ from sdjax.models import registry
 from sdjax.text.tokenizer import load_tokenizer
 from sdjax.weights import diffusers, single_file
 from sdjax.weights.convert import to_params
-from sdjax.weights.errors import WeightLoadError
+from sdjax.errors import WeightLoadError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # AutoencoderKL config keys that change the computation, not only the tensor shapes.

@@ -12,7 +12,8 @@ import numpy as np
 
 from sdjax.weights import diffusers
 from sdjax.weights import ldm_names as names
-from sdjax.weights.errors import WeightLoadError, check_names
+from sdjax.errors import WeightLoadError
+from sdjax.weights.convert import check_names
 from sdjax.weights.files import read_tensors
 
 # Prefixes of models other than SD1/SD2, and what they mean.

@@ -1,38 +1,24 @@
-"""The denoising loss as plain functions: forward noising, targets, min-SNR weights, caption dropout."""
+"""The denoising loss as plain functions: min-SNR weights, offset noise, caption dropout, the weighted MSE
+(forward noising and targets are schedules.add_noise / schedules.target)."""
 import jax
 import jax.numpy as jnp
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
-
-def _per_example(a, x):
+def per_example(a, x):
     """[B] -> [B, 1, ..., 1] broadcastable against x: [B, ...]."""
     return a.reshape(a.shape + (1,) * (x.ndim - 1))
-
-
-def add_noise(x0, eps, abar):
-    """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps; x0, eps: [B, ...], abar: [B]."""
-    return _per_example(jnp.sqrt(abar), x0) * x0 + _per_example(jnp.sqrt(1 - abar), x0) * eps
-
-
-def target(x0, eps, abar, prediction_type):
-    """What the U-Net learns to output: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0; [B, ...]."""
-    if prediction_type == "epsilon":
-        return eps
-    alpha, sigma = _per_example(jnp.sqrt(abar), x0), _per_example(jnp.sqrt(1 - abar), x0)
-    return alpha * eps - sigma * x0
 
 
 def min_snr_weight(snr, gamma, prediction_type):
     """Min-SNR-gamma loss weights (Hang et al. 2023): [B] -> [B]; gamma <= 0 gives ones.
 
-    For eps-prediction the x0-space weight min(snr, gamma) becomes min(snr, gamma) / snr;
-    for v-prediction (whose MSE is (snr + 1) times the x0 MSE) it is min(snr, gamma) / (snr + 1).
+    The x0-space weight min(snr, gamma) ("sample") becomes min(snr, gamma) / snr for eps-prediction (whose
+    MSE is snr times the x0 MSE) and min(snr, gamma) / (snr + 1) for v-prediction ((snr + 1) times).
     """
     if gamma <= 0:
         return jnp.ones_like(snr)
     clipped = jnp.minimum(snr, gamma)
-    return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+    return {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1)}.get(prediction_type, clipped)
 
 
 def offset_noise(key, shape, strength):

@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.diffusion import schedules
+from sdjax.diffusion.schedules import PREDICTION_TYPES
 from sdjax.models import registry
 from sdjax.text.clip_vocab import write_clip_tokenizer
 from sdjax.text.tokenizer import load_tokenizer, tokenize
 from sdjax.train import optim
 from sdjax.train.config import check_common, compute_dtype, require
 from sdjax.train.ldm import ldm_step
-from sdjax.train.ldm.ldm_losses import PREDICTION_TYPES
 from sdjax.weights.diffusers import KINDS, save_folder
 from sdjax.weights.pretrained import Pretrained, load_pretrained
 

@@ -47,9 +47,10 @@ def make_loss_fn(modules, config, abar_table, empty_ids):
         ids = losses.drop_captions(d["drop"], micro["input_ids"], empty_ids)
         context = text.apply({"params": p["text_encoder"]}, ids)["last_hidden_state"]
         abar = abar_table[d["t"]]
-        x_t = losses.add_noise(z, d["eps"], abar)
+        alpha, sigma = (losses.per_example(jnp.sqrt(a), z) for a in (abar, 1 - abar))
+        x_t = schedules.add_noise(z, d["eps"], alpha, sigma)
         prediction = unet.apply({"params": p["unet"]}, x_t, d["t"], context)
-        tgt = losses.target(z, d["eps"], abar, loss_cfg.prediction_type)
+        tgt = schedules.target(z, d["eps"], alpha, sigma, loss_cfg.prediction_type)
         weights = losses.min_snr_weight(schedules.snr(abar), loss_cfg.min_snr_gamma, loss_cfg.prediction_type)
         return losses.weighted_mse(prediction, tgt, weights)
 

@@ -7,10 +7,7 @@ over each example's pixels / latent entries and averaged over the batch, so the 
 import jax
 import jax.numpy as jnp
 
-
-def _per_example(a, x):
-    """[B] -> [B, 1, ..., 1] broadcastable against x: [B, ...]."""
-    return a.reshape(a.shape + (1,) * (x.ndim - 1))
+from sdjax.train.ldm.ldm_losses import per_example as _per_example
 
 
 def reconstruction_loss(images, recon, l1_weight=1.0, l2_weight=0.0, perceptual=None, perceptual_weight=0.0):

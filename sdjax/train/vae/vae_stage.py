@@ -13,13 +13,13 @@ import optax
 
 from sdjax.models import registry
 from sdjax.models.discriminator import NLayerDiscriminator
-from sdjax.models.lpips import load_lpips
 from sdjax.text.clip_vocab import write_clip_tokenizer
 from sdjax.text.tokenizer import load_tokenizer
 from sdjax.train.config import check_common, check_optimizer, compute_dtype, require
 from sdjax.train.optim import make_optimizer as make_one_optimizer
 from sdjax.train.vae import vae_step
 from sdjax.weights.diffusers import load_component, read_json, save_component
+from sdjax.weights.lpips import load_lpips
 from sdjax.weights.pretrained import Pretrained
 
 TRAINABLE = ("vae", "discriminator")

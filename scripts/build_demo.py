@@ -1,6 +1,6 @@
 """Retrain the bundled demo model from scratch: tokenizer, autoencoder, then U-Net + text tower.
 
-    python -m sdjax.demo.build --workdir /tmp/sdjax_demo [--out sdjax/demo/model]
+    python scripts/build_demo.py --workdir /tmp/sdjax_demo [--out sdjax/demo/model]
 
 Every stage resumes where it stopped (train.py resumes from its workdir; finished stages are skipped).
 """
@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def captions(n=20000, seed=0):
@@ -49,7 +49,7 @@ def latent_scale(vae_folder, data_config, tokenizer_dir, n=512):
 def assemble_init(workdir, tokenizer_dir, vae_export, scale):
     """The LDM stage's starting folder: trained VAE (with its latent scale), random U-Net and text tower."""
     import jax
-    from configs import demo
+    from configs.models import demo
     from sdjax.models import registry
     from sdjax.weights.diffusers import load_component, save_folder
     from sdjax.text.tokenizer import load_tokenizer
@@ -82,17 +82,17 @@ def main(argv=None):
     data_dir = f"--config.data.data_dir={os.path.join(a.workdir, 'tfds')}"
     steps = lambda n: [f"--config.total_steps={n}"] if n else []  # noqa: E731
     vae_export = os.path.join(a.workdir, "vae_export")
-    train("configs/demo_vae.py", os.path.join(a.workdir, "vae"), vae_export, data_dir, *steps(a.vae_steps))
+    train("configs/train/demo_vae.py", os.path.join(a.workdir, "vae"), vae_export, data_dir, *steps(a.vae_steps))
     init = os.path.join(a.workdir, "init")
     if not os.path.isdir(init):
-        from configs import demo_vae
+        from configs.train import demo_vae
         data = demo_vae.get_config().data
         data.data_dir = os.path.join(a.workdir, "tfds")
         scale = latent_scale(vae_export, data, tok)
         print(f"latent scaling factor {scale:.5f}", flush=True)
         assemble_init(a.workdir, tok, vae_export, scale)
     ldm_export = os.path.join(a.workdir, "ldm_export")
-    train("configs/demo_ldm.py", os.path.join(a.workdir, "ldm"), ldm_export, data_dir,
+    train("configs/train/demo_ldm.py", os.path.join(a.workdir, "ldm"), ldm_export, data_dir,
           f"--config.pretrained={init}", *steps(a.ldm_steps))
     if os.path.abspath(a.out) != os.path.abspath(ldm_export):
         shutil.rmtree(a.out, ignore_errors=True)

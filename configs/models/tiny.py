@@ -1,5 +1,5 @@
 """A tiny SD-shaped model for tests: same code paths, seconds on a CPU."""
-from configs import sd15
+from configs.models import sd15
 
 
 def get_config():

@@ -1,9 +1,9 @@
 """Stage 2 of the demo model: U-Net and text tower from scratch over the frozen stage-1 autoencoder.
 
-`pretrained` is the folder `python -m sdjax.demo.build` assembles (trained VAE, random U-Net and
-text tower from configs/demo.py, the shapes BPE tokenizer).
+`pretrained` is the folder `python scripts/build_demo.py` assembles (trained VAE, random U-Net and
+text tower from configs/models/demo.py, the shapes BPE tokenizer).
 """
-from configs import train_tiny
+from configs.train import tiny as train_tiny
 
 
 def get_config():

@@ -1,13 +1,13 @@
-"""The autoencoder stage: the tiny VAE (configs/tiny.py) + a small PatchGAN on 32x32 captioned shapes, CPU-sized.
+"""The autoencoder stage: the tiny VAE (configs/models/tiny.py) + a small PatchGAN on 32x32 captioned shapes, CPU-sized.
 
-python train.py --config=configs/train_vae_tiny.py --workdir=/tmp/vae --export_dir=/tmp/vae_out
+python train.py --config=configs/train/vae_tiny.py --workdir=/tmp/vae --export_dir=/tmp/vae_out
 (--export_dir gets vae/ in diffusers layout). Perceptual loss: --config.loss.perceptual_weight=1.0
 --config.loss.lpips_weights=/path/lpips_vgg.pth,/path/vgg16.pth (the lpips package's lin weights +
 torchvision's VGG16; nothing is downloaded).
 """
 import ml_collections
 
-from configs import tiny
+from configs.models import tiny
 from sdjax.data import input_pipeline
 
 

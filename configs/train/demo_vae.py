@@ -1,5 +1,6 @@
 """Stage 1 of the demo model: its autoencoder (f = 4, 4 latent channels) on 64x64 captioned shapes."""
-from configs import demo, train_vae_tiny
+from configs.models import demo
+from configs.train import vae_tiny as train_vae_tiny
 
 
 def get_config():

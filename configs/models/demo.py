@@ -1,5 +1,5 @@
 """The bundled demo model: a small latent diffusion model for 64x64 captioned shapes (about 4.8M params, 19 MB)."""
-from configs import sd15
+from configs.models import sd15
 
 
 def get_config(vocab_size=640):

@@ -1,7 +1,7 @@
-"""The tiny SD architecture (configs/tiny.py) trained from scratch on 32x32 captioned shapes: seconds per step on a CPU."""
+"""The tiny SD architecture (configs/models/tiny.py) trained from scratch on 32x32 captioned shapes: seconds per step on a CPU."""
 import ml_collections
 
-from configs import tiny
+from configs.models import tiny
 from sdjax.data import input_pipeline
 
 

@@ -1,0 +1,77 @@
+"""What a sampler is: a host-side `Plan` and pure functions of a scan iteration (timestep_samplers.py,
+k_samplers.py implement them; samplers.py is the registry).
+
+How a sampler is driven (the pipeline's loop, one model call per scan iteration, as diffusers loops
+over `scheduler.timesteps`):
+
+    plan = sampler.plan(settings, num_steps, **options)       # host, numpy; settings from schedules.scheduler_settings
+    plan = slice_plan(plan, start)                             # img2img only
+    step_fn = bind(sampler, plan.options)                      # = partial(sampler.step, **plan.options)
+    state = sampler.init(x, plan.steps)                        # x: init_noise_sigma * eps, or noise_a*x0 + noise_b*eps
+    for i (lax.scan over plan.steps and plan.timesteps):
+        x_in = sampler.model_input(state, step)                # step = {name: plan.steps[name][i]}
+        state = step_fn(state, model(x_in, plan.timesteps[i]), step, noise_i)
+    result = state["x"]
+
+Conventions every sampler follows:
+- `plan.steps` holds only numeric arrays with leading axis [S]; it always has "index" (int32, the iteration's
+  position in the UNSLICED plan, so slicing keeps it). Per-iteration coefficients go there.
+- Static choices (prediction_type, clip_sample, ...) are plain Python values in `plan.options` and reach
+  `step` ONLY as keyword arguments (use `bind`). `init` and `model_input` take no options.
+- Anything that counts iterations relative to where sampling started (multistep history, PNDM's
+  warm-up) lives in the state pytree, so `slice_plan` is a plain slice of the arrays, which reproduces
+  diffusers' img2img (`timesteps[t_start * order:]` with a freshly set scheduler).
+- `noise` passed to `step` is unit normal noise shaped like x; deterministic samplers ignore it.
+- x, the model output and the noise are float32 (cast a low-precision U-Net's output before `step`), so the
+  scan carry keeps its dtype.
+"""
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+
+class Sampler(NamedTuple):
+    """A sampler as pure functions. `plan` runs on the host (numpy); the others inside jit + lax.scan."""
+    plan: Callable         # (settings, num_steps, **options) -> Plan
+    init: Callable         # (x: [B,h,w,c], steps: dict of [S,...] arrays) -> state pytree with state["x"]
+    model_input: Callable  # (state, step) -> x_in [B,h,w,c]
+    step: Callable         # (state, model_output [B,h,w,c], step, noise [B,h,w,c], **plan.options) -> state
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Host-side schedule of one sampling run: S scan iterations, one model call each."""
+    timesteps: np.ndarray     # [S] float32: the U-Net's timestep at iteration i
+    steps: dict               # {name: [S, ...] array}: per-iteration coefficients, always with "index" [S] int32
+    noise_a: np.ndarray       # [S] float32: x at iteration i's noise level = noise_a[i] * x0 + noise_b[i] * eps
+    noise_b: np.ndarray       # [S] float32
+    init_noise_sigma: float   # text-to-image starts from init_noise_sigma * unit noise
+    order: int                # scan iterations per user step (diffusers' scheduler.order)
+    options: dict = dataclasses.field(default_factory=dict)  # static Python values passed to `step` as kwargs
+
+
+def slice_plan(plan, start):
+    """Plan whose iterations begin at `start` (img2img: start = (num_steps - int(num_steps*strength)) * order)."""
+    n = len(plan.timesteps)
+    if not 0 <= start < n:
+        raise ValueError(f"start must be in [0, {n}), got {start}")
+    return dataclasses.replace(
+        plan, timesteps=plan.timesteps[start:], steps={k: v[start:] for k, v in plan.steps.items()},
+        noise_a=plan.noise_a[start:], noise_b=plan.noise_b[start:])
+
+
+def bind(sampler, options):
+    """The sampler's `step` with a plan's static options applied: (state, model_output, step, noise) -> state."""
+    return functools.partial(sampler.step, **options)
+
+
+def x_only(x, steps):
+    """The state of samplers that carry nothing but x: {"x": [B,h,w,c]}."""
+    return {"x": x}
+
+
+def x_itself(state, step):
+    """The U-Net's input is x itself (no input scaling)."""
+    return state["x"]
