@@ -101,7 +101,7 @@ class Sdjax:
     def train_step(self, spec):
         """One U-Net step at spec["size"] / spec["batch"]: forward, backward, AdamW; state donated."""
         import optax
-        from sdjax.train import losses
+        from sdjax.train.ldm import ldm_losses as losses
         unet, b = self.sd.unet, spec["batch"]
         params = jax.tree.map(lambda x: x.astype(jnp.float32), self.sd.params["unet"])  # fp32 masters
         compute = unet.clone(dtype=jnp.dtype(self.dtype))

@@ -7,7 +7,7 @@ import pytest
 from configs.train import vae_tiny as train_vae_tiny
 from sdjax.data import synthetic_shapes as shapes
 from sdjax.models.lpips import LPIPS
-from sdjax.train import ae_losses, ae_step, autoencoder
+from sdjax.train.vae import vae_losses, vae_stage, vae_step
 from sdjax.train.state import create_state
 
 STEPS, DISC_START = 24, 12
@@ -35,10 +35,10 @@ def shapes_batches(n_batches, b, seed=0):
 @pytest.fixture(scope="module")
 def setup():
     c = tiny_config()
-    pre = autoencoder.load(c)
-    tx, schedule = autoencoder.make_optimizer(c)
-    state = create_state({k: pre.params[k] for k in autoencoder.TRAINABLE}, tx, c.seed)
-    step = jax.jit(autoencoder.make_train_step(pre.modules, c, tx, schedule))
+    pre = vae_stage.load(c)
+    tx, schedule = vae_stage.make_optimizer(c)
+    state = create_state({k: pre.params[k] for k in vae_stage.TRAINABLE}, tx, c.seed)
+    step = jax.jit(vae_step.make_train_step(pre.modules, c, tx, schedule))
     return c, pre, state, step
 
 
@@ -47,7 +47,7 @@ def test_grads_match_direct_computation(setup):
     c, pre, state, _ = setup
     images = jnp.asarray(shapes_batches(1, 2)[0])
     key = jax.random.key(1)
-    gen = ae_step.make_generator_loss(pre.modules, c.loss)
+    gen = vae_step.make_generator_loss(pre.modules, c.loss)
     p, d = state.params["vae"], state.params["discriminator"]
     nll = lambda q: gen(q, d, None, images, key)[0][0]  # noqa: E731
     g = lambda q: gen(q, d, None, images, key)[0][1]  # noqa: E731
@@ -56,9 +56,9 @@ def test_grads_match_direct_computation(setup):
 
     @jax.jit
     def both(p):
-        w = ae_losses.adaptive_weight(last(jax.grad(nll)(p)), last(jax.grad(g)(p)), c.loss.disc_weight)
+        w = vae_losses.adaptive_weight(last(jax.grad(nll)(p)), last(jax.grad(g)(p)), c.loss.disc_weight)
         want = jax.grad(lambda q: nll(q) + factor * w * g(q))(p)
-        got, _, metrics = ae_step.autoencoder_grads(gen, {"vae": p, "discriminator": d}, {}, images, key,
+        got, _, metrics = vae_step.autoencoder_grads(gen, {"vae": p, "discriminator": d}, {}, images, key,
                                                      jnp.float32(factor), c.loss.disc_weight)
         return w, want, got, metrics
 
@@ -116,20 +116,20 @@ def test_step_with_perceptual_loss(setup):
     lpips_params = lpips.init_params(jax.random.key(5))
     modules = {**pre.modules, "lpips": lpips}
     images = jnp.asarray(shapes_batches(1, 2)[0])
-    gen = ae_step.make_generator_loss(modules, c.loss)
+    gen = vae_step.make_generator_loss(modules, c.loss)
 
     @jax.jit
     def forward(p, d):
         (nll, _), aux = gen(p, d, lpips_params, images, jax.random.key(0))
         lp = lpips.apply({"params": lpips_params}, images, aux["recon"])
-        return nll, aux, lp, ae_losses.reconstruction_loss(images, aux["recon"], c.loss.l1_weight,
+        return nll, aux, lp, vae_losses.reconstruction_loss(images, aux["recon"], c.loss.l1_weight,
                                                            c.loss.l2_weight, lp, 0.5)
 
     nll, aux, lp, want = forward(state.params["vae"], state.params["discriminator"])
     assert float(aux["perceptual"]) == pytest.approx(float(jnp.mean(lp)), rel=1e-5) and float(aux["perceptual"]) > 0
     assert float(aux["rec_loss"]) == pytest.approx(float(want), rel=1e-5)
     assert float(nll) == pytest.approx(float(want + c.loss.kl_weight * aux["kl_loss"]), rel=1e-5)
-    tx, schedule = autoencoder.make_optimizer(c)
-    step = jax.jit(autoencoder.make_train_step(modules, c, tx, schedule))
+    tx, schedule = vae_stage.make_optimizer(c)
+    step = jax.jit(vae_step.make_train_step(modules, c, tx, schedule))
     new, m = step(state, {"lpips": lpips_params}, {"images": images})
     assert bool(m["finite"]) and float(m["perceptual"]) > 0

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from configs.train import vae_tiny as train_vae_tiny
-from sdjax.train import autoencoder, loop
+from sdjax.train import loop, stages
+from sdjax.train.vae import vae_stage
 from sdjax.train.checkpoint import Checkpointer
 from sdjax.train.export import export, load_params
 from sdjax.train.state import create_state
@@ -63,7 +64,7 @@ def test_loop_trains_checkpoints_exports(tmp_path):
     assert sorted(params) == ["discriminator", "vae"]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(state.params))
     # The whole state, optimizer (one Adam per player) included, restores as the loop restores it.
-    tx, _ = autoencoder.make_optimizer(c)
+    tx, _ = vae_stage.make_optimizer(c)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             jax.eval_shape(lambda p: create_state(p, tx, c.seed), state.params))
@@ -79,17 +80,17 @@ def test_loop_trains_checkpoints_exports(tmp_path):
 
 def test_config_errors():
     c = train_vae_tiny.get_config()
-    assert autoencoder.is_stage(c)
+    assert stages.stage_for(c) is stages.STAGES["autoencoder"]
     c.loss.perceptual_weight = 1.0
     with pytest.raises(ValueError, match="lpips_weights"):
-        autoencoder.check(c)
+        vae_stage.check(c)
     c.loss.lpips_weights = "/nonexistent/vgg.pth"
     with pytest.raises(ValueError, match="no file '/nonexistent/vgg.pth'"):
-        autoencoder.check(c)
+        vae_stage.check(c)
     c = train_vae_tiny.get_config()
     c.optimizer.grad_accum_steps = 2
     with pytest.raises(ValueError, match="grad_accum_steps must be 1"):
-        autoencoder.check(c)
+        vae_stage.check(c)
 
 
 def train_cli(workdir, data_dir, steps, export_dir=None):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdjax.train import losses
-from sdjax.train.step import example_draws, make_loss_fn
+from sdjax.train.ldm import ldm_losses as losses
+from sdjax.train.ldm.ldm_step import example_draws, make_loss_fn
 from train_fakes import ABAR, EMPTY, toy_setup
 
 

@@ -12,7 +12,7 @@ from sdjax.text.tokenizer import load_tokenizer
 from sdjax.train import loop, optim, sharding
 from sdjax.train.export import load_params
 from sdjax.train.state import create_state
-from sdjax.train.step import make_train_step
+from sdjax.train.ldm.ldm_step import make_train_step
 from sdjax.weights.pretrained import Pretrained
 from train_fakes import ABAR, EMPTY, ArrayIterator, fake_data, toy_setup
 

@@ -1,14 +1,12 @@
 """From a run's workdir to weights: the trained params pytree, or a diffusers folder for `sample.py --model`."""
 import json
 import os
-import tempfile
 
 import jax
 import ml_collections
 
-from sdjax.train import autoencoder, components
 from sdjax.train.checkpoint import Checkpointer
-from sdjax.weights.diffusers import save_folder
+from sdjax.train.stages import stage_for
 
 CONFIG_FILE = "config.json"
 
@@ -39,14 +37,7 @@ def load_params(workdir, step=None, ema=True):
 
 
 def export(workdir, out_dir, step=None, ema=True):
-    """Write a diffusers folder with the trained params (+ the frozen ones rebuilt from the config)."""
+    """Write a diffusers folder with the trained params (+ the frozen ones rebuilt from the config):
+    the whole model for the LDM stage, out_dir/vae for the autoencoder stage."""
     config = read_config(workdir)
-    if autoencoder.is_stage(config):  # writes out_dir/vae only
-        return autoencoder.export(config, load_params(workdir, step, ema), out_dir)
-    pre = components.load(config)
-    trained = jax.device_get(load_params(workdir, step, ema))
-    params = {**jax.device_get(pre.params), **trained}
-    with tempfile.TemporaryDirectory() as tok:
-        pre.tokenizer.save_pretrained(tok)
-        save_folder(out_dir, pre.modules, params, pre.scheduler, tokenizer_dir=tok)
-    return out_dir
+    return stage_for(config).export(config, jax.device_get(load_params(workdir, step, ema)), out_dir)

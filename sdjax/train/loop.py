@@ -7,15 +7,13 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
-from sdjax.diffusion import schedules
-from sdjax.train import autoencoder, components, config as config_lib, distributed
+from sdjax.train import config as config_lib, distributed
 from sdjax.train.checkpoint import Checkpointer
 from sdjax.train.export import save_config
 from sdjax.train.metrics_log import MetricsLogger
-from sdjax.train.optim import make_optimizer
-from sdjax.train.sharding import global_batch, make_mesh, tree_shardings
+from sdjax.train.sharding import compile_step, global_batch, make_mesh, tree_shardings
+from sdjax.train.stages import stage_for
 from sdjax.train.state import create_state
-from sdjax.train.step import compile_step, make_train_step
 
 log = logging.getLogger("sdjax.train")
 
@@ -64,21 +62,22 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
 
     pretrained: a Pretrained to train instead of what the config names (tests use toy models).
     """
-    ae = autoencoder.is_stage(config)  # stage "autoencoder": sdjax.train.autoencoder supplies the parts
-    (autoencoder.check if ae else config_lib.check)(config)
+    stage = stage_for(config)
+    stage.check(config)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices)
     pindex, pcount = jax.process_index(), jax.process_count()
     config_lib.check_batch(config, mesh.size, pcount)
     if make_data is pipeline_iterator:  # tests' fake data have no data config to check
         check_data(config.data)
-    pre = pretrained or (autoencoder.load if ae else components.load)(config)
-    if not ae:
-        config = components.resolved(config, pre.scheduler)
+    pre = pretrained or stage.load(config)
+    config = stage.resolve(config, pre)
     if pindex == 0:
         save_config(config, workdir)
-    names = autoencoder.TRAINABLE if ae else components.trainable_names(config)
-    trainable, frozen = components.split(jax.device_get(pre.params), names)
-    tx, schedule = autoencoder.make_optimizer(config) if ae else make_optimizer(config.optimizer, config.total_steps)
+    names = stage.trainable_names(config)
+    params = jax.device_get(pre.params)
+    trainable = {k: v for k, v in params.items() if k in names}
+    frozen = {k: v for k, v in params.items() if k not in names}
+    tx, schedule = stage.make_optimizer(config)
     init = lambda p: create_state(p, tx, config.seed)  # noqa: E731
     abstract = jax.eval_shape(init, trainable)
     state_sh = tree_shardings(abstract, mesh, config.mesh.min_shard_size)
@@ -96,12 +95,7 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
         else:
             log.warning("checkpoint was written by %d processes, this run has %d: the data order restarts",
                         data_states["process_count"], pcount)
-    if ae:
-        step = autoencoder.make_train_step(pre.modules, config, tx, schedule)
-    else:
-        abar = schedules.alphas_cumprod(schedules.scheduler_settings(pre.scheduler))
-        step = make_train_step(pre.modules, config, tx, schedule, abar, components.empty_prompt_ids(pre.tokenizer),
-                               mesh)
+    step = stage.make_train_step(pre, config, tx, schedule, mesh)
     return Run(config, pre, mesh, state, frozen, compile_step(step, mesh, state_sh, frozen_sh), data, ckpt)
 
 

@@ -1,4 +1,6 @@
-"""The optimizer (optax AdamW, warmup + cosine/constant, global-norm clipping) and the EMA update."""
+"""The optimizer (optax AdamW, warmup + cosine/constant, global-norm clipping), the EMA and the guarded update."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -34,3 +36,17 @@ def ema_decay_at(decay, step, warmup):
 def ema_update(ema, params, decay):
     """Exponential moving average of pytrees: decay * ema + (1 - decay) * params."""
     return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+
+
+def guarded_update(state, grads, finite, tx, config):
+    """The next state: optimizer + EMA update when `finite`, else unchanged but for the bad-step counters.
+
+    config: ema_decay, and ema_warmup (optional, default False): see ema_decay_at."""
+    decay = ema_decay_at(config.ema_decay, state.step, config.get("ema_warmup", False))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    good = state.replace(params=params, opt_state=opt_state, bad_steps=jnp.zeros_like(state.bad_steps),
+                         ema_params=ema_update(state.ema_params, params, decay))
+    bad = state.replace(bad_steps=state.bad_steps + 1, total_bad_steps=state.total_bad_steps + 1)
+    new = jax.tree.map(functools.partial(jnp.where, finite), good, bad)
+    return new.replace(step=state.step + 1)

@@ -1,4 +1,5 @@
-"""Device mesh ("data", "fsdp") and the layout rules: params by shape along "fsdp", batches along both axes."""
+"""Device mesh ("data", "fsdp"), layout rules (params by shape along "fsdp", batches along both axes), and the
+train step jitted with them."""
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -56,3 +57,10 @@ def global_batch(local_batch, mesh):
     """Process-local numpy batch {name: [b, ...]} -> global jax arrays {name: [b * processes, ...]}."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def compile_step(train_step, mesh, state_shardings, frozen_shardings):
+    """jit with explicit shardings: state (donated) and frozen params by the rules, batch over all devices."""
+    batch = NamedSharding(mesh, BATCH)
+    return jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch),
+                   out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)

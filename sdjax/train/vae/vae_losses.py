@@ -7,7 +7,7 @@ over each example's pixels / latent entries and averaged over the batch, so the 
 import jax
 import jax.numpy as jnp
 
-from sdjax.train.losses import per_example as _per_example
+from sdjax.train.ldm.ldm_losses import per_example as _per_example
 
 
 def reconstruction_loss(images, recon, l1_weight=1.0, l2_weight=0.0, perceptual=None, perceptual_weight=0.0):

@@ -1,15 +1,13 @@
 """One training step of the latent diffusion model: pure, jitted over the mesh with donated state."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from sdjax.diffusion import schedules
 from sdjax.models.autoencoder import to_latents
-from sdjax.train import losses
-from sdjax.train.optim import ema_decay_at, ema_update
+from sdjax.train.ldm import ldm_losses as losses
+from sdjax.train.optim import guarded_update
 from sdjax.train.sharding import BATCH
 
 
@@ -22,20 +20,6 @@ def example_draws(key, latent_shape, num_timesteps, loss):
     return dict(t=jax.random.randint(kt, (), 0, num_timesteps), eps=eps,
                 posterior=jax.random.normal(kp, latent_shape),
                 drop=jax.random.uniform(kd) < loss.caption_dropout)
-
-
-def guarded_update(state, grads, finite, tx, config):
-    """The next state: optimizer + EMA update when `finite`, else unchanged but for the bad-step counters.
-
-    config: ema_decay, and ema_warmup (optional, default False): see optim.ema_decay_at."""
-    decay = ema_decay_at(config.ema_decay, state.step, config.get("ema_warmup", False))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    good = state.replace(params=params, opt_state=opt_state, bad_steps=jnp.zeros_like(state.bad_steps),
-                         ema_params=ema_update(state.ema_params, params, decay))
-    bad = state.replace(bad_steps=state.bad_steps + 1, total_bad_steps=state.total_bad_steps + 1)
-    new = jax.tree.map(functools.partial(jnp.where, finite), good, bad)
-    return new.replace(step=state.step + 1)
 
 
 def latents(vae, vae_params, images, noise, sample):
@@ -115,9 +99,3 @@ def make_train_step(modules, config, tx, schedule, abar_table, empty_ids, mesh=N
 
     return train_step
 
-
-def compile_step(train_step, mesh, state_shardings, frozen_shardings):
-    """jit with explicit shardings: state (donated) and frozen params by the rules, batch over all devices."""
-    batch = NamedSharding(mesh, BATCH)
-    return jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch),
-                   out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)

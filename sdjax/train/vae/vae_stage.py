@@ -1,4 +1,4 @@
-"""The autoencoder stage (config `stage = "autoencoder"`): what it trains, its checks, optimizer, step, export.
+"""The autoencoder stage (config `stage = "autoencoder"`): check, load, trainable parts, optimizer, step, export.
 
 Trains the KL autoencoder ("vae") and a PatchGAN ("discriminator"), each with its own optax
 optimizer (one multi_transform over the {"vae", "discriminator"} param dict, so the LDM stage's
@@ -11,67 +11,53 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sdjax.text.clip_vocab import write_clip_tokenizer
 from sdjax.models import registry
 from sdjax.models.discriminator import NLayerDiscriminator
-from sdjax.weights.lpips import load_lpips
+from sdjax.text.clip_vocab import write_clip_tokenizer
 from sdjax.text.tokenizer import load_tokenizer
-from sdjax.train import ae_step
-from sdjax.train.config import COMPUTE_DTYPES, compute_dtype
-from sdjax.train.optim import SCHEDULES, make_optimizer as make_one_optimizer
+from sdjax.train.config import check_common, check_optimizer, compute_dtype, require
+from sdjax.train.optim import make_optimizer as make_one_optimizer
+from sdjax.train.vae import vae_step
 from sdjax.weights.diffusers import load_component, read_json, save_component
+from sdjax.weights.lpips import load_lpips
 from sdjax.weights.pretrained import Pretrained
 
-STAGE = "autoencoder"
 TRAINABLE = ("vae", "discriminator")
-
-
-def is_stage(config):
-    """True for an autoencoder-stage config."""
-    return config.get("stage", "ldm") == STAGE
-
-
-def _require(ok, message):
-    if not ok:
-        raise ValueError(f"train config (autoencoder stage): {message}")
 
 
 def lpips_paths(loss):
     """The LPIPS weight files named by loss.lpips_weights (comma-separated), checked to exist."""
     paths = [p.strip() for p in str(loss.get("lpips_weights") or "").split(",") if p.strip()]
     for p in paths:
-        _require(os.path.isfile(p), f"loss.lpips_weights: no file {p!r}")
+        require(os.path.isfile(p), f"loss.lpips_weights: no file {p!r}")
     return paths
 
 
 def check(config):
     """Raise ValueError naming the first field whose value is missing or invalid."""
-    for key in ("batch_size", "total_steps", "seed", "optimizer", "disc_optimizer", "loss", "precision", "mesh",
-                "data", "ema_decay", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps"):
-        _require(key in config, f"missing field {key!r}")
-    _require(bool(config.get("pretrained")) or "vae" in config.get("model", {}),
-             "needs `model.vae` (architecture) or `pretrained` (a diffusers folder with vae/)")
-    _require("discriminator" in config.get("model", {}), "needs `model.discriminator`")
-    _require(config.batch_size >= 1 and config.total_steps >= 1, "batch_size and total_steps must be >= 1")
-    for name in ("optimizer", "disc_optimizer"):
-        opt = config[name]
-        _require(opt.schedule in SCHEDULES, f"{name}.schedule must be one of {SCHEDULES}, got {opt.schedule!r}")
-        _require(opt.learning_rate > 0 and opt.warmup_steps >= 0,
-                 f"{name}.learning_rate must be > 0, warmup_steps >= 0")
-    _require(config.optimizer.get("grad_accum_steps", 1) == 1,
-             "optimizer.grad_accum_steps must be 1 (the adaptive GAN weight is per batch)")
+    check_common(config, ("disc_optimizer",))
+    require(bool(config.get("pretrained")) or "vae" in config.get("model", {}),
+            "needs `model.vae` (architecture) or `pretrained` (a diffusers folder with vae/)")
+    require("discriminator" in config.get("model", {}), "needs `model.discriminator`")
+    check_optimizer(config.disc_optimizer, "disc_optimizer")
+    require(config.optimizer.get("grad_accum_steps", 1) == 1,
+            "optimizer.grad_accum_steps must be 1 (the adaptive GAN weight is per batch)")
     loss = config.loss
     for key in ("l1_weight", "l2_weight", "kl_weight", "perceptual_weight", "disc_weight", "disc_factor"):
-        _require(loss[key] >= 0, f"loss.{key} must be >= 0, got {loss[key]}")
-    _require(loss.disc_start >= 0, f"loss.disc_start must be >= 0, got {loss.disc_start}")
-    _require(loss.perceptual_weight == 0 or lpips_paths(loss),
-             "loss.perceptual_weight > 0 needs loss.lpips_weights (LPIPS lin layers + VGG16 trunk files)")
-    _require(0 <= config.ema_decay < 1, f"ema_decay must be in [0, 1), got {config.ema_decay}")
-    _require(config.precision.compute_dtype in COMPUTE_DTYPES,
-             f"precision.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
-             f"got {config.precision.compute_dtype!r}")
-    _require(config.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {config.max_bad_steps}")
-    _require(config.checkpoint_every >= 1 and config.log_every >= 1, "checkpoint_every and log_every must be >= 1")
+        require(loss[key] >= 0, f"loss.{key} must be >= 0, got {loss[key]}")
+    require(loss.disc_start >= 0, f"loss.disc_start must be >= 0, got {loss.disc_start}")
+    require(loss.perceptual_weight == 0 or lpips_paths(loss),
+            "loss.perceptual_weight > 0 needs loss.lpips_weights (LPIPS lin layers + VGG16 trunk files)")
+
+
+def trainable_names(config):
+    """Components whose params the optimizer updates (LPIPS, when used, stays frozen)."""
+    return TRAINABLE
+
+
+def resolve(config, pre):
+    """The config as given: nothing to fill in."""
+    return config
 
 
 def vae_module(config):
@@ -112,9 +98,9 @@ def make_optimizer(config):
     return optax.multi_transform({"vae": tx_vae, "discriminator": tx_disc}, labels), schedule
 
 
-def make_train_step(modules, config, tx, schedule):
-    """train_step(state, frozen, batch) -> (state, metrics): see sdjax.train.ae_step."""
-    return ae_step.make_train_step(modules, config, tx, schedule)
+def make_train_step(pre, config, tx, schedule, mesh=None):
+    """train_step(state, frozen, batch) -> (state, metrics): see sdjax.train.vae.vae_step."""
+    return vae_step.make_train_step(pre.modules, config, tx, schedule)
 
 
 def export(config, params, out_dir):

@@ -1,4 +1,4 @@
-"""One training step of the KL autoencoder with its PatchGAN discriminator: pure, jitted like the LDM step.
+"""One training step of the KL autoencoder with its PatchGAN discriminator: pure, jitted like the LDM step (sdjax.train.ldm.ldm_step).
 
 Both players update from the same forward pass (the discriminator sees the reconstructions made
 with the autoencoder params before this step's update).
@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sdjax.train import ae_losses
-from sdjax.train.step import guarded_update
+from sdjax.train.optim import guarded_update
+from sdjax.train.vae import vae_losses
 
 # Path of the decoder's last layer in the VAE params: the adaptive weight is measured there.
 LAST_LAYER = ("decoder", "conv_out", "kernel")
@@ -36,10 +36,10 @@ def make_generator_loss(modules, loss):
         z = posterior.sample(key) if loss.sample_posterior else posterior.mode()
         recon = vae.apply({"params": vae_params}, z, method="decode").astype(jnp.float32)
         perceptual = lpips.apply({"params": lpips_params}, images, recon) if use_lpips else None
-        rec = ae_losses.reconstruction_loss(images, recon, loss.l1_weight, loss.l2_weight,
+        rec = vae_losses.reconstruction_loss(images, recon, loss.l1_weight, loss.l2_weight,
                                             perceptual, loss.perceptual_weight)
-        kl = ae_losses.kl_loss(posterior)
-        g = ae_losses.generator_loss(disc.apply({"params": d_params}, recon))
+        kl = vae_losses.kl_loss(posterior)
+        g = vae_losses.generator_loss(disc.apply({"params": d_params}, recon))
         aux = dict(recon=recon, rec_loss=rec, kl_loss=kl,
                    perceptual=jnp.mean(perceptual) if use_lpips else jnp.zeros(()))
         return (rec + loss.kl_weight * kl, g), aux
@@ -60,7 +60,7 @@ def autoencoder_grads(gen_loss, params, frozen, images, key, factor, disc_weight
 
     def with_gan():
         g_grads = vjp_fn((zero, one))[0]
-        w = ae_losses.adaptive_weight(_last_layer(nll_grads), _last_layer(g_grads), disc_weight)
+        w = vae_losses.adaptive_weight(_last_layer(nll_grads), _last_layer(g_grads), disc_weight)
         return w, g_grads
 
     d_weight, g_grads = jax.lax.cond(factor > 0, with_gan,
@@ -76,7 +76,7 @@ def discriminator_grads(disc, d_params, images, recon, factor):
     def fn(p):
         logits = disc.apply({"params": p}, jnp.concatenate([images.astype(jnp.float32), recon]))
         real, fake = jnp.split(logits, 2)
-        return factor * ae_losses.hinge_d_loss(real, fake), (jnp.mean(real), jnp.mean(fake))
+        return factor * vae_losses.hinge_d_loss(real, fake), (jnp.mean(real), jnp.mean(fake))
 
     (d_loss, (real, fake)), grads = jax.value_and_grad(fn, has_aux=True)(d_params)
     return grads, dict(d_loss=d_loss, logits_real=real, logits_fake=fake)
@@ -96,7 +96,7 @@ def make_train_step(modules, config, tx, schedule):
     def train_step(state, frozen, batch):
         images = batch["images"]
         key = jax.random.fold_in(state.rng, state.step)
-        factor = ae_losses.disc_factor(state.step, loss.disc_start, loss.disc_factor)
+        factor = vae_losses.disc_factor(state.step, loss.disc_start, loss.disc_factor)
         vae_grads, recon, metrics = autoencoder_grads(gen_loss, state.params, frozen, images, key, factor,
                                                       loss.disc_weight)
         d_grads, d_metrics = discriminator_grads(disc, state.params["discriminator"], images,

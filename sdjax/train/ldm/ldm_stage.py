@@ -1,0 +1,97 @@
+"""The LDM stage (the default, config `stage = "ldm"`): check, load, trainable parts, optimizer, step, export.
+
+Trains the U-Net (and the text encoder with `train_text_encoder`) on latents of the frozen VAE.
+"""
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from sdjax.diffusion import schedules
+from sdjax.diffusion.schedules import PREDICTION_TYPES
+from sdjax.models import registry
+from sdjax.text.clip_vocab import write_clip_tokenizer
+from sdjax.text.tokenizer import load_tokenizer, tokenize
+from sdjax.train import optim
+from sdjax.train.config import check_common, compute_dtype, require
+from sdjax.train.ldm import ldm_step
+from sdjax.weights.diffusers import KINDS, save_folder
+from sdjax.weights.pretrained import Pretrained, load_pretrained
+
+LATENTS = ("sample", "mean")
+
+
+def check(config):
+    """Raise ValueError naming the first field whose value is missing or invalid."""
+    check_common(config)
+    require(bool(config.get("pretrained")) or "model" in config, "needs `model` (architecture) or `pretrained` (path)")
+    opt, loss = config.optimizer, config.loss
+    require(opt.grad_accum_steps >= 1 and config.batch_size % opt.grad_accum_steps == 0,
+            f"optimizer.grad_accum_steps={opt.grad_accum_steps} must divide batch_size={config.batch_size}")
+    require(loss.prediction_type in PREDICTION_TYPES + ("",),
+            f"loss.prediction_type must be one of {PREDICTION_TYPES} or '' (the scheduler's), got {loss.prediction_type!r}")
+    require(0 <= loss.caption_dropout <= 1, f"loss.caption_dropout must be in [0, 1], got {loss.caption_dropout}")
+    require(loss.latent in LATENTS, f"loss.latent must be one of {LATENTS}, got {loss.latent!r}")
+
+
+def trainable_names(config):
+    """Components whose params the optimizer updates."""
+    return ("unet", "text_encoder") if config.get("train_text_encoder") else ("unet",)
+
+
+def load(config):
+    """Pretrained (modules computing in the config's dtype, float32 params) from `pretrained` or `model` + seed.
+
+    Random init is keyed by the seed, so the frozen parts of a from-scratch run can be rebuilt exactly.
+    """
+    dtype = compute_dtype(config)
+    if config.get("pretrained"):
+        pre = load_pretrained(config.pretrained)
+        modules, params, tokenizer, scheduler = pre.modules, pre.params, pre.tokenizer, dict(pre.scheduler)
+    else:
+        modules = {k: registry.build(k, config.model[k].to_dict()) for k in KINDS}
+        key = jax.random.key(config.seed)
+        params = {k: registry.init_params(k, modules[k], jax.random.fold_in(key, i)) for i, k in enumerate(KINDS)}
+        tokenizer, scheduler = None, config.model.scheduler.to_dict()
+    if config.get("tokenizer") or tokenizer is None:
+        tokenizer = load_tokenizer(config.get("tokenizer") or write_clip_tokenizer(tempfile.mkdtemp(prefix="sdjax_tok_")))
+    modules = {k: m.clone(dtype=dtype, param_dtype=jnp.float32) for k, m in modules.items()}
+    if config.get("remat"):
+        modules["unet"] = modules["unet"].clone(remat=True)
+    scheduler["prediction_type"] = config.loss.prediction_type or scheduler.get("prediction_type", "epsilon")
+    return Pretrained(modules, params, tokenizer, scheduler, config.get("pretrained") or "")
+
+
+def resolve(config, pre):
+    """Copy of config with loss.prediction_type filled in from the scheduler of `pre` (a Pretrained) when empty."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.loss.prediction_type = pre.scheduler["prediction_type"]
+    return config
+
+
+def empty_prompt_ids(tokenizer):
+    """int32 [77] ids of the empty caption (what caption dropout puts in)."""
+    return tokenize(tokenizer, [""])[0][0]
+
+
+
+def make_optimizer(config):
+    """(optax transformation, learning-rate schedule) from the `optimizer` section."""
+    return optim.make_optimizer(config.optimizer, config.total_steps)
+
+
+def make_train_step(pre, config, tx, schedule, mesh=None):
+    """train_step(state, frozen, batch) -> (state, metrics): see sdjax.train.ldm.ldm_step."""
+    abar = schedules.alphas_cumprod(schedules.scheduler_settings(pre.scheduler))
+    return ldm_step.make_train_step(pre.modules, config, tx, schedule, abar, empty_prompt_ids(pre.tokenizer), mesh)
+
+
+def export(config, params, out_dir):
+    """Write a diffusers folder: the trained {component: params} + the frozen ones rebuilt from the config."""
+    pre = load(config)
+    params = {**jax.device_get(pre.params), **params}
+    with tempfile.TemporaryDirectory() as tok:
+        pre.tokenizer.save_pretrained(tok)
+        save_folder(out_dir, pre.modules, params, pre.scheduler, tokenizer_dir=tok)
+    return out_dir

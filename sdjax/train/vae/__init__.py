@@ -1,0 +1,1 @@
+"""The autoencoder stage (config `stage = "autoencoder"`): the KL autoencoder against a PatchGAN."""
