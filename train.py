@@ -37,7 +37,7 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         loop.train(_CONFIG.value, _WORKDIR.value)
-        if _EXPORT.value and jax.process_index() == 0:
+        if _EXPORT.value:  # every process takes part in the restore; process 0 writes
             export(_WORKDIR.value, _EXPORT.value)
             logging.getLogger("sdjax").info("exported to %s", _EXPORT.value)
     except (ValueError, OSError, loop.TrainingDiverged) as e:  # bad config, data or weights; bugs trace back

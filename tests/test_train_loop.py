@@ -79,13 +79,17 @@ def test_two_processes_agree_with_one(tmp_path, cache):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [run([WORKER, "--workdir", str(tmp_path / "multi"), "--steps", "3", "--data=4", "--fsdp=2",
-                  f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-                 cache, devices=4, check=False) for i in range(2)]
+                  f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+                  f"--export_dir={tmp_path / 'exported'}"], cache, devices=4, check=False) for i in range(2)]
     for p in procs:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out[-4000:]
     np.testing.assert_allclose(losses(tmp_path / "multi"), losses(single), rtol=1e-5)
     assert_params_close(load_params(tmp_path / "multi", ema=False), load_params(single, ema=False))
+    # the two processes exported together (no hang): process 0 wrote the EMA U-Net
+    exported = load_pretrained(str(tmp_path / "exported"))
+    for a, b in zip(jax.tree.leaves(exported.params["unet"]), jax.tree.leaves(load_params(tmp_path / "multi")["unet"])):
+        np.testing.assert_array_equal(a, b)
 
 
 def train_py(workdir, cache, *overrides, devices=1):

@@ -33,6 +33,7 @@ def main():
     p.add_argument("--coordinator")
     p.add_argument("--num_processes", type=int)
     p.add_argument("--process_id", type=int)
+    p.add_argument("--export_dir", help="after training, export (every process calls it, as train.py does)")
     a = p.parse_args()
     import jax
     if a.coordinator:
@@ -43,6 +44,9 @@ def main():
     c = tiny_config(a.steps)
     c.mesh.data, c.mesh.fsdp, c.optimizer.grad_accum_steps = a.data, a.fsdp, a.grad_accum
     loop.train(c, a.workdir, fake_data(), devices=jax.devices()[:a.devices] if a.devices else None)
+    if a.export_dir:
+        from sdjax.train.export import export
+        export(a.workdir, a.export_dir)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ def load_params(workdir, step=None, ema=True):
 
 def export(workdir, out_dir, step=None, ema=True):
     """Write a diffusers folder with the trained params (+ the frozen ones rebuilt from the config):
-    the whole model for the LDM stage, out_dir/vae for the autoencoder stage."""
+    the whole model for the LDM stage, out_dir/vae for the autoencoder stage. With several processes
+    every one must call it (the checkpoint restore is collective); process 0 writes. Returns out_dir."""
     config = read_config(workdir)
-    return stage_for(config).export(config, jax.device_get(load_params(workdir, step, ema)), out_dir)
+    params = jax.device_get(load_params(workdir, step, ema))
+    if jax.process_index() == 0:
+        stage_for(config).export(config, params, out_dir)
+    return out_dir

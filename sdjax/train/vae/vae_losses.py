@@ -7,7 +7,6 @@ over each example's pixels / latent entries and averaged over the batch, so the 
 import jax
 import jax.numpy as jnp
 
-from sdjax.train.ldm.ldm_losses import per_example as _per_example
 
 
 def reconstruction_loss(images, recon, l1_weight=1.0, l2_weight=0.0, perceptual=None, perceptual_weight=0.0):
@@ -19,7 +18,7 @@ def reconstruction_loss(images, recon, l1_weight=1.0, l2_weight=0.0, perceptual=
     err = recon.astype(jnp.float32) - images.astype(jnp.float32)
     per_pixel = l1_weight * jnp.abs(err) + l2_weight * jnp.square(err)
     if perceptual is not None and perceptual_weight:
-        per_pixel = per_pixel + perceptual_weight * _per_example(perceptual.astype(jnp.float32), err)
+        per_pixel = per_pixel + perceptual_weight * perceptual.astype(jnp.float32).reshape(-1, 1, 1, 1)
     return jnp.sum(per_pixel) / images.shape[0]
 
 
