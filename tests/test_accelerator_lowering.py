@@ -87,3 +87,45 @@ def test_gpu_flash_wrapper_matches_xla_in_interpret_mode():
     want = jax.nn.dot_product_attention(q, k, v)
     np.testing.assert_allclose(got, want, atol=2e-5)
     assert np.abs(want - jax.nn.dot_product_attention(q, k, v * 1.01)).max() > 100 * 2e-5
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    """The LDM train step of configs/train/tiny.py (32² images, 16x16 latents) in bfloat16, traced with abstract
+    params (the demo model's tokenizer gives the empty prompt's ids)."""
+    import os
+    from configs.train import tiny as train_tiny
+    from sdjax.demo import DEMO_MODEL
+    from sdjax.text.tokenizer import load_tokenizer
+    from sdjax.train.stages import stage_for
+    from sdjax.train.state import create_state
+    from sdjax.weights.pretrained import Pretrained
+    c = train_tiny.get_config()
+    modules = {k: registry.build(k, c.model[k].to_dict(), dtype=jnp.bfloat16) for k in ("unet", "vae", "text_encoder")}
+    params = {k: registry.param_shapes(k, m) for k, m in modules.items()}
+    pre = Pretrained(modules, params, load_tokenizer(os.path.join(DEMO_MODEL, "tokenizer")),
+                     {**c.model.scheduler.to_dict(), "prediction_type": "epsilon"}, "")
+    stage = stage_for(c)
+    c = stage.resolve(c, pre)
+    names = stage.trainable_names(c)
+    trainable = {k: v for k, v in params.items() if k in names}
+    frozen = {k: v for k, v in params.items() if k not in names}
+    tx, schedule = stage.make_optimizer(c)
+    state = jax.eval_shape(lambda p: create_state(p, tx, c.seed), trainable)
+    batch = {"images": jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
+             "input_ids": jax.ShapeDtypeStruct((2, 77), jnp.int32)}
+    traced = jax.jit(stage.make_train_step(pre, c, tx, schedule)).trace(state, frozen, batch)
+    return traced, sum(x.ndim == 4 for x in jax.tree.leaves(params["unet"]))
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_train_step_has_flash_attention_and_no_cpu_paths(train_step, platform):
+    traced, unet_convs = train_step
+    text = traced.lower(lowering_platforms=(platform,)).as_text()
+    assert KERNEL[platform] in text  # forward and backward kernels
+    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    assert not any(k in cpu for k in KERNEL.values())
+    # forward + two backward convolutions per U-Net conv (+ the frozen VAE's) on the accelerator; far fewer on CPU
+    # every U-Net conv's forward and two backward convolutions are XLA's (the first layer has no input
+    # gradient); on CPU most are Winograd / im2col matmuls
+    assert text.count("stablehlo.convolution") >= 3 * unet_convs - 1 > cpu.count("stablehlo.convolution")

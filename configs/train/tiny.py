@@ -31,6 +31,7 @@ def get_config():
         prediction_type="", min_snr_gamma=5.0, offset_noise=0.0, caption_dropout=0.1, latent="mean"))
     c.precision = ml_collections.ConfigDict(dict(compute_dtype="float32"))
     c.remat = False
+    c.attention = "auto"             # sdjax.models.attention.IMPLEMENTATIONS; auto: flash kernels on GPU/TPU
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2 ** 14))
     c.checkpoint_every = 200
     c.keep_checkpoints = 3

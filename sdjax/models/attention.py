@@ -40,6 +40,14 @@ def implementation(name):
         _IMPLEMENTATION.reset(token)
 
 
+def scoped(fn, name):
+    """fn traced with attention implementation `name` (wrap a function before jax.jit)."""
+    def traced(*args, **kwargs):
+        with implementation(name):
+            return fn(*args, **kwargs)
+    return traced
+
+
 def multi_head_attention(q, k, v, num_heads, *, causal=False, upcast=False):
     """Scaled dot-product attention over heads.
 

@@ -1,6 +1,8 @@
 """Checks of a training config where it enters (clear messages), and values derived from it."""
 import jax.numpy as jnp
 
+from sdjax.models.attention import IMPLEMENTATIONS
+
 from sdjax.train.optim import SCHEDULES
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -32,6 +34,8 @@ def check_common(config, fields=()):
             f"precision.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {config.precision.compute_dtype!r}")
     require(config.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {config.max_bad_steps}")
     require(config.checkpoint_every >= 1 and config.log_every >= 1, "checkpoint_every and log_every must be >= 1")
+    require(config.get("attention", "auto") in IMPLEMENTATIONS,
+            f"attention must be one of {IMPLEMENTATIONS}, got {config.get('attention')!r}")
 
 
 def check_batch(config, num_devices, process_count):

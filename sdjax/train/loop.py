@@ -7,6 +7,7 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
+from sdjax.models import attention
 from sdjax.train import config as config_lib, distributed
 from sdjax.train.checkpoint import Checkpointer
 from sdjax.train.export import save_config
@@ -95,7 +96,7 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
         else:
             log.warning("checkpoint was written by %d processes, this run has %d: the data order restarts",
                         data_states["process_count"], pcount)
-    step = stage.make_train_step(pre, config, tx, schedule, mesh)
+    step = attention.scoped(stage.make_train_step(pre, config, tx, schedule, mesh), config.get("attention", "auto"))
     return Run(config, pre, mesh, state, frozen, compile_step(step, mesh, state_sh, frozen_sh), data, ckpt)
 
 
