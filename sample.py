@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from sdjax import host_memory
+from sdjax import compile_cache, host_memory
 from sdjax.demo import DEMO_MODEL
 
 
@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--strength", type=finite_float, default=None,
                    help="img2img strength in (0, 1] (default 0.8; 1.0 for inpainting)")
     p.add_argument("--out", default="outputs")
+    p.add_argument("--compilation-cache", default=None,
+                   help="jax's compilation cache folder (default $SDJAX_COMPILATION_CACHE or ~/.cache/sdjax/xla; off: none)")
     p.add_argument("--grid", action="store_true", help="also write all images as one grid.png")
     return p.parse_args(argv)
 
@@ -77,6 +79,7 @@ def run(args):
 
     from sdjax.images import make_grid, open_image, save_png
     from sdjax.pipeline import StableDiffusion
+    compile_cache.enable(args.compilation_cache)
 
     image = open_image(args.init_image, "--init-image") if args.init_image else None  # before the slow load
     mask = open_image(args.mask, "--mask") if args.mask else None

@@ -7,12 +7,13 @@ A run resumes from the latest checkpoint in --workdir; SIGTERM saves and exits; 
 writes a diffusers folder of the EMA weights at the end (usable as `sample.py --model`).
 """
 import logging
+import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from sdjax import host_memory
+from sdjax import compile_cache, host_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/train/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here")
@@ -29,7 +30,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("sdjax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    config = _CONFIG.value
+    if config.get("deterministic"):  # before jax starts its backends
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
     import jax
+    compile_cache.enable()
+    if config.precision.get("matmul"):
+        jax.config.update("jax_default_matmul_precision", config.precision.matmul)
     if _CPU_COLLECTIVES.value:
         jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
     from sdjax.train import distributed, loop

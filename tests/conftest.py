@@ -9,6 +9,8 @@ from configs.models import tiny
 from sdjax.text.clip_vocab import write_clip_tokenizer
 
 torch.set_num_threads(1)
+# the CLIs' persistent compilation cache stays off in tests (test_sample_cli checks it in a folder of its own)
+os.environ.setdefault("SDJAX_COMPILATION_CACHE", "off")
 
 
 def _randomize(model, seed):

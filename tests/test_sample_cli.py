@@ -2,6 +2,7 @@
 
 Its errors on bad input: tests/test_cli_errors.py."""
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -34,3 +35,20 @@ def test_sample_cli_writes_the_api_images(torch_folder, tmp_path, capsys):
         assert meta["model"] == os.path.basename(folder)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "grid.png")), make_grid(expected))
 
+
+
+def test_second_run_loads_its_executables_from_the_cache(torch_folder, tmp_path):
+    """sample.py compiles into --compilation-cache; the same run again writes nothing new there (it loaded
+    every executable), and a run of another size adds entries."""
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample.py"),
+           "--model", torch_folder[1], "--prompt", "a red circle", "--steps", "2", "--height", "16", "--width", "16",
+           "--compilation-cache", str(cache)]
+    run = lambda *extra: subprocess.run([*cmd, *extra], check=True, capture_output=True, timeout=600)  # noqa: E731
+    run("--out", str(tmp_path / "a"))
+    first = set(os.listdir(cache))
+    assert first
+    run("--out", str(tmp_path / "b"))
+    assert set(os.listdir(cache)) == first
+    run("--out", str(tmp_path / "c"), "--height", "32", "--width", "32")
+    assert set(os.listdir(cache)) > first

@@ -139,10 +139,11 @@ def test_sigterm_saves_and_resume_is_bit_identical(toy, tmp_path):
     c.total_steps, c.checkpoint_every, c.mesh.data, c.optimizer.warmup_steps = 6, 100, 1, 2
     devices = jax.devices()[:1]
     straight = loop.train(c, str(tmp_path / "straight"), fake_data(), devices, pre)
-    # SIGTERM while step 3's batch is read: step 3 finishes, is saved, and train returns.
+    # SIGTERM while batch 3 is read (by the prefetch thread, one or two steps ahead): the step running then
+    # finishes, is saved with the data position of the batches it consumed, and train returns.
     stopped = loop.train(c, str(tmp_path / "cut"), fake_data(sigterm_at=2), devices, pre)
-    assert int(stopped.step) == 3
-    assert os.listdir(tmp_path / "cut" / "checkpoints") == ["3"]
+    assert 1 <= int(stopped.step) <= 3
+    assert os.listdir(tmp_path / "cut" / "checkpoints") == [str(int(stopped.step))]
     resumed = loop.train(c, str(tmp_path / "cut"), fake_data(), devices, pre)
     for a, b in zip(jax.tree.leaves((straight.params, straight.ema_params, straight.opt_state)),
                     jax.tree.leaves((resumed.params, resumed.ema_params, resumed.opt_state))):

@@ -29,7 +29,10 @@ def get_config():
     c.ema_warmup = False             # True: decay min(ema_decay, (1 + n) / (10 + n)) at step n
     c.loss = ml_collections.ConfigDict(dict(
         prediction_type="", min_snr_gamma=5.0, offset_noise=0.0, caption_dropout=0.1, latent="mean"))
-    c.precision = ml_collections.ConfigDict(dict(compute_dtype="float32"))
+    # matmul: jax_default_matmul_precision ("" keeps jax's: on GPU/TPU bf16 passes / TF32 for float32
+    # matmuls; "highest" for full float32)
+    c.precision = ml_collections.ConfigDict(dict(compute_dtype="float32", matmul=""))
+    c.deterministic = False          # GPU: --xla_gpu_deterministic_ops (bit-reproducible, slower scatters/reductions)
     c.remat = False
     c.attention = "auto"             # sdjax.models.attention.IMPLEMENTATIONS; auto: flash kernels on GPU/TPU
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2 ** 14))

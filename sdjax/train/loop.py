@@ -1,7 +1,9 @@
 """The training loop: wire config, models, data, state, step, checkpoints and logs together; resume, stop cleanly."""
 import dataclasses
 import logging
+import queue
 import signal
+import threading
 import time
 
 import jax
@@ -100,9 +102,10 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
     return Run(config, pre, mesh, state, frozen, compile_step(step, mesh, state_sh, frozen_sh), data, ckpt)
 
 
-def save(run):
-    """Checkpoint the state and every process's data iterator position (all processes must call)."""
-    states = distributed.gather_json(run.data.get_state())
+def save(run, data_state):
+    """Checkpoint the state and every process's data iterator position after the last step (all processes
+    must call)."""
+    states = distributed.gather_json(data_state)
     run.checkpointer.save(run.state, {"process_count": jax.process_count(), "states": states})
 
 
@@ -140,11 +143,68 @@ def sample_images(pipe, run, step, logger):
     logger.images(step, images, tuple(c.prompts))
 
 
+class _Prefetch:
+    """The next batches read, assembled and put on the devices by a thread while the current step runs.
+
+    Each item carries the data iterator's state after its batch: what a checkpoint taken after that step
+    records (the thread has read further)."""
+
+    def __init__(self, data, mesh, depth=2):
+        self.data, self.mesh = data, mesh
+        self.items, self.done = queue.Queue(depth), threading.Event()
+        self.thread = threading.Thread(target=self._fill, name="sdjax-prefetch", daemon=True)
+        self.thread.start()
+
+    def _fill(self):
+        try:
+            while not self.done.is_set():
+                item = (global_batch(next(self.data), self.mesh), self.data.get_state(),
+                        getattr(self.data, "skipped", 0))
+                while not self.done.is_set():
+                    try:
+                        self.items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+        except BaseException as e:  # noqa: BLE001 (handed to the loop, which raises it)
+            self.items.put(e)
+
+    def next(self):
+        """(global batch, data state after it, examples skipped so far)."""
+        item = self.items.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self.done.set()
+        while self.thread.is_alive():
+            try:
+                self.items.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self.thread.join()
+
+
+def _preempted(term, step):
+    """Whether to save and stop: SIGTERM seen here (one process), or, with several, at a step all processes
+    agree on (jax's preemption sync point; no collective on other steps)."""
+    if jax.process_count() == 1:
+        return term["seen"]
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # jax_enable_preemption_service off: no preemption handling
+        return False
+
+
 def train(config, workdir, make_data=pipeline_iterator, devices=None, pretrained=None):
     """Train to config.total_steps, resuming from workdir; returns the final TrainState.
 
-    Checkpoints every checkpoint_every steps and at the end; SIGTERM saves and returns early;
-    max_bad_steps non-finite steps in a row raise TrainingDiverged (the last checkpoint is kept).
+    The host never waits for the device between steps: the next batch is prepared on a thread while the
+    step runs, and metrics stay on the device until a log or checkpoint step fetches them. Checkpoints
+    every checkpoint_every steps and at the end; SIGTERM saves and returns early; max_bad_steps
+    non-finite steps in a row raise TrainingDiverged at the next log or checkpoint step (the guarded
+    update leaves the state as it was meanwhile; the last checkpoint is kept).
     """
     run = setup(config, workdir, make_data, devices, pretrained)
     config = run.config
@@ -155,39 +215,56 @@ def train(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
         from sdjax.pipeline import StableDiffusion
         pipe = StableDiffusion(run.pretrained)
     term = {"seen": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: term.update(seen=True))
+    single = jax.process_count() == 1  # several processes: jax's preemption notifier handles SIGTERM
+    previous = signal.signal(signal.SIGTERM, lambda *_: term.update(seen=True)) if single else None
     step, window = int(jax.device_get(run.state.step)), _Window()
-    last_log = step
-    try:
-        while step < config.total_steps:
-            run.state, metrics = run.step_fn(run.state, run.frozen, global_batch(next(run.data), run.mesh))
-            metrics = jax.device_get(metrics)
-            step += 1
+    last_log, pending, data_state, skipped = step, [], run.data.get_state(), 0
+    batches = _Prefetch(run.data, run.mesh)
+
+    def flush():
+        """Fetch the pending steps' metrics (one transfer), check them in order; the last step's metrics."""
+        fetched = jax.device_get(pending)
+        first = step - len(pending) + 1
+        for i, metrics in enumerate(fetched):
             window.add(metrics)
             if metrics["bad_steps"] >= config.max_bad_steps:
+                at = first + i
                 raise TrainingDiverged(
                     f"loss or gradients were NaN/inf for {int(metrics['bad_steps'])} steps in a row "
-                    f"(steps {step - int(metrics['bad_steps']) + 1}..{step}); stopped without saving. "
+                    f"(steps {at - int(metrics['bad_steps']) + 1}..{at}); stopped without saving. "
                     f"Last checkpoint: step {run.checkpointer.latest_step()} in {workdir}")
-            if step % config.log_every == 0 or step == config.total_steps:
+        pending.clear()
+        return fetched[-1]
+
+    try:
+        while step < config.total_steps:
+            batch, next_state, next_skipped = batches.next()
+            run.state, metrics = run.step_fn(run.state, run.frozen, batch)
+            step += 1
+            data_state, skipped = next_state, next_skipped
+            pending.append(metrics)
+            log_now = step % config.log_every == 0 or step == config.total_steps
+            checkpoint_now = step % config.checkpoint_every == 0 or step == config.total_steps
+            stop = _preempted(term, step)
+            last = flush() if log_now or checkpoint_now or stop else None
+            if log_now:
                 logger.write(step, {**window.summary(step - last_log, config.batch_size),
-                                    "learning_rate": metrics["learning_rate"],
+                                    "learning_rate": last["learning_rate"],
                                     "examples_seen": step * config.batch_size,
-                                    "bad_steps_total": metrics["total_bad_steps"],
-                                    "data_skipped": getattr(run.data, "skipped", 0)})
+                                    "bad_steps_total": last["total_bad_steps"], "data_skipped": skipped})
                 window, last_log = _Window(), step
-            stop = distributed.any_process(term["seen"])
             # Scheduled saves skip non-finite steps, so a bad streak never rotates out good checkpoints.
-            due = step % config.checkpoint_every == 0 and metrics["finite"]
-            if due or step == config.total_steps or stop:
-                save(run)
+            if (checkpoint_now and (last["finite"] or step == config.total_steps)) or stop:
+                save(run, data_state)
             if sampling and step % config.sample.every == 0:
                 sample_images(pipe, run, step, logger)
             if stop:
                 log.warning("SIGTERM: saved step %d, stopping", step)
                 break
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        batches.close()
+        if single:
+            signal.signal(signal.SIGTERM, previous)
         run.checkpointer.wait()
         run.checkpointer.close()
         logger.close()
