@@ -197,8 +197,7 @@ def test_guidance_rescale_matches_diffusers(sd, reference, torch_folder):
     assert err <= 1e-6 and effect > 20 * err, (err, effect)
 
 
-@pytest.mark.parametrize("guidance", [1.0, 4.0])
-def test_image_is_bit_identical_alone_and_in_a_batch(sd, guidance):
+def test_image_is_bit_identical_alone_and_in_a_batch(sd, guidance=4.0):
     """Image i of seed s alone (seed s + i) and in a batch of 3: the same bits, because the pipeline computes
     image by image (per_image); computed as one batch, XLA:CPU rounds some dots and GroupNorm sums differently."""
     kw = dict(num_steps=2, guidance_scale=guidance, height=SIZE, width=SIZE, sampler="euler_a", output_type="np",
