@@ -53,9 +53,3 @@ def gather_json(obj):
     rows = multihost_utils.process_allgather(padded)
     return [_from_jsonable(json.loads(bytes(r[:int(n)]).decode())) for r, n in zip(rows, np.ravel(lengths))]
 
-
-def any_process(flag):
-    """True on every process if `flag` is True on any (e.g. a SIGTERM seen by one host)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
