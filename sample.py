@@ -20,6 +20,15 @@ def finite_float(text):
     return value
 
 
+def backend_note():
+    """The backend jax computes on, and a hint when a GPU is present but jax has no CUDA plugin."""
+    import jax
+    backend = f"{jax.default_backend()} ({jax.device_count()} device(s))"
+    if jax.default_backend() == "cpu" and os.path.exists("/dev/nvidia0"):
+        backend += ": this machine has an NVIDIA GPU, but jax has no CUDA plugin: pip install -e '.[cuda]'"
+    return backend
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: the bundled demo model)")
@@ -86,7 +95,7 @@ def run(args):
     t0 = time.perf_counter()
     sd = StableDiffusion.load(model, dtype=args.dtype, attention=args.attention, config_name=args.config_name,
                               variant=args.variant, vae=args.vae, use_ema=False if args.raw_weights else None)
-    print(f"loaded {model} in {time.perf_counter() - t0:.1f} s; running on {host_memory.backend_note()}")
+    print(f"loaded {model} in {time.perf_counter() - t0:.1f} s; running on {backend_note()}")
     host_memory.release_freed_memory()  # the file buffers of loading
     strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.8)
     images = sd.generate(

@@ -37,15 +37,6 @@ def runs_on_cpu():
     return not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
 
 
-def backend_note():
-    """The backend jax computes on, and a hint when a GPU is present but jax has no CUDA plugin."""
-    import jax
-    backend = f"{jax.default_backend()} ({jax.device_count()} device(s))"
-    if jax.default_backend() == "cpu" and os.path.exists("/dev/nvidia0"):
-        backend += ": this machine has an NVIDIA GPU, but jax has no CUDA plugin: pip install -e '.[cuda]'"
-    return backend
-
-
 def keep_freed_memory():
     """Make malloc keep and reuse freed memory when jax computes on the CPU; True when applied (glibc, CPU).
 

@@ -126,6 +126,9 @@ class StableDiffusion:
         attention: one of models.attention.IMPLEMENTATIONS ("auto": the platform's fastest)."""
         if attention not in IMPLEMENTATIONS:
             raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {attention!r}")
+        if attention in ("flash", "cudnn") and jax.default_backend() == "cpu":
+            raise ValueError(f"attention {attention!r} is a GPU/TPU kernel and jax computes on the CPU here; "
+                             "use 'auto', 'chunked' or 'xla'")
         sd = cls(load_pretrained(path, dtype=dtype, **options))
         sd.attention = attention
         return sd
@@ -139,7 +142,8 @@ class StableDiffusion:
                tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)))
         if sig not in self._compiled:
             t0 = time.perf_counter()
-            with attention_implementation(self.attention):
+            # whole batches (accelerators) are attended device by device; image by image, each image is
+            with attention_implementation(self.attention, None if self.per_image else self.mesh):
                 self._compiled[sig] = jax.jit(functools.partial(fn, **static)).lower(*args).compile()
             self.compile_count += 1
             self.last_timings[f"compile_{name}"] = time.perf_counter() - t0

@@ -106,6 +106,9 @@ def test_sample_refuses_non_finite_numbers(torch_folder, capsys):
     assert sd.compile_count == 0
     with pytest.raises(SystemExit, match="unknown sampler"):  # library ValueErrors reach the CLI's one line
         sample.main(["--model", torch_folder[1], "--prompt", "a", "--sampler", "nope"])
+    for kernel in ("flash", "cudnn"):  # accelerator kernels forced on a CPU: said before loading, not at lowering
+        msg = sample_error(["--model", torch_folder[1], "--attention", kernel], capsys)
+        assert f"attention {kernel!r} is a GPU/TPU kernel" in msg
 
 
 def train_error(tmp_path, overrides, capsys, monkeypatch):

@@ -11,39 +11,45 @@ forced with `implementation(name)` around tracing:
 - "chunked" on CPU: XLA materialises every head's score matrix at once, which is memory-bound (6x slower
   than PyTorch at 4096 tokens), so attention runs head by head over query chunks that fit in cache.
 - "xla": `jax.nn.dot_product_attention` as XLA ops; "cudnn": its cuDNN kernel (needs a GPU to trace).
+
+Over a mesh (`implementation(name, mesh)`), a batch split over the mesh's devices is attended by each
+device on its own rows (`jax.shard_map`): XLA cannot partition a kernel's custom call, nor see through the
+chunked path's loop over batch x heads, and would otherwise gather the whole batch onto every device.
 """
 import contextlib
 import contextvars
 import math
 
 import jax
+from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 
 ALL_AT_ONCE_BYTES = 8 * 2 ** 20  # CPU: below this many bytes of one image's scores, all heads in one batched matmul
 CHUNK_BYTES = 16 * 2 ** 20       # CPU: bytes of scores per query chunk otherwise
 IMPLEMENTATIONS = ("auto", "flash", "chunked", "xla", "cudnn")
 FLASH_MULTIPLE = 128             # the flash kernels take sequence lengths that are multiples of this
-_IMPLEMENTATION = contextvars.ContextVar("attention_implementation", default="auto")
+_IMPLEMENTATION = contextvars.ContextVar("attention_implementation", default=("auto", None))
 
 
 @contextlib.contextmanager
-def implementation(name):
-    """Attention traced inside uses `name` (one of IMPLEMENTATIONS; "auto": chosen per platform at lowering).
+def implementation(name, mesh=None):
+    """Attention traced inside uses `name` (one of IMPLEMENTATIONS; "auto": chosen per platform at lowering);
+    with a mesh, batches that split evenly over its devices are attended device by device (shard_map).
 
     A trace-time setting: enter it around tracing (jit's lower / the first call)."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {name!r}")
-    token = _IMPLEMENTATION.set(name)
+    token = _IMPLEMENTATION.set((name, mesh if mesh is not None and mesh.size > 1 else None))
     try:
         yield
     finally:
         _IMPLEMENTATION.reset(token)
 
 
-def scoped(fn, name):
-    """fn traced with attention implementation `name` (wrap a function before jax.jit)."""
+def scoped(fn, name, mesh=None):
+    """fn traced with `implementation(name, mesh)` (wrap a function before jax.jit)."""
     def traced(*args, **kwargs):
-        with implementation(name):
+        with implementation(name, mesh):
             return fn(*args, **kwargs)
     return traced
 
@@ -58,7 +64,7 @@ def multi_head_attention(q, k, v, num_heads, *, causal=False, upcast=False):
     dtype = q.dtype
     split = lambda x: x.reshape(x.shape[0], x.shape[1], num_heads, d // num_heads)  # noqa: E731
     q, k, v = split(q), split(k), split(v)
-    impl = _IMPLEMENTATION.get()
+    impl, mesh = _IMPLEMENTATION.get()
     flash_shapes = lq % FLASH_MULTIPLE == 0 and k.shape[1] % FLASH_MULTIPLE == 0
     if upcast and not (impl in ("auto", "flash") and flash_shapes):  # the kernels accumulate in float32 anyway
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
@@ -68,14 +74,17 @@ def multi_head_attention(q, k, v, num_heads, *, causal=False, upcast=False):
                            else xla(q, k, v))
     tpu = lambda q, k, v: tpu_flash(q, k, v, causal) if flash_shapes else xla(q, k, v)  # noqa: E731
     if impl == "auto":
-        out = jax.lax.platform_dependent(q, k, v, cpu=chunked, cuda=gpu, tpu=tpu, default=xla)
+        attend = lambda q, k, v: jax.lax.platform_dependent(q, k, v, cpu=chunked, cuda=gpu, tpu=tpu, default=xla)  # noqa: E731
     elif impl == "flash":
-        out = jax.lax.platform_dependent(q, k, v, cuda=gpu, default=tpu)
+        attend = lambda q, k, v: jax.lax.platform_dependent(q, k, v, cuda=gpu, default=tpu)  # noqa: E731
     elif impl == "cudnn":
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")  # noqa: E731
     else:
-        out = {"chunked": chunked, "xla": xla}[impl](q, k, v)
-    return out.reshape(b, lq, d).astype(dtype)
+        attend = {"chunked": chunked, "xla": xla}[impl]
+    if mesh is not None and b % mesh.size == 0:  # each device attends its own rows
+        rows = P(tuple(mesh.axis_names))
+        attend = jax.shard_map(attend, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows, check_vma=False)
+    return attend(q, k, v).reshape(b, lq, d).astype(dtype)
 
 
 def _pad_head_dim(x, to):

@@ -60,6 +60,31 @@ def _with_shardings(abstract, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+@dataclasses.dataclass
+class StepPlan:
+    """The train step and its layout, from shapes alone (what setup and the memory estimate share)."""
+    init: object          # trainable params -> fresh TrainState
+    abstract: object      # the TrainState as ShapeDtypeStructs
+    state_sharding: object
+    frozen_sharding: object
+    step_fn: object       # jitted train_step(state, frozen, batch) with those shardings, state donated
+
+
+def plan_step(stage, config, pre, mesh):
+    """StepPlan for `pre` (params may be arrays or ShapeDtypeStructs) on `mesh`."""
+    names = stage.trainable_names(config)
+    trainable = {k: v for k, v in pre.params.items() if k in names}
+    frozen = {k: v for k, v in pre.params.items() if k not in names}
+    tx, schedule = stage.make_optimizer(config)
+    init = lambda p: create_state(p, tx, config.seed)  # noqa: E731
+    abstract = jax.eval_shape(init, trainable)
+    state_sh = tree_shardings(abstract, mesh, config.mesh.min_shard_size)
+    frozen_sh = tree_shardings(frozen, mesh, config.mesh.min_shard_size)
+    step = attention.scoped(stage.make_train_step(pre, config, tx, schedule, mesh), config.get("attention", "auto"),
+                            mesh)
+    return StepPlan(init, abstract, state_sh, frozen_sh, compile_step(step, mesh, state_sh, frozen_sh))
+
+
 def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained=None):
     """Build models, mesh, state (restored from the latest checkpoint in workdir if any) and the jitted step.
 
@@ -76,30 +101,25 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
     config = stage.resolve(config, pre)
     if pindex == 0:
         save_config(config, workdir)
+    pre = dataclasses.replace(pre, params=jax.device_get(pre.params))
+    plan = plan_step(stage, config, pre, mesh)
     names = stage.trainable_names(config)
-    params = jax.device_get(pre.params)
-    trainable = {k: v for k, v in params.items() if k in names}
-    frozen = {k: v for k, v in params.items() if k not in names}
-    tx, schedule = stage.make_optimizer(config)
-    init = lambda p: create_state(p, tx, config.seed)  # noqa: E731
-    abstract = jax.eval_shape(init, trainable)
-    state_sh = tree_shardings(abstract, mesh, config.mesh.min_shard_size)
-    frozen_sh = tree_shardings(frozen, mesh, config.mesh.min_shard_size)
-    frozen = jax.device_put(frozen, frozen_sh)
+    frozen = jax.device_put({k: v for k, v in pre.params.items() if k not in names}, plan.frozen_sharding)
     data = make_data(config, pre.tokenizer, config.batch_size // pcount, config.seed, pindex, pcount)
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     if ckpt.latest_step() is None:
-        state = jax.jit(init, out_shardings=state_sh)(jax.device_put(trainable, state_sh.params))
+        trainable = {k: v for k, v in pre.params.items() if k in names}
+        state = jax.jit(plan.init, out_shardings=plan.state_sharding)(
+            jax.device_put(trainable, plan.state_sharding.params))
     else:
-        state, data_states = ckpt.restore(_with_shardings(abstract, state_sh))
+        state, data_states = ckpt.restore(_with_shardings(plan.abstract, plan.state_sharding))
         log.info("resumed from %s at step %d", workdir, int(jax.device_get(state.step)))
         if data_states["process_count"] == pcount:
             data.set_state(data_states["states"][pindex])
         else:
             log.warning("checkpoint was written by %d processes, this run has %d: the data order restarts",
                         data_states["process_count"], pcount)
-    step = attention.scoped(stage.make_train_step(pre, config, tx, schedule, mesh), config.get("attention", "auto"))
-    return Run(config, pre, mesh, state, frozen, compile_step(step, mesh, state_sh, frozen_sh), data, ckpt)
+    return Run(config, pre, mesh, state, frozen, plan.step_fn, data, ckpt)
 
 
 def save(run, data_state):

@@ -39,19 +39,22 @@ def trainable_names(config):
     return ("unet", "text_encoder") if config.get("train_text_encoder") else ("unet",)
 
 
-def load(config):
+def load(config, abstract=False):
     """Pretrained (modules computing in the config's dtype, float32 params) from `pretrained` or `model` + seed.
 
     Random init is keyed by the seed, so the frozen parts of a from-scratch run can be rebuilt exactly.
+    abstract: params as ShapeDtypeStructs of the `model` architecture (nothing read or initialised).
     """
     dtype = compute_dtype(config)
-    if config.get("pretrained"):
+    if config.get("pretrained") and not abstract:
         pre = load_pretrained(config.pretrained)
         modules, params, tokenizer, scheduler = pre.modules, pre.params, pre.tokenizer, dict(pre.scheduler)
     else:
         modules = {k: registry.build(k, config.model[k].to_dict()) for k in KINDS}
         key = jax.random.key(config.seed)
-        params = {k: registry.init_params(k, modules[k], jax.random.fold_in(key, i)) for i, k in enumerate(KINDS)}
+        params = {k: (registry.param_shapes(k, modules[k]) if abstract
+                      else registry.init_params(k, modules[k], jax.random.fold_in(key, i)))
+                  for i, k in enumerate(KINDS)}
         tokenizer, scheduler = None, config.model.scheduler.to_dict()
     if config.get("tokenizer") or tokenizer is None:
         tokenizer = load_tokenizer(config.get("tokenizer") or write_clip_tokenizer(tempfile.mkdtemp(prefix="sdjax_tok_")))

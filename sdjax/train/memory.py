@@ -1,0 +1,113 @@
+"""Per-device memory of a training config's step on its target, from XLA's memory analysis, before paying for it.
+
+    python -m sdjax.train.memory --config configs/train/finetune.py:sd15,v5e-16 [--devices 16]
+
+Compiles the real train step (LDM stage) for `config.target.devices` fake CPU devices in the config's
+mesh, from shapes alone (no weights read or initialised), and prints what one device holds: state, frozen
+weights and batch (arguments), temporaries, and their sum against `config.target.hbm_gib`. The CPU
+compile stands in for the accelerator's: the same program and shardings, with attention "chunked" (query
+chunks: memory like the flash kernels') in place of the TPU/GPU kernels, which only lower there.
+"""
+import dataclasses
+import math
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/train/*.py file", lock_config=False)
+_DEVICES = flags.DEFINE_integer("devices", None, "fake devices to compile for (default: config.target.devices)")
+flags.mark_flags_as_required(["config"])
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass
+class Estimate:
+    """Bytes one device holds while the step runs (XLA's memory analysis of the compiled step)."""
+    devices: int
+    state: int        # this device's shard of the train state (params, optimizer, EMA)
+    frozen: int       # ... of the frozen weights (VAE, text tower)
+    batch: int        # ... of the batch
+    temp: int         # XLA's temporaries (activations kept for the backward pass, workspace)
+    arguments: int    # XLA's count of the arguments: state + batch + the frozen weights the step reads
+    flops: float      # XLA's FLOP count of one step on one device
+
+    @property
+    def peak(self):
+        """Everything held + temporaries (the donated state's outputs reuse its buffers; the frozen weights
+        the step never reads, the VAE decoder, stay on the device though XLA does not count them)."""
+        return self.state + self.frozen + self.batch + self.temp
+
+
+def _shard_bytes(tree, shardings):
+    import jax
+    import numpy as np
+    sizes = jax.tree.map(lambda a, s: int(np.prod(s.shard_shape(a.shape), dtype=np.int64)) * a.dtype.itemsize,
+                         tree, shardings)
+    return sum(jax.tree.leaves(sizes))
+
+
+def estimate(config, devices=None):
+    """Estimate of the LDM train step of `config` over `devices` (default all: jax's, fake CPU ones here)."""
+    import jax
+
+    from sdjax.train import config as config_lib, loop
+    from sdjax.train.ldm import ldm_stage
+    from sdjax.train.sharding import batch_sharding, make_mesh
+    from sdjax.train.stages import STAGES, stage_for
+
+    stage = stage_for(config)
+    config_lib.require(stage is STAGES["ldm"], "the memory estimate covers the ldm stage")
+    stage.check(config)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    config_lib.check_batch(config, mesh.size, 1)
+    with config.unlocked():
+        config.attention = config.get("estimate_attention", "chunked")
+    pre = ldm_stage.load(config, abstract=True)
+    config = stage.resolve(config, pre)
+    plan = loop.plan_step(stage, config, pre, mesh)
+    frozen = {k: v for k, v in pre.params.items() if k not in stage.trainable_names(config)}
+    b, size = config.batch_size, config.data.image_size
+    batch = {"images": jax.ShapeDtypeStruct((b, size, size, 3), jax.numpy.float32),
+             "input_ids": jax.ShapeDtypeStruct((b, ldm_stage.empty_prompt_ids(pre.tokenizer).shape[0]), jax.numpy.int32)}
+    batch_sh = jax.tree.map(lambda _: batch_sharding(mesh), batch)
+    with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
+    compiled = plan.step_fn.lower(with_sh(plan.abstract, plan.state_sharding),
+                                  with_sh(frozen, plan.frozen_sharding), with_sh(batch, batch_sh)).compile()
+    mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return Estimate(mesh.size, _shard_bytes(plan.abstract, plan.state_sharding),
+                    _shard_bytes(frozen, plan.frozen_sharding), _shard_bytes(batch, batch_sh),
+                    mem.temp_size_in_bytes, mem.argument_size_in_bytes, float(cost.get("flops", math.nan)))
+
+
+def report(config, est):
+    """The lines the command prints."""
+    target = config.get("target", {})
+    hbm = target.get("hbm_gib")
+    lines = [f"{target.get('name', 'this mesh')}: {est.devices} devices, mesh data={config.mesh.data} "
+             f"fsdp={config.mesh.fsdp}, batch {config.batch_size} ({config.batch_size // est.devices} per device) "
+             f"at {config.data.image_size}², {config.precision.compute_dtype}, remat={bool(config.get('remat'))}",
+             "per device (GiB):"]
+    for name in ("state", "frozen", "batch", "temp"):
+        lines.append(f"  {name:<7}{getattr(est, name) / GIB:9.3f}")
+    lines.append(f"  {'peak':<7}{est.peak / GIB:9.3f}" + (f"   of {hbm} GiB: {100 * est.peak / (hbm * GIB):.0f}%"
+                                                          f" ({'fits' if est.peak < 0.9 * hbm * GIB else 'too big'})"
+                                                          if hbm else ""))
+    lines.append(f"  step   {est.flops / 1e12:9.3f} TFLOP per device (XLA's count)")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    n = _DEVICES.value or config.get("target", {}).get("devices") or 1
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+    print(report(config, estimate(config)))
+
+
+if __name__ == "__main__":
+    app.run(main)
