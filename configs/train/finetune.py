@@ -5,7 +5,7 @@
         --config.pretrained=/path/to/stable-diffusion-v1-5 --config.data.source=jsonl --config.data.path=...
 
 MODEL: sd15 (512², epsilon) or sd21 (768², v-prediction). TARGET: a row of TARGETS (the devices jax sees
-there, their memory, and the per-device batch that fits it, as `sdjax.train.memory` measured; see the README).
+there, their memory, and the per-device batch that fits it, as `sdjax.train.memory` measured: the table in the README).
 Every device holds an FSDP shard of the weights, optimizer and EMA; the U-Net recomputes activations in
 the backward pass (remat) and computes in bfloat16 over float32 master weights.
 """

@@ -137,7 +137,8 @@ def chunked_attention(q, k, v, *, causal=False):
 
     Small problems go in one batched matmul; larger ones loop (lax.map) over heads and, within a
     head, over query chunks of at most CHUNK_BYTES of float32 scores. Same math as
-    jax.nn.dot_product_attention; the loop keeps the scores in cache instead of memory."""
+    jax.nn.dot_product_attention; the loop keeps the scores in cache instead of memory, and (as in the
+    flash kernels) gradients recompute them chunk by chunk."""
     b, t, h, dh = q.shape
     s = k.shape[1]
     heads = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], dh)  # noqa: E731
@@ -150,7 +151,9 @@ def chunked_attention(q, k, v, *, causal=False):
         def head(x):
             qh, kh, vh = x
             chunks = (qh.reshape(t // cq, cq, dh), jnp.arange(0, t, cq))
-            return jax.lax.map(lambda c: _softmax_attend(c[0], kh, vh, causal, c[1]), chunks).reshape(t, dh)
+            # checkpointed: the backward pass recomputes a chunk's scores instead of keeping them all
+            chunk = jax.checkpoint(lambda c: _softmax_attend(c[0], kh, vh, causal, c[1]))
+            return jax.lax.map(chunk, chunks).reshape(t, dh)
         out = jax.lax.map(head, (q, k, v))
     return out.astype(q.dtype).reshape(b, h, t, dh).transpose(0, 2, 1, 3)
 

@@ -63,7 +63,7 @@ def estimate(config, devices=None):
     config_lib.check_batch(config, mesh.size, 1)
     with config.unlocked():
         config.attention = config.get("estimate_attention", "chunked")
-    pre = ldm_stage.load(config, abstract=True)
+    pre = ldm_stage.load(config, abstract=ldm_stage.KINDS)
     config = stage.resolve(config, pre)
     plan = loop.plan_step(stage, config, pre, mesh)
     frozen = {k: v for k, v in pre.params.items() if k not in stage.trainable_names(config)}

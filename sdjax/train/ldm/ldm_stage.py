@@ -39,11 +39,12 @@ def trainable_names(config):
     return ("unet", "text_encoder") if config.get("train_text_encoder") else ("unet",)
 
 
-def load(config, abstract=False):
+def load(config, abstract=()):
     """Pretrained (modules computing in the config's dtype, float32 params) from `pretrained` or `model` + seed.
 
     Random init is keyed by the seed, so the frozen parts of a from-scratch run can be rebuilt exactly.
-    abstract: params as ShapeDtypeStructs of the `model` architecture (nothing read or initialised).
+    abstract: components (KINDS: all) whose params are ShapeDtypeStructs of the `model` architecture, neither
+    read nor initialised (an init compiles its whole module: most of an export's time).
     """
     dtype = compute_dtype(config)
     if config.get("pretrained") and not abstract:
@@ -52,8 +53,8 @@ def load(config, abstract=False):
     else:
         modules = {k: registry.build(k, config.model[k].to_dict()) for k in KINDS}
         key = jax.random.key(config.seed)
-        params = {k: (registry.param_shapes(k, modules[k]) if abstract
-                      else registry.init_params(k, modules[k], jax.random.fold_in(key, i)))
+        params = {k: (registry.param_shapes(k, modules[k])
+                      if k in abstract else registry.init_params(k, modules[k], jax.random.fold_in(key, i)))
                   for i, k in enumerate(KINDS)}
         tokenizer, scheduler = None, config.model.scheduler.to_dict()
     if config.get("tokenizer") or tokenizer is None:
@@ -92,7 +93,7 @@ def make_train_step(pre, config, tx, schedule, mesh=None):
 
 def export(config, params, out_dir):
     """Write a diffusers folder: the trained {component: params} + the frozen ones rebuilt from the config."""
-    pre = load(config)
+    pre = load(config, abstract=() if config.get("pretrained") else tuple(params))  # the trained parts: not rebuilt
     params = {**jax.device_get(pre.params), **params}
     with tempfile.TemporaryDirectory() as tok:
         pre.tokenizer.save_pretrained(tok)
