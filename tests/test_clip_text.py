@@ -1,4 +1,4 @@
-"""CLIP text tower vs transformers' CLIPTextModel (random init, tiny configs)."""
+"""CLIP text towers vs transformers' CLIPTextModel / CLIPTextModelWithProjection (random init, tiny configs)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from sdjax.models.clip_text import CLIPTextModel
+from sdjax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.weights.convert import to_params, to_state_dict
 from sdjax.errors import UnsupportedConfig
 
@@ -76,6 +76,32 @@ def test_clip_text_matches_transformers(name):
         diffs[f"hidden_states[{i}]"] = np.abs(g - w.numpy()).max()
     print(name, {k: f"{v:.2e}" for k, v in diffs.items()})
     assert max(diffs.values()) <= 1e-4, diffs
+
+
+def test_projected_tower_matches_transformers():
+    """SDXL's second tower (OpenCLIP bigG shape, shrunk): penultimate states, pooled + projected EOS."""
+    torch.manual_seed(1)
+    cfg = transformers.CLIPTextConfig(**CONFIGS["sd2"], projection_dim=24)
+    ref = transformers.CLIPTextModelWithProjection(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ids = clip_text_ids("sd2")
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids), output_hidden_states=True)
+    sd = {k: v.numpy() for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+    assert "text_projection.weight" in sd and "text_projection.bias" not in sd
+    model = CLIPTextModelWithProjection.from_config(cfg.to_dict())
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = to_params("text_encoder", sd, shapes)
+    assert sorted(to_state_dict(params)) == sorted(sd)
+    got = jax.jit(model.apply)({"params": params}, jnp.asarray(ids, jnp.int32))
+    projected = np.abs(got["text_embeds"] - want.text_embeds.numpy()).max()
+    penultimate = np.abs(got["hidden_states"][-2] - want.hidden_states[-2].numpy()).max()
+    assert got["text_embeds"].shape == (3, 24) and projected <= 1e-4 and penultimate <= 1e-4, (projected, penultimate)
+    # the plain tower on the same config has no projection
+    assert "text_projection" not in jax.eval_shape(CLIPTextModel.from_config(cfg.to_dict()).init, jax.random.key(0),
+                                                   jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

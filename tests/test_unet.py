@@ -24,12 +24,20 @@ SD2 = dict(  # SD 2.x options, plus odd sizes and rarer options to cover every b
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 INPAINT = dict(SD1, in_channels=9, norm_num_groups=32, center_input_sample=True)
+SDXL = dict(  # SDXL's layout, shrunk: no attention at the top level, 1 then 2 transformers, text_time embedding
+    block_out_channels=(16, 32, 64), layers_per_block=1, attention_head_dim=(2, 4, 8), cross_attention_dim=32,
+    norm_num_groups=8, use_linear_projection=True, transformer_layers_per_block=(1, 1, 2),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8)
 
 CASES = {  # name: (config, (H, W), timesteps)
     "sd1": (SD1, (16, 16), 37.5),
     "sd2": (SD2, (18, 14), np.array([3.0, 901.0], np.float32)),  # 18x14: not a multiple of 4
     "inpaint": (INPAINT, (16, 16), 999),
+    "sdxl": (SDXL, (16, 16), np.array([11.0, 640.0], np.float32)),
 }
+TIME_IDS = np.array([[1024, 768, 0, 64, 1024, 1024], [512, 512, 32, 0, 896, 1152]], np.float32)  # SDXL's 6 numbers
 
 
 def _torch_unet(config, seed=0):
@@ -53,15 +61,20 @@ def case(request):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, h, w, model.config.in_channels), dtype=np.float32)
     ctx = rng.standard_normal((2, 5, model.config.cross_attention_dim), dtype=np.float32)
+    added = ()
+    if model.config.addition_embed_type:
+        pooled = model.config.projection_class_embeddings_input_dim - 6 * model.config.addition_time_embed_dim
+        added = (rng.standard_normal((2, pooled), dtype=np.float32), TIME_IDS)
     with torch.no_grad():
         t_torch = torch.from_numpy(t) if isinstance(t, np.ndarray) else t
-        ref = model(torch.from_numpy(x).permute(0, 3, 1, 2), t_torch, torch.from_numpy(ctx)).sample
+        kwargs = dict(added_cond_kwargs=dict(zip(("text_embeds", "time_ids"), map(torch.from_numpy, added))))
+        ref = model(torch.from_numpy(x).permute(0, 3, 1, 2), t_torch, torch.from_numpy(ctx), **kwargs).sample
     ref = ref.permute(0, 2, 3, 1).numpy()
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     flax_model = UNet2DConditionModel.from_config(dict(model.config))
-    shapes = jax.eval_shape(flax_model.init, jax.random.key(0), x, t, ctx)["params"]
+    shapes = jax.eval_shape(flax_model.init, jax.random.key(0), x, t, ctx, *added)["params"]
     params = to_params("unet", sd, shapes)
-    return dict(sd=sd, model=flax_model, params=params, inputs=(x, t, ctx), ref=ref, config=dict(model.config))
+    return dict(sd=sd, model=flax_model, params=params, inputs=(x, t, ctx, *added), ref=ref, config=dict(model.config))
 
 
 def _apply(model, params, *inputs):
@@ -97,8 +110,8 @@ def test_bf16_compute_close_to_fp32(case):
 
 
 def test_timestep_scalar_equals_broadcast_vector(case):
-    x, t, ctx = case["inputs"]
-    if np.ndim(t):
+    x, t, ctx, *_ = case["inputs"]
+    if np.ndim(t) or len(case["inputs"]) > 3:
         pytest.skip("needs a scalar timestep")
     a = _apply(case["model"], case["params"], x, t, ctx)
     b = _apply(case["model"], case["params"], x, jnp.full((x.shape[0],), t, jnp.float32), ctx)
@@ -106,12 +119,23 @@ def test_timestep_scalar_equals_broadcast_vector(case):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("addition_embed_type", "text_time"), ("class_embed_type", "timestep"), ("attention_type", "gated"),
+    ("addition_embed_type", "text_image"), ("class_embed_type", "timestep"), ("attention_type", "gated"),
     ("down_block_types", ["AttnDownBlock2D", "DownBlock2D"]), ("resnet_time_scale_shift", "scale_shift"),
     ("transformer_layers_per_block", [[1, 2], [1]]), ("mystery_option", 1)])
 def test_from_config_rejects_unsupported(key, value):
     with pytest.raises(UnsupportedConfig, match=key):
         UNet2DConditionModel.from_config({**SD1, key: value})
+
+
+def test_text_time_needs_its_sizes_and_inputs():
+    with pytest.raises(UnsupportedConfig, match="addition_time_embed_dim"):
+        UNet2DConditionModel.from_config({**SD1, "addition_embed_type": "text_time"})
+    model = UNet2DConditionModel.from_config(SDXL)
+    x, ctx = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 3, 32))
+    with pytest.raises(ValueError, match="text_embeds"):
+        jax.eval_shape(model.init, jax.random.key(0), x, 1.0, ctx)
+    with pytest.raises(ValueError, match=r"D \+ N \* 8 = 72"):  # 24 pooled + 5 numbers: one short
+        jax.eval_shape(model.init, jax.random.key(0), x, 1.0, ctx, jnp.zeros((1, 24)), jnp.zeros((1, 5)))
 
 
 def test_from_config_ignores_bookkeeping():

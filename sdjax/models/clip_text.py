@@ -192,4 +192,16 @@ class CLIPTextModel(CLIPTextTransformer):
                              f"[0, num_hidden_layers = {self.num_hidden_layers}]")
         fields = {f: getattr(self, f) for f in CLIPTextTransformer.__dataclass_fields__
                   if f not in ("parent", "name")}
-        return CLIPTextTransformer(**fields, name="text_model")(input_ids, skip_last_layers)
+        out = CLIPTextTransformer(**fields, name="text_model")(input_ids, skip_last_layers)
+        if hasattr(self, "projection_dim"):  # CLIPTextModelWithProjection
+            projection = nn.Dense(self.projection_dim, use_bias=False, name="text_projection", dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+            out["text_embeds"] = projection(out["pooler_output"])
+        return out
+
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """SDXL's second text tower (OpenCLIP bigG; transformers' CLIPTextModelWithProjection): the CLIP text
+    encoder, plus `text_embeds` [B, projection_dim]: `text_projection` (no bias) of the pooled EOS state."""
+    projection_dim: int = 512

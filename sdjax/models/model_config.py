@@ -7,7 +7,7 @@ value the model cannot run, is an UnsupportedConfig naming the model and the key
 from sdjax.errors import UnsupportedConfig
 from sdjax.models.activations import ACTIVATIONS
 
-_NOT_CONFIG = {"parent", "name", "dtype", "param_dtype", "remat"}
+NOT_CONFIG = {"parent", "name", "dtype", "param_dtype", "remat"}  # module fields that are not config keys
 
 
 def unsupported(model, key, value, expected):
@@ -18,7 +18,7 @@ def unsupported(model, key, value, expected):
 def build(cls, cfg, overrides, only=None, ignored=(), unknown="refuse"):
     """cls(**fields of cfg, **overrides), checked: `only` {key: the one value implemented}, `ignored` keys
     dropped, other unknown keys refused (unknown="refuse") or dropped ("ignore"); then cls.check_config()."""
-    fields = set(cls.__dataclass_fields__) - _NOT_CONFIG
+    fields = set(cls.__dataclass_fields__) - NOT_CONFIG
     args = {}
     for key, value in dict(cfg).items():
         if key.startswith("_") or key in ignored:

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.clip_text import CLIPTextModel
+from sdjax.models.model_config import NOT_CONFIG
 from sdjax.models.unet import UNet2DConditionModel
 
 MODELS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
-_NOT_CONFIG = {"parent", "name", "dtype", "param_dtype", "remat"}
 
 
 def build(kind, config, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -20,7 +20,7 @@ def build(kind, config, dtype=jnp.float32, param_dtype=jnp.float32):
 def config_of(module):
     """The reference-format config dict a module was built from (tuples as lists)."""
     cfg = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
-           if f.name not in _NOT_CONFIG}
+           if f.name not in NOT_CONFIG}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
@@ -32,7 +32,11 @@ def example_inputs(kind, module):
     image = jnp.zeros((1, side, side, module.in_channels))
     if kind == "vae":
         return (image,)
-    return (image, jnp.zeros((1,)), jnp.zeros((1, 1, module.cross_attention_dim)))
+    inputs = (image, jnp.zeros((1,)), jnp.zeros((1, 1, module.cross_attention_dim)))
+    if module.addition_embed_type:  # SDXL's text_embeds, time_ids: only their total width shapes add_embedding
+        width = module.projection_class_embeddings_input_dim - module.addition_time_embed_dim
+        inputs += (jnp.zeros((1, width)), jnp.zeros((1, 1)))
+    return inputs
 
 
 def init_params(kind, module, key):

@@ -1,4 +1,4 @@
-"""Conditional U-Net of Stable Diffusion 1.x/2.x (diffusers `UNet2DConditionModel`), NHWC."""
+"""Conditional U-Net of Stable Diffusion 1.x/2.x and SDXL (diffusers `UNet2DConditionModel`), NHWC."""
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -14,12 +14,12 @@ _UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 # Config keys that change the architecture, with the only value implemented here.
 _ONLY = {
     "mid_block_type": "UNetMidBlock2DCrossAttn", "resnet_time_scale_shift": "default",
-    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+    "dual_cross_attention": False, "class_embed_type": None,
     "dropout": 0.0, "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+    "encoder_hid_dim_type": None, "num_class_embeds": None,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "attention_type": "default",
     "class_embeddings_concat": False,
 }
 # Config keys that diffusers ignores for the block types above (they only affect other blocks).
@@ -67,7 +67,9 @@ class UNet2DConditionModel(nn.Module):
     resnet_time_scale_shift: str = "default"
     dual_cross_attention: bool = False
     class_embed_type: str | None = None
-    addition_embed_type: str | None = None
+    addition_embed_type: str | None = None  # None, or "text_time" (SDXL: pooled text + size/crop micro-conditioning)
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False  # not a config key: recompute each block's activations in the backward pass
@@ -86,22 +88,40 @@ class UNet2DConditionModel(nn.Module):
         model_config.check_activation("UNet2DConditionModel", "act_fn", self.act_fn)
         if self.norm_num_groups is None:
             raise model_config.unsupported("UNet2DConditionModel", "norm_num_groups", None, "an integer")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise model_config.unsupported("UNet2DConditionModel", "addition_embed_type", self.addition_embed_type,
+                                           "None or 'text_time'")
+        if self.addition_embed_type and not (self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+            raise model_config.unsupported("UNet2DConditionModel", "addition_time_embed_dim",
+                                           self.addition_time_embed_dim, "an integer (with "
+                                           "projection_class_embeddings_input_dim) for addition_embed_type='text_time'")
         layers = self.transformer_layers_per_block
         if isinstance(layers, (tuple, list)) and any(isinstance(v, (tuple, list)) for v in layers):
             raise model_config.unsupported("UNet2DConditionModel", "transformer_layers_per_block", layers,
                                            "an integer or one per block")
 
-    def _check_inputs(self, sample, context):
+    def _check_inputs(self, sample, context, text_embeds, time_ids):
         self.check_config()
+        if self.addition_embed_type:
+            want = self.projection_class_embeddings_input_dim
+            if (text_embeds is None or time_ids is None or text_embeds.ndim != 2 or time_ids.ndim != 2
+                    or text_embeds.shape[-1] + time_ids.shape[-1] * self.addition_time_embed_dim != want):
+                raise ValueError(f"addition_embed_type='text_time' needs text_embeds [B, D] and time_ids [B, N] with "
+                                 f"D + N * {self.addition_time_embed_dim} = {want}, got "
+                                 f"{getattr(text_embeds, 'shape', None)} and {getattr(time_ids, 'shape', None)}")
         if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
             raise ValueError(f"sample must be [B, H, W, {self.in_channels}], got {sample.shape}")
         if context.ndim != 3 or context.shape[-1] not in _per_block(self.cross_attention_dim, 1):
             raise ValueError(f"encoder_hidden_states must be [B, L, {self.cross_attention_dim}], got {context.shape}")
 
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states):
-        """sample [B, H, W, in], timesteps scalar or [B] (float ok), text [B, L, D] -> [B, H, W, out]."""
-        self._check_inputs(sample, encoder_hidden_states)
+    def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None):
+        """sample [B, H, W, in], timesteps scalar or [B] (float ok), text [B, L, D] -> [B, H, W, out].
+
+        With addition_embed_type="text_time" (SDXL): text_embeds [B, P] (the pooled, projected text) and
+        time_ids [B, N] (original size, crop top-left, target size; the refiner: aesthetic score instead of
+        the target size), diffusers' `added_cond_kwargs`."""
+        self._check_inputs(sample, encoder_hidden_states, text_embeds, time_ids)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n = len(self.block_out_channels)
         heads = _per_block(self.num_attention_heads or self.attention_head_dim, n)
@@ -119,6 +139,11 @@ class UNet2DConditionModel(nn.Module):
         temb = timestep_embedding(t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)
         temb = TimestepEmbedding(dim=4 * self.block_out_channels[0], act_fn=self.act_fn,
                                  name="time_embedding", **kw)(temb.astype(self.dtype))
+        if self.addition_embed_type:
+            sizes = timestep_embedding(time_ids.reshape(-1), self.addition_time_embed_dim, self.flip_sin_to_cos,
+                                       self.freq_shift).reshape(x.shape[0], -1)
+            added = jnp.concatenate([text_embeds.astype(jnp.float32), sizes], axis=-1).astype(self.dtype)
+            temb = temb + TimestepEmbedding(dim=temb.shape[-1], act_fn=self.act_fn, name="add_embedding", **kw)(added)
 
         x = Conv(self.block_out_channels[0], (3, 3), padding=1, name="conv_in", **kw)(x)
         # nn.remat keeps names (and so params); `size` (argument 5 counting self) is static.
