@@ -27,7 +27,7 @@ def write_random_folder(folder):
         shapes = registry.param_shapes(kind, modules[kind])
         params[kind] = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) * 0.02, shapes)
     tok = write_clip_tokenizer(os.path.join(folder, "_tok"))
-    save_folder(folder, modules, params, cfg["scheduler"], tokenizer_dir=tok)
+    save_folder(folder, modules, params, cfg["scheduler"], tokenizer_dirs={"tokenizer": tok})
 
 
 def measure(folder, dtype):

@@ -15,6 +15,8 @@ def enable(path=None):
     import jax
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # what is worth a file
+    # Every executable: a threshold on compile time makes the set of files depend on the machine's load (one
+    # near the threshold is written on one run and not the next).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path

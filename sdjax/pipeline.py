@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from sdjax import sampling
 from sdjax.diffusion import samplers as samplers_lib
+from sdjax.errors import UnsupportedConfig
 from sdjax.models.attention import IMPLEMENTATIONS, implementation as attention_implementation
 from sdjax.models.autoencoder import from_latents, to_latents
 from sdjax.models.conv import loop_constant_kernels
@@ -102,6 +103,9 @@ class StableDiffusion:
     """Text-to-image, img2img and inpainting with a loaded Stable Diffusion checkpoint."""
 
     def __init__(self, pretrained):
+        if "text_encoder_2" in pretrained.modules:
+            raise UnsupportedConfig(f"{pretrained.source} is an SDXL model: sdjax loads and exports its weights "
+                                    "(sdjax.weights.pretrained) but does not sample SDXL yet")
         self.pretrained = pretrained
         self.unet, self.vae = pretrained.modules["unet"], pretrained.modules["vae"]
         self.text_encoder = pretrained.modules["text_encoder"]

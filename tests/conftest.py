@@ -13,6 +13,11 @@ torch.set_num_threads(1)
 os.environ.setdefault("SDJAX_COMPILATION_CACHE", "off")
 
 
+def pytest_collection_modifyitems(items):
+    """Files marked long_file first (stable): the two workers start on them and the short files fill in."""
+    items.sort(key=lambda item: item.get_closest_marker("long_file") is None)
+
+
 def _randomize(model, seed):
     """Random values everywhere (zero-initialised layers would hide naming mistakes); norm scales near 1."""
     g = torch.Generator().manual_seed(seed)
@@ -56,8 +61,10 @@ def torch_inpaint_folder(tmp_path_factory):
 
 
 def torch_state(model):
-    """State dict as numpy, CLIP names with their `text_model.` prefix (transformers 5 drops it)."""
-    prefix = "text_model." if getattr(getattr(model, "config", None), "model_type", "") == "clip_text_model" else ""
-    return {prefix + k: v.numpy() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    """State dict as numpy, CLIP names with their `text_model.` prefix (transformers 5 drops it from
+    CLIPTextModel's; SDXL's projection stays `text_projection`)."""
+    clip = getattr(getattr(model, "config", None), "model_type", "") == "clip_text_model"
+    name = lambda k: k if not clip or k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}"  # noqa: E731
+    return {name(k): v.numpy() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
 
 

@@ -10,6 +10,8 @@ from sdjax.models.lpips import LPIPS
 from sdjax.train.vae import vae_losses, vae_stage, vae_step
 from sdjax.train.state import create_state
 
+pytestmark = pytest.mark.long_file
+
 STEPS, DISC_START = 24, 12
 
 

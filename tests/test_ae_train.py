@@ -22,6 +22,8 @@ from sdjax.train.state import create_state
 from sdjax.weights.diffusers import load_component
 from train_fakes import fake_data
 
+pytestmark = pytest.mark.long_file
+
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.model.discriminator.ndf=8", "--config.model.discriminator.norm_num_groups=4",

@@ -204,3 +204,24 @@ def test_from_config_rejects_unsupported(key, value):
     cfg[key] = value
     with pytest.raises(UnsupportedConfig, match=key):
         AutoencoderKL.from_config(cfg)
+
+
+def test_force_upcast_decodes_a_float16_vae_in_float32(case):
+    """force_upcast (the SDXL VAE's flag): a float16 VAE serving the diffusion model computes in float32 from
+    its float16 params, as diffusers' SDXL pipelines do; without the flag it computes in float16, an error
+    far above the upcast's. bfloat16 is left as it is."""
+    from sdjax.models.autoencoder import from_latents, to_latents
+    cfg, _, model, params, images, latents = case
+    half = jax.tree.map(lambda p: p.astype(jnp.float16), params["params"])
+    want = from_latents(model, jax.tree.map(lambda p: p.astype(jnp.float32), half), jnp.asarray(latents))
+    up = from_latents(model.clone(dtype=jnp.float16, force_upcast=True), half, jnp.asarray(latents))
+    plain = from_latents(model.clone(dtype=jnp.float16, force_upcast=False), half, jnp.asarray(latents))
+    assert up.dtype == jnp.float32 and plain.dtype == jnp.float16
+    err, effect = max_diff(up, want), max_diff(plain, want)
+    print(f"upcast {err:.1e}, float16 {effect:.1e}")
+    assert err <= 1e-5 < effect / 100
+    z = to_latents(model.clone(dtype=jnp.float16, force_upcast=True), half, jnp.asarray(images))
+    np.testing.assert_allclose(z, to_latents(model, jax.tree.map(lambda p: p.astype(jnp.float32), half),
+                                             jnp.asarray(images)), atol=1e-5)
+    bf16 = from_latents(model.clone(dtype=jnp.bfloat16, force_upcast=True), half, jnp.asarray(latents))
+    assert bf16.dtype == jnp.bfloat16

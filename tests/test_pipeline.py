@@ -5,6 +5,8 @@ import torch
 
 from sdjax.pipeline import StableDiffusion
 
+pytestmark = pytest.mark.long_file
+
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}), "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),

@@ -16,6 +16,8 @@ import pytest
 from sdjax.train.export import export, load_params
 from sdjax.weights.pretrained import load_pretrained
 
+pytestmark = pytest.mark.long_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 

@@ -3,8 +3,8 @@
 Parameter names follow the diffusers module tree (`encoder.down_blocks.0.resnets.0.conv1`,
 `decoder.mid_block.attentions.0.to_q`, `quant_conv`, ...) so weights convert mechanically.
 Images and latents are NHWC; images in [-1, 1]. The module's latents are unscaled; `to_latents` /
-`from_latents` are the one place where `scaling_factor` / `shift_factor` are applied, for the diffusion
-model's (scaled) latent space.
+`from_latents` are the one place where `scaling_factor` / `shift_factor` (and `force_upcast`) are applied,
+for the diffusion model's (scaled) latent space.
 """
 from typing import Any, Optional, Sequence
 
@@ -317,16 +317,24 @@ class AutoencoderKL(nn.Module):
         return self.decode(z)
 
 
+def serving(vae):
+    """The VAE as the diffusion model uses it: a float16 VAE with `force_upcast` computes in float32 (its
+    activations overflow float16; diffusers' SDXL pipelines upcast it the same way). bfloat16 has float32's
+    range and stays as it is; the stored params keep their dtype either way."""
+    return vae.clone(dtype=jnp.float32) if vae.force_upcast and jnp.dtype(vae.dtype) == jnp.float16 else vae
+
+
 def to_latents(vae, params, images, noise=None):
     """images [B, H, W, 3] in [-1, 1] -> the diffusion model's latents [B, h, w, c] (float32):
     (z - shift_factor) * scaling_factor, z the posterior mean, or with unit `noise` [B, h, w, c] the
     posterior sample mean + std * noise."""
-    post = vae.apply({"params": params}, images, method="encode")
+    post = serving(vae).apply({"params": params}, images, method="encode")
     z = post.mean if noise is None else post.mean + post.std * noise.astype(post.mean.dtype)
     return (z - (vae.shift_factor or 0.0)) * vae.scaling_factor
 
 
 def from_latents(vae, params, latents):
-    """The diffusion model's latents [B, h, w, c] -> images [B, H, W, 3] in about [-1, 1] (vae.dtype)."""
+    """The diffusion model's latents [B, h, w, c] -> images [B, H, W, 3] in about [-1, 1] (the dtype
+    `serving(vae)` computes in)."""
     z = latents / vae.scaling_factor + (vae.shift_factor or 0.0)
-    return vae.apply({"params": params}, z, method="decode")
+    return serving(vae).apply({"params": params}, z, method="decode")

@@ -1,15 +1,17 @@
-"""The three Stable Diffusion components: construction from configs and parameter init."""
+"""The Stable Diffusion components (SDXL: a second, projected text tower): construction from configs and
+parameter init."""
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from sdjax.models.autoencoder import AutoencoderKL
-from sdjax.models.clip_text import CLIPTextModel
+from sdjax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.model_config import NOT_CONFIG
 from sdjax.models.unet import UNet2DConditionModel
 
-MODELS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+MODELS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+          "text_encoder_2": CLIPTextModelWithProjection}
 
 
 def build(kind, config, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -26,7 +28,7 @@ def config_of(module):
 
 def example_inputs(kind, module):
     """Smallest inputs that touch every parameter of `module`."""
-    if kind == "text_encoder":
+    if kind.startswith("text_encoder"):
         return (jnp.zeros((1, 1), jnp.int32),)
     side = 2 ** len(module.block_out_channels)
     image = jnp.zeros((1, side, side, module.in_channels))

@@ -15,7 +15,8 @@ from sdjax.weights.files import read_tensors
 
 log = logging.getLogger("sdjax")
 
-KINDS = ("unet", "vae", "text_encoder")
+KINDS = ("unet", "vae", "text_encoder", "text_encoder_2")  # SDXL adds the second; its refiner has only that one
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 # Weight file names in the order diffusers / transformers look for them: (safetensors, pickle).
 _FILES = {"diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
           "transformers": ("model.safetensors", "pytorch_model.bin")}
@@ -28,7 +29,11 @@ SD_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "be
                 "prediction_type": "epsilon", "steps_offset": 1, "set_alpha_to_one": False,
                 "clip_sample": False, "skip_prk_steps": True, "timestep_spacing": "leading"}
 _CLASS = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-          "text_encoder": ("transformers", "CLIPTextModel")}
+          "text_encoder": ("transformers", "CLIPTextModel"),
+          "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
+# model_index.json keys that are pipeline settings (SDXL: zero embeddings for an empty negative prompt; the
+# refiner's aesthetic-score conditioning), kept as Pretrained.options
+PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
 
 
 def read_json(path):
@@ -51,6 +56,29 @@ def with_variant(name, variant):
         return name
     head, ext = name.rsplit(".", 1)
     return f"{head}.{variant}.{ext}"
+
+
+def components(root):
+    """The model components of a diffusers folder, in KINDS order: those model_index.json lists with a class
+    (the SDXL refiner lists text_encoder as [null, null]), else the component folders present."""
+    index = os.path.join(root, "model_index.json")
+    if os.path.isfile(index):
+        listed = read_json(index)
+        kinds = [k for k in KINDS if isinstance(listed.get(k), list) and None not in listed[k]]
+    else:
+        kinds = [k for k in KINDS if os.path.isdir(os.path.join(root, k))]
+    need = [k for k in ("unet", "vae") if k not in kinds]
+    if need or not any(k.startswith("text_encoder") for k in kinds):
+        raise WeightLoadError(f"{root}: a diffusers Stable Diffusion folder holds unet/, vae/ and text_encoder/ "
+                              f"(SDXL: and/or text_encoder_2/); found {sorted(os.listdir(root))}")
+    return tuple(kinds)
+
+
+def pipeline_options(root):
+    """The PIPELINE_OPTIONS that model_index.json sets."""
+    index = os.path.join(root, "model_index.json")
+    listed = read_json(index) if os.path.isfile(index) else {}
+    return {k: listed[k] for k in PIPELINE_OPTIONS if k in listed}
 
 
 def _weight_file(folder, kind, variant):
@@ -82,11 +110,12 @@ def read_component_tensors(folder, kind, variant=None):
 def current_names(kind, tensors):
     """Tensor names of older writers renamed to today's (diffusers renames them on load too).
 
-    transformers >= 5 saves CLIPTextModel without the `text_model.` prefix; older files have it.
+    transformers >= 5 saves the CLIP towers without the `text_model.` prefix (the projection of SDXL's second
+    tower stays `text_projection`); older files have it.
     diffusers < 0.15 named the VAE's mid-block attention layers query/key/value/proj_attn.
     """
-    if kind == "text_encoder" and not any(k.startswith("text_model.") for k in tensors):
-        return {f"text_model.{k}": v for k, v in tensors.items()}
+    if kind.startswith("text_encoder") and not any(k.startswith("text_model.") for k in tensors):
+        return {k if k.startswith("text_projection.") else f"text_model.{k}": v for k, v in tensors.items()}
     if kind != "vae":
         return tensors
     rename = lambda m: f"{m.group(1)}.{_NEW_VAE_ATTENTION[m.group(2)]}."  # noqa: E731
@@ -97,8 +126,8 @@ def load_component(root, kind, dtype=np.float32, variant=None):
     """(module, params) of `kind` from `root/kind/{config.json, weights}`."""
     folder = os.path.join(root, kind)
     if not os.path.isdir(folder):
-        raise WeightLoadError(f"{root}: no {kind}/ folder (a diffusers folder holds "
-                              f"{', '.join(k + '/' for k in KINDS)}); found {sorted(os.listdir(root))}")
+        raise WeightLoadError(f"{root}: no {kind}/ folder (a diffusers folder holds unet/, vae/, "
+                              f"text_encoder/); found {sorted(os.listdir(root))}")
     config = read_json(os.path.join(folder, "config.json"))
     try:
         module = registry.build(kind, config)
@@ -130,7 +159,7 @@ def note_ignored_components(root):
     path = os.path.join(root, "model_index.json")
     if not os.path.isfile(path):
         return
-    used = {*KINDS, "tokenizer", "scheduler"}
+    used = {*KINDS, *TOKENIZERS.values(), "scheduler"}
     ignored = [f"{k} ({v[1]})" for k, v in read_json(path).items()
                if not k.startswith("_") and k not in used and isinstance(v, list) and None not in v]
     if ignored:
@@ -153,21 +182,28 @@ def save_component(root, kind, module, params):
     save_file(tensors, os.path.join(folder, _FILES[lib][0]))
 
 
-def save_folder(root, modules, params, scheduler, tokenizer_dir=None):
-    """Export a full pipeline as a diffusers folder (model_index.json + components)."""
+def save_folder(root, modules, params, scheduler, tokenizer_dirs=(), options=()):
+    """Export a full pipeline as a diffusers folder (model_index.json + components): an SDXL one when the
+    modules have text_encoder_2. tokenizer_dirs: {tokenizer folder name: folder to copy}; options: the
+    model_index.json PIPELINE_OPTIONS."""
     os.makedirs(root, exist_ok=True)
-    for kind in KINDS:
+    kinds = [k for k in KINDS if k in modules]
+    for kind in kinds:
         save_component(root, kind, modules[kind], params[kind])
     os.makedirs(os.path.join(root, "scheduler"), exist_ok=True)
     scheduler = {"_class_name": scheduler.get("_class_name", "DDIMScheduler"), **scheduler}
     with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(scheduler, f, indent=2)
-    index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
-             "safety_checker": [None, None], "feature_extractor": [None, None],
-             "scheduler": ["diffusers", scheduler["_class_name"]],
-             **{kind: list(_CLASS[kind]) for kind in KINDS}}
-    if tokenizer_dir:
-        shutil.copytree(tokenizer_dir, os.path.join(root, "tokenizer"), dirs_exist_ok=True)
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    if "text_encoder_2" in modules:
+        index = {"_class_name": "StableDiffusionXLPipeline" if "text_encoder" in modules
+                 else "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None], "tokenizer": [None, None]}
+    else:
+        index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+                 "safety_checker": [None, None], "feature_extractor": [None, None]}
+    index.update({"scheduler": ["diffusers", scheduler["_class_name"]], **dict(options),
+                  **{kind: list(_CLASS[kind]) for kind in kinds}})
+    for name, folder in dict(tokenizer_dirs).items():
+        shutil.copytree(folder, os.path.join(root, name), dirs_exist_ok=True)
+        index[name] = ["transformers", "CLIPTokenizer"]
     with open(os.path.join(root, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)

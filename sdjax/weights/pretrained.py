@@ -25,16 +25,19 @@ log = logging.getLogger("sdjax")
 
 @dataclasses.dataclass
 class Pretrained:
-    """Modules, params and tokenizer of a Stable Diffusion checkpoint.
+    """Modules, params and tokenizers of a Stable Diffusion checkpoint.
 
-    modules/params: {"unet" | "vae" | "text_encoder": flax module / params pytree};
-    scheduler: the diffusers scheduler config dict; source: the path it came from.
+    modules/params: {"unet" | "vae" | "text_encoder" | "text_encoder_2" (SDXL): flax module / params pytree};
+    tokenizer / tokenizer_2: those of text_encoder / text_encoder_2 (None without it); scheduler: the diffusers
+    scheduler config dict; source: the path it came from; options: diffusers.PIPELINE_OPTIONS it sets.
     """
     modules: dict
     params: dict
     tokenizer: object
     scheduler: dict
     source: str
+    tokenizer_2: object = None
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 def _dtype(name):
@@ -55,27 +58,29 @@ def _cast(tree, dtype):
 
 
 def load_folder(path, variant=None):
-    """(modules, params, tokenizer, scheduler config) of a diffusers folder."""
-    modules, params = {}, {}
-    for kind in diffusers.KINDS:
+    """(modules, params, {tokenizer folder name: tokenizer}, scheduler config) of a diffusers folder."""
+    modules, params, tokenizers = {}, {}, {}
+    for kind in diffusers.components(path):
         modules[kind], params[kind] = diffusers.load_component(path, kind, variant=variant)
-    tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
+        if kind in diffusers.TOKENIZERS:
+            name = diffusers.TOKENIZERS[kind]
+            tokenizers[name] = load_tokenizer(os.path.join(path, name))
     diffusers.note_ignored_components(path)
-    return modules, params, tokenizer, diffusers.read_scheduler(path)
+    return modules, params, tokenizers, diffusers.read_scheduler(path)
 
 
 def load_single_file(path, config_name=None, use_ema=None):
-    """(modules, params, tokenizer, scheduler config) of an original CompVis/Stability checkpoint."""
+    """(modules, params, {"tokenizer": tokenizer}, scheduler config) of an original CompVis/Stability checkpoint."""
     tensors = single_file.read_checkpoint(path)
     configs = single_file.infer_configs(tensors, config_name)
     parts = single_file.split_original(tensors, use_ema)
     modules, params = {}, {}
-    for kind in diffusers.KINDS:
+    for kind in ("unet", "vae", "text_encoder"):
         modules[kind] = registry.build(kind, configs[kind])
         params[kind] = to_params(kind, parts[kind], registry.param_shapes(kind, modules[kind]))
     sd2 = configs["text_encoder"]["hidden_act"] == "gelu"
     folder = write_clip_tokenizer(tempfile.mkdtemp(prefix="sdjax_tok_"), pad_token="!" if sd2 else "<|endoftext|>")
-    return modules, params, load_tokenizer(folder), configs["scheduler"]
+    return modules, params, {"tokenizer": load_tokenizer(folder)}, configs["scheduler"]
 
 
 def load_vae(path, module):
@@ -115,20 +120,28 @@ def load_pretrained(path, dtype="float32", config_name=None, variant=None, use_e
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "model_index.json")) and not os.path.isdir(os.path.join(path, "unet")):
             raise WeightLoadError(f"{path} is not a diffusers folder: no model_index.json and no unet/ inside")
-        modules, params, tokenizer, scheduler = load_folder(path, variant)
+        modules, params, tokenizers, scheduler = load_folder(path, variant)
+        options = diffusers.pipeline_options(path)
     elif os.path.isfile(path):
-        modules, params, tokenizer, scheduler = load_single_file(path, config_name, use_ema)
+        modules, params, tokenizers, scheduler = load_single_file(path, config_name, use_ema)
+        options = {}
     else:
         raise WeightLoadError(f"model not found: {path} (expected a diffusers folder or a .safetensors/.ckpt file)")
     if vae is not None:
         params["vae"] = load_vae(vae, modules["vae"])
     modules, params = _with_dtype(modules, params, dtype)
-    return Pretrained(modules, params, tokenizer, scheduler, os.path.abspath(path))
+    return Pretrained(modules, params, tokenizers.get("tokenizer"), scheduler, os.path.abspath(path),
+                      tokenizers.get("tokenizer_2"), options)
 
 
 def save_pretrained(pretrained, path):
     """Export as a diffusers folder; `load_pretrained` of it gives back the same params."""
     with tempfile.TemporaryDirectory() as tmp:
-        pretrained.tokenizer.save_pretrained(tmp)
+        tokenizers = {}
+        for name in ("tokenizer", "tokenizer_2"):
+            if getattr(pretrained, name) is not None:
+                tokenizers[name] = os.path.join(tmp, name)
+                getattr(pretrained, name).save_pretrained(tokenizers[name])
         params = {k: _cast(p, np.float32) for k, p in pretrained.params.items()}
-        diffusers.save_folder(path, pretrained.modules, params, pretrained.scheduler, tokenizer_dir=tmp)
+        diffusers.save_folder(path, pretrained.modules, params, pretrained.scheduler, tokenizers,
+                              pretrained.options)

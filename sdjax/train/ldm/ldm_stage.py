@@ -51,11 +51,12 @@ def load(config, abstract=()):
         pre = load_pretrained(config.pretrained)
         modules, params, tokenizer, scheduler = pre.modules, pre.params, pre.tokenizer, dict(pre.scheduler)
     else:
-        modules = {k: registry.build(k, config.model[k].to_dict()) for k in KINDS}
+        kinds = {i: k for i, k in enumerate(KINDS) if k in config.model}  # i: a component's init key
+        modules = {k: registry.build(k, config.model[k].to_dict()) for k in kinds.values()}
         key = jax.random.key(config.seed)
         params = {k: (registry.param_shapes(k, modules[k])
                       if k in abstract else registry.init_params(k, modules[k], jax.random.fold_in(key, i)))
-                  for i, k in enumerate(KINDS)}
+                  for i, k in kinds.items()}
         tokenizer, scheduler = None, config.model.scheduler.to_dict()
     if config.get("tokenizer") or tokenizer is None:
         tokenizer = load_tokenizer(config.get("tokenizer") or write_clip_tokenizer(tempfile.mkdtemp(prefix="sdjax_tok_")))
@@ -97,5 +98,5 @@ def export(config, params, out_dir):
     params = {**jax.device_get(pre.params), **params}
     with tempfile.TemporaryDirectory() as tok:
         pre.tokenizer.save_pretrained(tok)
-        save_folder(out_dir, pre.modules, params, pre.scheduler, tokenizer_dir=tok)
+        save_folder(out_dir, pre.modules, params, pre.scheduler, tokenizer_dirs={"tokenizer": tok})
     return out_dir
