@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random Stable Diffusion pipeline built with diffusers (PyTorch CPU)."""
+import atexit
 import os
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +13,12 @@ from sdjax.text.clip_vocab import write_clip_tokenizer
 torch.set_num_threads(1)
 # the CLIs' persistent compilation cache stays off in tests (test_sample_cli checks it in a folder of its own)
 os.environ.setdefault("SDJAX_COMPILATION_CACHE", "off")
+# jax's persistent cache, one fresh folder per test run, shared by both xdist workers (they inherit the
+# controller's environment) and the subprocesses: a program compiled again (sample.main then the same images
+# through the API, the same pipeline in another file) is loaded; compiles under jax's 1 s are not kept
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdjax_test_xla_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

@@ -16,11 +16,21 @@ jax.config.update("jax_num_cpu_devices", 4)
 from configs.train import tiny
 from sdjax.models import registry
 from sdjax.train.memory import estimate, report
-unet = tiny.get_config().model.unet.to_dict()
+def config():  # configs/train/tiny.py with one level in the U-Net and the VAE, one text layer: 2/3 the compile
+    c = tiny.get_config()
+    m = c.model
+    m.unet.update(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                  up_block_types=("CrossAttnUpBlock2D",), sample_size=16)
+    m.vae.update(block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
+                 up_block_types=("UpDecoderBlock2D",), sample_size=16)
+    m.text_encoder.num_hidden_layers = 1
+    c.data.image_size = 16
+    return c
+unet = config().model.unet.to_dict()
 shapes = registry.param_shapes("unet", registry.build("unet", unet))
 out = {"unet_params": sum(x.size for x in jax.tree.leaves(shapes))}
 for name, (data, fsdp, batch) in {"fsdp": (1, 4, 8), "data": (4, 1, 8), "one": (1, 1, 2)}.items():
-    c = tiny.get_config()
+    c = config()
     c.mesh.update(data=data, fsdp=fsdp, min_shard_size=1)
     c.batch_size = batch
     est = estimate(c, jax.devices()[:data * fsdp])

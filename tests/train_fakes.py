@@ -73,6 +73,7 @@ class ToyVAE(nn.Module):
     """encode: images [B, H, W, 3] -> posterior over [B, H/2, W/2, 4] (a strided conv)."""
     scaling_factor: float = 0.5
     shift_factor: float | None = None
+    force_upcast: bool = False
 
     @nn.compact
     def encode(self, images):
