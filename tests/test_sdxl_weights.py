@@ -110,7 +110,7 @@ def test_folder_loads_the_tensors_diffusers_loads(sdxl):
 def test_loaded_model_computes_what_the_diffusers_pipeline_computes(sdxl):
     """Prompt embeddings (penultimate states of each tower, concatenated), the pooled projection of the second,
     and the U-Net on them with the micro-conditioning: against the pipeline's own encode_prompt and U-Net."""
-    kind, folder, _, ref, pre = sdxl
+    kind, _, _, ref, pre = sdxl
     prompts = ["a red circle", "two blue squares on the left of a small green triangle"]
     with torch.no_grad():
         embeds, _, pooled, _ = ref.encode_prompt(prompts, do_classifier_free_guidance=False)

@@ -200,7 +200,6 @@ class CLIPTextModel(CLIPTextTransformer):
         return out
 
 
-
 class CLIPTextModelWithProjection(CLIPTextModel):
     """SDXL's second text tower (OpenCLIP bigG; transformers' CLIPTextModelWithProjection): the CLIP text
     encoder, plus `text_embeds` [B, projection_dim]: `text_projection` (no bias) of the pooled EOS state."""

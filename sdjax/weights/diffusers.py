@@ -58,12 +58,17 @@ def with_variant(name, variant):
     return f"{head}.{variant}.{ext}"
 
 
+def model_index(root):
+    """The folder's parsed model_index.json, or None without one."""
+    path = os.path.join(root, "model_index.json")
+    return read_json(path) if os.path.isfile(path) else None
+
+
 def components(root):
     """The model components of a diffusers folder, in KINDS order: those model_index.json lists with a class
     (the SDXL refiner lists text_encoder as [null, null]), else the component folders present."""
-    index = os.path.join(root, "model_index.json")
-    if os.path.isfile(index):
-        listed = read_json(index)
+    listed = model_index(root)
+    if listed is not None:
         kinds = [k for k in KINDS if isinstance(listed.get(k), list) and None not in listed[k]]
     else:
         kinds = [k for k in KINDS if os.path.isdir(os.path.join(root, k))]
@@ -76,8 +81,7 @@ def components(root):
 
 def pipeline_options(root):
     """The PIPELINE_OPTIONS that model_index.json sets."""
-    index = os.path.join(root, "model_index.json")
-    listed = read_json(index) if os.path.isfile(index) else {}
+    listed = model_index(root) or {}
     return {k: listed[k] for k in PIPELINE_OPTIONS if k in listed}
 
 
@@ -147,8 +151,7 @@ def read_scheduler(root):
                     "(scaled_linear betas 0.00085..0.012 over 1000 steps, epsilon prediction)", root)
         return dict(SD_SCHEDULER)
     config = read_json(path)
-    index = os.path.join(root, "model_index.json")
-    listed = read_json(index).get("scheduler") if os.path.isfile(index) else None
+    listed = (model_index(root) or {}).get("scheduler")
     if isinstance(listed, list) and len(listed) == 2 and listed[1]:
         config["_class_name"] = listed[1]
     return config
@@ -156,11 +159,9 @@ def read_scheduler(root):
 
 def note_ignored_components(root):
     """Log, in one line, the model_index.json components sdjax does not use (safety checker, ...)."""
-    path = os.path.join(root, "model_index.json")
-    if not os.path.isfile(path):
-        return
+    listed = model_index(root) or {}
     used = {*KINDS, *TOKENIZERS.values(), "scheduler"}
-    ignored = [f"{k} ({v[1]})" for k, v in read_json(path).items()
+    ignored = [f"{k} ({v[1]})" for k, v in listed.items()
                if not k.startswith("_") and k not in used and isinstance(v, list) and None not in v]
     if ignored:
         log.info("%s: not used by sdjax: %s", root, ", ".join(ignored))

@@ -138,7 +138,7 @@ def save_pretrained(pretrained, path):
     """Export as a diffusers folder; `load_pretrained` of it gives back the same params."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizers = {}
-        for name in ("tokenizer", "tokenizer_2"):
+        for name in diffusers.TOKENIZERS.values():  # Pretrained's fields of the same names
             if getattr(pretrained, name) is not None:
                 tokenizers[name] = os.path.join(tmp, name)
                 getattr(pretrained, name).save_pretrained(tokenizers[name])
