@@ -2,8 +2,10 @@
 
     python sample.py --prompt "a red circle on the left"                 # the bundled demo model
     python sample.py --model path/to/sd-v1-5 --prompt "an astronaut riding a horse" --steps 30
+    python sample.py --model path/to/sdxl-base --refiner path/to/sdxl-refiner --prompt "a lighthouse at dusk"
 """
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -39,8 +41,14 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--prompt-2", default=None, help="SDXL: the second text tower's prompt (default: the prompt)")
+    p.add_argument("--negative-prompt-2", default=None, help="SDXL: the second tower's negative prompt")
+    p.add_argument("--refiner", default=None, help="SDXL: a refiner (folder or file) that takes over the base's "
+                   "latents at --refiner-start")
+    p.add_argument("--refiner-start", type=finite_float, default=0.8,
+                   help="SDXL: the fraction of the noise the base removes before the refiner continues (0.8)")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=finite_float, default=7.5)
+    p.add_argument("--guidance", type=finite_float, default=None, help="guidance scale (default 7.5; SDXL 5.0)")
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--clip-skip", type=int, default=0, help="condition on the text encoder's layer this many before the last")
     p.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta")
@@ -60,6 +68,12 @@ def parse_args(argv=None):
                    help="jax's compilation cache folder (default $SDJAX_COMPILATION_CACHE or ~/.cache/sdjax/xla; off: none)")
     p.add_argument("--grid", action="store_true", help="also write all images as one grid.png")
     return p.parse_args(argv)
+
+
+def report(sd, steps, n, part):
+    t = sd.last_timings
+    print(f"{part + ': ' if part else ''}compile {t.get('compile_sample', 0.0):.1f} s, sampling {t['sample']:.2f} s "
+          f"({t['sample'] / steps:.3f} s/step for {n} image(s))")
 
 
 def main(argv=None):
@@ -88,28 +102,49 @@ def run(args):
 
     from sdjax.images import make_grid, open_image, save_png
     from sdjax.pipeline import StableDiffusion
+    from sdjax.pipeline_xl import StableDiffusionXL
     compile_cache.enable(args.compilation_cache)
 
     image = open_image(args.init_image, "--init-image") if args.init_image else None  # before the slow load
     mask = open_image(args.mask, "--mask") if args.mask else None
     t0 = time.perf_counter()
-    sd = StableDiffusion.load(model, dtype=args.dtype, attention=args.attention, config_name=args.config_name,
-                              variant=args.variant, vae=args.vae, use_ema=False if args.raw_weights else None)
+    load = dict(dtype=args.dtype, attention=args.attention, config_name=args.config_name, variant=args.variant,
+                vae=args.vae, use_ema=False if args.raw_weights else None)
+    sd = StableDiffusion.load(model, **load)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s; running on {backend_note()}")
     host_memory.release_freed_memory()  # the file buffers of loading
+    xl = isinstance(sd, StableDiffusionXL)
+    extra = dict(prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2) if xl else {}
+    if not xl and (args.prompt_2 or args.negative_prompt_2 or args.refiner):
+        raise ValueError("--prompt-2, --negative-prompt-2 and --refiner are for SDXL models; "
+                         f"{model} is Stable Diffusion 1.x/2.x")
     strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.8)
-    images = sd.generate(
-        prompts, negative_prompt=args.negative_prompt, num_steps=args.steps, guidance_scale=args.guidance,
-        sampler=args.sampler, seed=args.seed, height=args.height, width=args.width, eta=args.eta,
-        image=image, mask=mask, strength=strength, clip_skip=args.clip_skip, num_images_per_prompt=args.num_images)
-    t = sd.last_timings
-    print(f"compile {t.get('compile_sample', 0.0):.1f} s, sampling {t['sample']:.2f} s "
-          f"({t['sample'] / args.steps:.3f} s/step for {len(images)} image(s))")
+    kw = dict(negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler, seed=args.seed,
+              height=args.height, width=args.width, eta=args.eta, mask=mask, strength=strength,
+              clip_skip=args.clip_skip, num_images_per_prompt=args.num_images, **extra)
+    if args.guidance is not None:
+        kw["guidance_scale"] = args.guidance
+    if args.refiner:  # the base's latents at --refiner-start; the base leaves memory before the refiner loads
+        latents = sd.generate(prompts, image=image, denoising_end=args.refiner_start, output_type="latent", **kw)
+        report(sd, args.steps, len(latents), "base")
+        del sd
+        t0 = time.perf_counter()
+        sd = StableDiffusion.load(args.refiner, **{**load, "config_name": None})
+        print(f"loaded the refiner {args.refiner} in {time.perf_counter() - t0:.1f} s")
+        images = sd.generate(prompts, image=latents, denoising_start=args.refiner_start, **kw)
+    else:
+        images = sd.generate(prompts, image=image, **kw)
+    report(sd, args.steps, len(images), "refiner" if args.refiner else "")
+    guidance = kw.get("guidance_scale", inspect.signature(sd.generate).parameters["guidance_scale"].default)
     paths = []
     for i, img in enumerate(images):
         meta = {"prompt": prompts[i // args.num_images], "negative_prompt": args.negative_prompt or "",
                 "seed": args.seed + i, "sampler": args.sampler, "steps": args.steps,
-                "guidance": args.guidance, "model": os.path.basename(os.path.normpath(model)), "software": "sdjax"}
+                "guidance": guidance, "model": os.path.basename(os.path.normpath(model)), "software": "sdjax"}
+        if xl:
+            meta.update(prompt_2=args.prompt_2 or "", negative_prompt_2=args.negative_prompt_2 or "")
+        if args.refiner:
+            meta.update(refiner=os.path.basename(os.path.normpath(args.refiner)), refiner_start=args.refiner_start)
         paths.append(save_png(img, os.path.join(args.out, f"{i:04d}-seed{args.seed + i}.png"), meta))
     if args.grid:
         paths.append(save_png(make_grid(images), os.path.join(args.out, "grid.png"), {"prompts": " | ".join(prompts)}))

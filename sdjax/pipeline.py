@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 
 from sdjax import sampling
 from sdjax.diffusion import samplers as samplers_lib
-from sdjax.errors import UnsupportedConfig
 from sdjax.models.attention import IMPLEMENTATIONS, implementation as attention_implementation
 from sdjax.models.autoencoder import from_latents, to_latents
 from sdjax.models.conv import loop_constant_kernels
@@ -64,18 +63,19 @@ def _prompt_lists(prompt, negative_prompt, per_prompt):
     return repeat(given), repeat(negatives)
 
 
-def denoise(unet, params, steps, timesteps, batch, start, first, scale, rescale, *, sampler, options, rescaled,
+def denoise(unet, params, steps, timesteps, batch, start, end, first, scale, rescale, *, sampler, options, rescaled,
             groups, progress):
     """The sampling loop on a batch (`StableDiffusion._batch`) -> final latents [b,h,w,c], from x =
-    first[0] * image_latents + first[1] * noise at iteration `start`. The keyword arguments are static."""
+    first[0] * image_latents + first[1] * noise at iteration `start` to before `end`. The keyword arguments
+    are static."""
     x = first[1] * batch["noise"]
     if "image_latents" in batch:
         x = x + first[0] * batch["image_latents"]
     with loop_constant_kernels():  # the U-Net's weights are constants of the loop: transform them once
         return sampling.sample(
-            lambda x, t, c: unet.apply({"params": params}, x, t, c), samplers_lib.SAMPLERS[sampler], dict(options),
-            steps, timesteps, x, batch["context"], batch["keys"], guidance_scale=scale, uncond=batch.get("uncond"),
-            start=start, guidance_rescale=rescale if rescaled else None, concat=batch.get("concat"),
+            lambda x, t, c: unet.apply({"params": params}, x, t, **c), samplers_lib.SAMPLERS[sampler], dict(options),
+            steps, timesteps, x, batch["cond"], batch["keys"], guidance_scale=scale, uncond=batch.get("uncond"),
+            start=start, end=end, guidance_rescale=rescale if rescaled else None, concat=batch.get("concat"),
             blend=batch.get("blend"), noise=batch.get("step_noise"), progress=progress, groups=groups)
 
 
@@ -100,15 +100,19 @@ def image_keys(seed, n):
 
 
 class StableDiffusion:
-    """Text-to-image, img2img and inpainting with a loaded Stable Diffusion checkpoint."""
+    """Text-to-image, img2img and inpainting with a loaded Stable Diffusion checkpoint (SDXL: pipeline_xl)."""
+
+    def __new__(cls, pretrained=None):
+        """StableDiffusion(pretrained) of an SDXL model is a `pipeline_xl.StableDiffusionXL`."""
+        if cls is StableDiffusion and pretrained is not None and "text_encoder_2" in pretrained.modules:
+            from sdjax.pipeline_xl import StableDiffusionXL
+            cls = StableDiffusionXL
+        return super().__new__(cls)
 
     def __init__(self, pretrained):
-        if "text_encoder_2" in pretrained.modules:
-            raise UnsupportedConfig(f"{pretrained.source} is an SDXL model: sdjax loads and exports its weights "
-                                    "(sdjax.weights.pretrained) but does not sample SDXL yet")
         self.pretrained = pretrained
         self.unet, self.vae = pretrained.modules["unet"], pretrained.modules["vae"]
-        self.text_encoder = pretrained.modules["text_encoder"]
+        self.text_encoder = pretrained.modules.get("text_encoder")  # None: the SDXL refiner's
         self.tokenizer = pretrained.tokenizer
         self.scheduler_config = dict(pretrained.scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.block_out_channels) - 1)
@@ -133,7 +137,7 @@ class StableDiffusion:
         if attention in ("flash", "cudnn") and jax.default_backend() == "cpu":
             raise ValueError(f"attention {attention!r} is a GPU/TPU kernel and jax computes on the CPU here; "
                              "use 'auto', 'chunked' or 'xla'")
-        sd = cls(load_pretrained(path, dtype=dtype, **options))
+        sd = cls(load_pretrained(path, dtype=dtype, **options))  # an SDXL model: a StableDiffusionXL
         sd.attention = attention
         return sd
 
@@ -193,7 +197,7 @@ class StableDiffusion:
     # ---- generation ----
 
     def _validate(self, num_steps, sampler, height, width, strength, image, mask, seed=0, n=1, clip_skip=0,
-                  guidance_scale=0.0, guidance_rescale=0.0, eta=0.0):
+                  guidance_scale=0.0, guidance_rescale=0.0, eta=0.0, denoising_start=None, denoising_end=None):
         numbers = dict(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, strength=strength)
         for name, value in numbers.items():  # NaN passes every comparison below; it would sample NaN images
             if not np.isfinite(value):
@@ -205,19 +209,36 @@ class StableDiffusion:
             raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
         if sampler not in samplers_lib.SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(sorted(samplers_lib.SAMPLERS))}")
+        for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
+                raise ValueError(f"{name} must be a fraction in (0, 1), got {value!r}")
+        if denoising_start is not None and image is None:
+            raise ValueError("denoising_start continues from an image: give image= (latents from output_type='latent')")
+        if None not in (denoising_start, denoising_end) and denoising_start >= denoising_end:
+            raise ValueError(f"denoising_start {denoising_start} must be below denoising_end {denoising_end}")
         if image is not None and not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         if mask is not None and image is None:
             raise ValueError("a mask needs an image to inpaint")
-        if image is not None and int(num_steps * strength) < 1:
+        if image is not None and denoising_start is None and int(num_steps * strength) < 1:
             raise ValueError(f"num_steps * strength must be >= 1 (got {num_steps} * {strength}): nothing to denoise")
-        if mask is not None and np.asarray(_size(mask)).tolist() != np.asarray(_size(image)).tolist():
-            raise ValueError(f"mask size {_size(mask)} differs from image size {_size(image)}")
+        if _is_latents(image):
+            want = (height // f, width // f, self.latent_channels)
+            if tuple(np.shape(image)[1:]) != want or np.shape(image)[0] not in (1, n):
+                raise ValueError(f"image latents must have shape (1 or {n}, {', '.join(map(str, want))}) for "
+                                 f"{height}x{width} images, got {np.shape(image)}")
+        if mask is not None and np.asarray(_size(mask)).tolist() != np.asarray(_size(image, f)).tolist():
+            raise ValueError(f"mask size {_size(mask)} differs from image size {_size(image, f)}")
         inpaint_unet = self.unet.in_channels == 2 * self.latent_channels + 1
         if inpaint_unet and mask is None:
             raise ValueError("this is an inpainting U-Net (9 input channels): give image= and mask=")
+        if inpaint_unet and _is_latents(image):
+            raise ValueError("an inpainting U-Net (9 input channels) needs the image itself, not latents")
         if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEEDS - n:
             raise ValueError(f"seed must be an integer in [0, 2^32 - {n}] for {n} image(s), got {seed!r}")
+        self._validate_clip_skip(clip_skip)
+
+    def _validate_clip_skip(self, clip_skip):
         layers = self.text_encoder.num_hidden_layers
         if not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
             raise ValueError(f"clip_skip must be an integer in [0, {layers - 1}], got {clip_skip!r}")
@@ -225,78 +246,108 @@ class StableDiffusion:
     def generate(self, prompt, negative_prompt=None, num_steps=50, guidance_scale=7.5, sampler="ddim",
                  seed=0, height=None, width=None, latents=None, eta=0.0, image=None, mask=None,
                  strength=0.8, guidance_rescale=0.0, num_images_per_prompt=1, clip_skip=0, sample_posterior=True,
-                 noise=None, output_type="uint8", progress=True, **sampler_options):
-        """Images for `prompt` (str or list): uint8 [N, H, W, 3] (or float32 in [0, 1] with output_type="np").
+                 noise=None, denoising_start=None, denoising_end=None, output_type="uint8", progress=True,
+                 conditioning=None, **sampler_options):
+        """Images for `prompt` (str or list): uint8 [N, H, W, 3] (or float32 in [0, 1] with output_type="np",
+        or the final latents [N, H/f, W/f, c] with output_type="latent").
 
         Image i of the batch is drawn from seed `seed + i` (seeds in [0, 2^32)), so it is the same picture
         alone or in a batch. image (+ mask, white = repaint): img2img with `strength`, or inpainting; the image
-        is encoded as a posterior sample (sample_posterior=False: its mean). clip_skip: condition on the text
-        encoder's layer that many before the last (the prompt's; the negative prompt's is the last, as diffusers). noise: {kind: unit noise} replacing the draws from the seed
-        (NOISE_KINDS; "initial", "image", "masked_image": [N, H/f, W/f, c]; "steps": [S, N, H/f, W/f, c] for the
-        S iterations that run); latents= is noise={"initial": latents} (diffusers' `latents=`).
+        is encoded as a posterior sample (sample_posterior=False: its mean); it may also be latents [1 or N,
+        H/f, W/f, c] (output_type="latent"'s). clip_skip: condition on the text encoder's layer that many
+        before the last (the prompt's; the negative prompt's is the last, as diffusers).
+        denoising_end / denoising_start (fractions of the training timesteps, as diffusers' SDXL pipelines):
+        stop where that fraction of the noise is removed, and continue from there on image= latents, which
+        are then taken as they are (strength is ignored): a base model hands its latents to a refiner.
+        noise: {kind: unit noise} replacing the draws from the seed (NOISE_KINDS; "initial", "image",
+        "masked_image": [N, H/f, W/f, c]; "steps": [S, N, H/f, W/f, c] for the S iterations that run);
+        latents= is noise={"initial": latents} (diffusers' `latents=`). conditioning: what a model family adds
+        to the prompts (StableDiffusionXL.generate fills it).
         """
+        if output_type not in ("uint8", "np", "latent"):
+            raise ValueError(f"output_type must be 'uint8', 'np' or 'latent', got {output_type!r}")
         prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images_per_prompt)
         n, f = len(prompts), self.vae_scale_factor
-        height = height or self.unet.sample_size * f
-        width = width or self.unet.sample_size * f
+        given = np.shape(image)[1:3] if _is_latents(image) and np.ndim(image) == 4 else None
+        height = height or (given[0] * f if given else self.unet.sample_size * f)
+        width = width or (given[1] * f if given else self.unet.sample_size * f)
         self._validate(num_steps, sampler, height, width, strength, image, mask, seed, n, clip_skip,
-                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta)
+                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
+                       denoising_start=denoising_start, denoising_end=denoising_end)
         noise = {**(noise or {}), **({} if latents is None else {"initial": latents})}
 
         # Host-side plan; every array goes into the compiled loop as an argument.
         options = dict(sampler_options, eta=eta) if sampler == "ddim" else dict(sampler_options)
         settings, options = samplers_lib.configure(sampler, self.scheduler_config, **options)
         plan = samplers_lib.SAMPLERS[sampler].plan(settings, num_steps, **options)
-        start = (num_steps - int(num_steps * strength)) * plan.order if image is not None else 0
+        start, end = _span(plan, settings["num_train_timesteps"], num_steps, strength if image is not None else None,
+                           denoising_start, denoising_end)
         pad = -n % self.mesh.devices.size  # the batch is padded to a multiple of the device count
-        noise = self._noise(noise, (n, height // f, width // f, self.latent_channels), pad, start,
+        noise = self._noise(noise, (n, height // f, width // f, self.latent_channels), pad, start, end,
                             len(plan.timesteps), seed)
-        batch = self._batch(prompts + prompts[-1:] * pad, negatives + negatives[-1:] * pad, guidance_scale > 1,
-                            clip_skip, noise, image, mask, height, width, sample_posterior, plan)
+        cfg = guidance_scale > 1
+        cond, uncond = self._conditions(prompts, negatives, cfg, clip_skip, (height, width), conditioning, pad)
+        batch = self._batch(cond, uncond, noise, image, mask, height, width, n + pad, sample_posterior, plan, end)
         # Where the loop starts: from the image noised to the first level that runs (diffusers' add_noise),
-        # or, for inpainting at full strength, from pure noise, as diffusers does.
-        pure = image is None or (mask is not None and strength == 1)
-        first = (0.0, plan.init_noise_sigma) if pure else (plan.noise_a[start], plan.noise_b[start])
-        args = (self.params["unet"], plan.steps, plan.timesteps, batch, np.int32(start), np.asarray(first, np.float32),
-                np.float32(guidance_scale), np.float32(guidance_rescale))
+        # or, for inpainting at full strength, from pure noise, as diffusers does; denoising_start: from the
+        # given latents as they are.
+        pure = image is None or (mask is not None and strength == 1 and denoising_start is None)
+        first = ((1.0, 0.0) if denoising_start is not None else (0.0, plan.init_noise_sigma) if pure
+                 else (plan.noise_a[start], plan.noise_b[start]))
+        args = (self.params["unet"], plan.steps, plan.timesteps, batch, np.int32(start), np.int32(end),
+                np.asarray(first, np.float32), np.float32(guidance_scale), np.float32(guidance_rescale))
         static = dict(sampler=sampler, options=tuple(sorted(plan.options.items())), rescaled=bool(guidance_rescale),
                       groups=self.mesh.devices.size if self.per_image else None,
                       progress=self._tick if progress else None)
         self.last_timings = {}
         compiled = self._compile("sample", functools.partial(denoise, self.unet), *args, **static)
         self._first_index = start
-        self._bar = tqdm(total=len(plan.timesteps) - start, desc=f"{sampler} x{n}", disable=not progress, leave=False)
+        self._bar = tqdm(total=end - start, desc=f"{sampler} x{n}", disable=not progress, leave=False)
         t0 = time.perf_counter()
         out = jax.block_until_ready(compiled(*args))
         self.last_timings["sample"] = time.perf_counter() - t0
         self._bar.close()
+        if output_type == "latent":
+            return np.asarray(out)[:n]
         images = np.asarray(self.decode_latents(out))[:n]
         return images if output_type == "np" else (images * 255).round().astype(np.uint8)
 
-    def _batch(self, prompts, negatives, cfg, clip_skip, noise, image, mask, height, width, sample_posterior, plan):
-        """The loop's per-image inputs, on the devices: noise, step keys (or step noise), text embeddings, and
+    def _conditions(self, prompts, negatives, cfg, clip_skip, size, conditioning, pad):
+        """(cond, uncond): the U-Net's conditioning keyword arguments for the prompts and (with guidance) the
+        negative prompts, each padded by `pad` copies of its last row; uncond None without guidance."""
+        if conditioning is not None:
+            raise TypeError(f"conditioning is for model families with more than text; this is {type(self).__name__}")
+        padded = lambda items: items + items[-1:] * pad  # noqa: E731
+        cond = {"encoder_hidden_states": self.encode_prompts(padded(prompts), clip_skip)}
+        uncond = {"encoder_hidden_states": self.encode_prompts(padded(negatives))} if cfg else None  # no skip, as diffusers
+        return cond, uncond
+
+    def _batch(self, cond, uncond, noise, image, mask, height, width, b, sample_posterior, plan, end):
+        """The loop's per-image inputs, on the devices: noise, step keys (or step noise), the conditioning, and
         image / mask inputs of img2img and inpainting."""
-        batch = dict(noise=noise["initial"], keys=noise["keys"], context=self.encode_prompts(prompts, clip_skip))
-        if cfg:
-            batch["uncond"] = self.encode_prompts(negatives)  # diffusers skips no layer here
+        batch = dict(noise=noise["initial"], keys=noise["keys"], cond=cond)
+        if uncond is not None:
+            batch["uncond"] = uncond
         if image is not None:
-            batch.update(self._image_inputs(image, mask, height, width, len(prompts), noise, sample_posterior))
+            batch.update(self._image_inputs(image, mask, height, width, b, noise, sample_posterior))
         batch = jax.tree.map(self._shard, batch)
         if "mask" in batch:
-            batch["blend"] = sampling.Blend.from_plan(plan, batch["image_latents"], batch["noise"], batch.pop("mask"))
+            batch["blend"] = sampling.Blend.from_plan(plan, batch["image_latents"], batch["noise"], batch.pop("mask"),
+                                                      end)
         if "steps" in noise:
             batch["step_noise"] = jax.device_put(noise["steps"], NamedSharding(self.mesh, P(None, "data")))
         return batch
 
-    def _noise(self, given, shape, pad, start, iterations, seed):
-        """{"initial", "image", "masked_image": [b,h,w,c]; "keys": [b] step keys; "steps": [S,b,h,w,c] if given}:
+    def _noise(self, given, shape, pad, start, end, iterations, seed):
+        """{"initial", "image", "masked_image": [b,h,w,c]; "keys": [b] step keys; "steps": [iterations,b,h,w,c] if
+        given, for the iterations [start, end) that run}:
         the given unit noise (shapes checked), the rest drawn from image i's seed + i; b = n + pad rows."""
         unknown = sorted(set(given) - set(NOISE_KINDS))
         if unknown:
             raise ValueError(f"noise: unknown kinds {unknown}; valid: {', '.join(NOISE_KINDS)}")
         f = self.vae_scale_factor
         for kind, value in given.items():
-            want = ((iterations - start,) if kind == "steps" else ()) + shape
+            want = ((end - start,) if kind == "steps" else ()) + shape
             if tuple(np.shape(value)) != want:
                 where = "latents" if kind == "initial" else f"noise[{kind!r}]"
                 raise ValueError(f"{where} must have shape {want} ({'S, ' if kind == 'steps' else ''}N, H/{f}, "
@@ -309,10 +360,11 @@ class StableDiffusion:
                 out[kind] = jnp.asarray(np.concatenate([x, np.repeat(x[-1:], pad, 0)]))
             else:
                 out[kind] = jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(keys[kind])
-        if "steps" in given:  # the iterations before `start` do not run: their noise is never read
+        if "steps" in given:  # the iterations outside [start, end) do not run: their noise is never read
             x = np.asarray(given["steps"], np.float32)
-            out["steps"] = jnp.asarray(np.concatenate([np.zeros((start,) + x.shape[1:], np.float32),
-                                                       np.concatenate([x, np.repeat(x[:, -1:], pad, 1)], 1)]))
+            x = np.concatenate([x, np.repeat(x[:, -1:], pad, 1)], 1)
+            out["steps"] = jnp.asarray(np.concatenate([np.zeros((start,) + x.shape[1:], np.float32), x,
+                                                       np.zeros((iterations - end,) + x.shape[1:], np.float32)]))
         return out
 
     def _tick(self, index):
@@ -321,11 +373,16 @@ class StableDiffusion:
         self._bar.refresh()
 
     def _image_inputs(self, image, mask, height, width, b, noise, sample_posterior):
-        """Batch inputs of img2img / inpainting: image latents, and the mask (blending) or the
-        mask + masked-image latents appended to a 9-channel U-Net's input."""
+        """Batch inputs of img2img / inpainting: image latents (encoded, or given), and the mask (blending) or
+        the mask + masked-image latents appended to a 9-channel U-Net's input."""
         eps = lambda kind: noise[kind] if sample_posterior else None  # noqa: E731
-        img = to_image_array(image, height, width)
-        out = {"image_latents": self.encode_images(np.repeat(img[None], b, 0), eps("image"))}
+        if _is_latents(image):
+            z = np.asarray(image, np.float32)
+            z = np.repeat(z, b, 0) if len(z) == 1 else np.concatenate([z, np.repeat(z[-1:], b - len(z), 0)])
+            out = {"image_latents": jnp.asarray(z)}
+        else:
+            img = to_image_array(image, height, width)
+            out = {"image_latents": self.encode_images(np.repeat(img[None], b, 0), eps("image"))}
         if mask is not None:
             f = self.vae_scale_factor
             m = to_mask_array(mask, height, width)
@@ -338,5 +395,34 @@ class StableDiffusion:
         return out
 
 
-def _size(x):
+def _is_latents(image):
+    """Whether img2img's `image` is latents (an array [N, h, w, c]) rather than a picture."""
+    return image is not None and not isinstance(image, Image.Image) and np.ndim(image) == 4
+
+
+def _span(plan, train_steps, num_steps, strength, denoising_start, denoising_end):
+    """(start, end): the plan's iterations that run. img2img (strength not None) skips the first
+    num_steps - int(num_steps * strength) steps; denoising_start instead begins at the first timestep below
+    that fraction of the training timesteps, denoising_end stops before the first below its fraction, as
+    diffusers' SDXL pipelines cut `scheduler.timesteps` (a 2nd-order sampler begins on a whole step)."""
+    t, start, end = plan.timesteps, 0, len(plan.timesteps)
+    cutoff = lambda fraction: int(round(train_steps - fraction * train_steps))  # noqa: E731
+    if denoising_start is not None:
+        count = int((t < cutoff(denoising_start)).sum())
+        count += plan.order == 2 and count % 2 == 0
+        start = max(len(t) - count, 0)
+    elif strength is not None:
+        start = (num_steps - int(num_steps * strength)) * plan.order
+    if denoising_end is not None:
+        end = start + int((t[start:] >= cutoff(denoising_end)).sum())
+    if end <= start:
+        raise ValueError(f"no sampling step lies between denoising_start={denoising_start} and "
+                         f"denoising_end={denoising_end} with {num_steps} steps")
+    return start, end
+
+
+def _size(x, f=1):
+    """(height, width) of a picture, a mask, or (times f) latents [N, h, w, c]."""
+    if _is_latents(x):
+        return tuple(d * f for d in np.shape(x)[1:3])
     return x.size[::-1] if isinstance(x, Image.Image) else np.shape(x)[:2]

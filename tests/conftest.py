@@ -4,6 +4,7 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +77,70 @@ def torch_state(model):
     return {name(k): v.numpy() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
 
 
+# ---- SDXL (tests/test_sdxl_weights.py, tests/test_pipeline_xl.py) ----
+
+SDXL_TIME_DIM, SDXL_PROJECTION = 8, 16
+SDXL_TOWER = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _sdxl_unet(cross_attention_dim, time_ids):
+    import diffusers
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=(2, 4),
+        norm_num_groups=8, use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=SDXL_PROJECTION + time_ids * SDXL_TIME_DIM)
+
+
+def _age_sdxl(folder):
+    """The towers as the hub's SDXL 1.0 holds them: transformers < 5 names (`text_model.` prefix; transformers 5
+    drops it from CLIPTextModel), and an fp16 variant of text_encoder_2."""
+    for tower in ("text_encoder", "text_encoder_2"):
+        path = os.path.join(folder, tower, "model.safetensors")
+        if not os.path.isfile(path):
+            continue
+        from safetensors.numpy import load_file, save_file
+        tensors = load_file(path)
+        old = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+               for k, v in tensors.items()}
+        save_file(old, path)
+        if tower == "text_encoder_2":
+            save_file({k: v.astype(np.float16) for k, v in old.items()}, path.replace(".safetensors", ".fp16.safetensors"))
+
+
+def build_sdxl(folder, refiner):
+    """A tiny random SDXL base (or refiner) pipeline saved in `folder`, aged (`_age_sdxl`)."""
+    import diffusers
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    cfg = tiny.get_config().to_dict()
+    tok = lambda name, pad: CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, name), pad))  # noqa: E731
+    parts = dict(
+        vae=_randomize(AutoencoderKL(**{**cfg["vae"], "scaling_factor": 0.13025}), 1),
+        text_encoder_2=_randomize(CLIPTextModelWithProjection(CLIPTextConfig(
+            **SDXL_TOWER, hidden_act="gelu", projection_dim=SDXL_PROJECTION)), 3),
+        tokenizer_2=tok("_tok2", "!"),
+        unet=_randomize(_sdxl_unet(32 if refiner else 64, 5 if refiner else 6), 0),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         steps_offset=1, timestep_spacing="leading"))
+    if refiner:
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None, tokenizer=None, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+            **parts)
+    else:
+        pipe = diffusers.StableDiffusionXLPipeline(
+            text_encoder=_randomize(CLIPTextModel(CLIPTextConfig(**SDXL_TOWER)), 2), tokenizer=tok("_tok", "<|endoftext|>"),
+            **parts)
+    pipe.save_pretrained(folder)
+    _age_sdxl(folder)
+
+
+@pytest.fixture(scope="session")
+def sdxl_folders(tmp_path_factory):
+    """{"base": folder, "refiner": folder}: tiny random SDXL pipelines saved by diffusers and aged as the hub's
+    are (the refiner: text_encoder_2 only, aesthetic score, force_zeros_for_empty_prompt false)."""
+    folders = {kind: str(tmp_path_factory.mktemp(f"tiny_sdxl_{kind}")) for kind in ("base", "refiner")}
+    for kind, folder in folders.items():
+        build_sdxl(folder, kind == "refiner")
+    return folders

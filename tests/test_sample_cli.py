@@ -36,6 +36,21 @@ def test_sample_cli_writes_the_api_images(torch_folder, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(out / "grid.png")), make_grid(expected))
 
 
+def test_sdxl_base_and_refiner(sdxl_folders, tmp_path):
+    """--refiner: the base's latents at --refiner-start, continued by the refiner; the default guidance is SDXL's."""
+    out = tmp_path / "out"
+    sample.main(["--model", sdxl_folders["base"], "--refiner", sdxl_folders["refiner"], "--prompt", "a red circle",
+                 "--prompt-2", "on the left", "--steps", "4", "--sampler", "euler", "--seed", "3", "--height", "16",
+                 "--width", "16", "--out", str(out)])
+    kw = dict(num_steps=4, sampler="euler", seed=3, height=16, width=16, progress=False)
+    latents = StableDiffusion.load(sdxl_folders["base"]).generate(
+        "a red circle", prompt_2="on the left", denoising_end=0.8, output_type="latent", **kw)
+    expected = StableDiffusion.load(sdxl_folders["refiner"]).generate(
+        "a red circle", prompt_2="on the left", image=latents, denoising_start=0.8, **kw)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "0000-seed3.png")), expected[0])
+    meta = read_png_metadata(out / "0000-seed3.png")
+    assert (meta["guidance"], meta["prompt_2"], meta["refiner_start"]) == ("5.0", "on the left", "0.8")
+
 
 def test_second_run_loads_its_executables_from_the_cache(torch_folder, tmp_path):
     """sample.py compiles into --compilation-cache; the same run again writes nothing there, not even the same

@@ -1,0 +1,165 @@
+"""StableDiffusion.load of SDXL folders (a StableDiffusionXL) against diffusers' StableDiffusionXLPipeline,
+StableDiffusionXLImg2ImgPipeline (the refiner) and StableDiffusionXLInpaintPipeline loaded from the same tiny
+random folders, and the base -> refiner hand-off (denoising_end / denoising_start)."""
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from sdjax.pipeline import StableDiffusion  # noqa: E402
+from sdjax.pipeline_xl import StableDiffusionXL  # noqa: E402
+from test_pipeline import SCHEDULERS, STOCHASTIC, _draws, _picture, _scheduler  # noqa: E402
+
+pytestmark = pytest.mark.long_file
+# mean abs difference of float images in [0, 1]: the differences here are 5e-7 .. 2e-6, and each test shows that
+# its feature moves the images by more than 10 * TOL (prompt_2 moves this tiny model's unguided images by 4e-5)
+TOL = 3e-6
+SIZE, LATENT = 16, (8, 8, 4)  # tiny VAE: f = 2
+PROMPTS = ["a red circle", "a blue square on the left"]
+PROMPTS_2 = ["a small square", "a green triangle at the top"]
+
+
+def _reference(cls, folder, sampler):
+    pipe = getattr(diffusers, cls).from_pretrained(folder)
+    pipe.scheduler = _scheduler(folder, sampler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def base(sdxl_folders):
+    return StableDiffusion.load(sdxl_folders["base"])
+
+
+@pytest.fixture(scope="module")
+def refiner(sdxl_folders):
+    return StableDiffusion.load(sdxl_folders["refiner"])
+
+
+def _noise(seed, n, runs, sampler, kinds=("initial",)):
+    """The reference's draws from torch.Generator(seed), in its order: `kinds` first, then one per iteration run
+    (stochastic samplers only)."""
+    draws = _draws(seed, (n, *LATENT), len(kinds) + runs)
+    noise = dict(zip(kinds, draws))
+    if sampler in STOCHASTIC:
+        noise["steps"] = np.stack(draws[len(kinds):])
+    return noise
+
+
+def _err(a, b):
+    return float(np.abs(a - b).mean())
+
+
+def test_load_gives_the_sdxl_pipeline(base, refiner):
+    assert isinstance(base, StableDiffusionXL) and isinstance(refiner, StableDiffusionXL)
+    assert not base.aesthetic and refiner.aesthetic
+    assert [kind for kind, _ in refiner.towers] == ["text_encoder_2"]
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+@pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
+def test_text_to_image_matches_diffusers(base, sdxl_folders, sampler, guidance):
+    """prompt_2 goes to the second tower; without a negative prompt, guidance is away from zero text
+    (force_zeros_for_empty_prompt)."""
+    steps = 4
+    ref = _reference("StableDiffusionXLPipeline", sdxl_folders["base"], sampler)(
+        prompt=PROMPTS, prompt_2=PROMPTS_2, num_inference_steps=steps, guidance_scale=guidance, height=SIZE,
+        width=SIZE, generator=torch.Generator().manual_seed(3), output_type="np").images
+    noise = _noise(3, 2, len(ref_timesteps(sdxl_folders["base"], sampler, steps)), sampler)
+    run = lambda **kw: base.generate(PROMPTS, num_steps=steps, sampler=sampler, height=SIZE, width=SIZE,  # noqa: E731
+                                     noise=noise, output_type="np", progress=False,
+                                     **{"prompt_2": PROMPTS_2, "guidance_scale": guidance, **kw})
+    err = _err(run(), ref)
+    effect = _err(run(guidance_scale=4.0) if guidance > 1 else run(prompt_2=None), ref)
+    print(f"{sampler} guidance={guidance}: mean abs diff {err:.2e}, effect {effect:.2e}")
+    assert err <= TOL and effect > 10 * TOL, (err, effect)
+
+
+def ref_timesteps(folder, sampler, steps):
+    scheduler = _scheduler(folder, sampler)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps
+
+
+def test_negative_prompts_clip_skip_and_micro_conditioning_match_diffusers(base, sdxl_folders):
+    """One image: diffusers repeats its time ids as [negative, positive] * batch against rows [negatives...,
+    positives...], so with negative sizes of their own it conditions a batch's images on the wrong ones."""
+    micro = dict(original_size=(512, 384), crops_coords_top_left=(16, 0), target_size=(896, 1152),
+                 negative_original_size=(256, 256), negative_crops_coords_top_left=(4, 4),
+                 negative_target_size=(1024, 1024))
+    kw = dict(prompt_2=PROMPTS_2[1], negative_prompt="ugly", negative_prompt_2="blurry",
+              clip_skip=1, guidance_scale=6.0, height=SIZE, width=SIZE)
+    ref = _reference("StableDiffusionXLPipeline", sdxl_folders["base"], "ddim")(
+        PROMPTS[0], num_inference_steps=3, generator=torch.Generator().manual_seed(4), output_type="np",
+        **micro, **kw).images
+    latents = _draws(4, (1, *LATENT), 1)[0]
+    run = lambda **m: base.generate(PROMPTS[0], num_steps=3, sampler="ddim", latents=latents,  # noqa: E731
+                                    output_type="np", progress=False, **kw, **{**micro, **m})
+    err, effect = _err(run(), ref), _err(run(negative_original_size=(1024, 1024)), ref)
+    print(f"micro-conditioning: mean abs diff {err:.2e}, another negative_original_size {effect:.2e}")
+    assert err <= TOL and effect > 10 * TOL, (err, effect)
+
+
+@pytest.mark.parametrize("sampler, strength", [("ddim", 0.6), ("euler", 0.6), ("euler_a", 1.0)])
+def test_refiner_img2img_matches_diffusers(refiner, sdxl_folders, sampler, strength):
+    """The refiner: the second tower only, fed `prompt`; aesthetic scores instead of the target size."""
+    image, steps = _picture(np.random.default_rng(1)), 5
+    kw = dict(image=image, strength=strength, guidance_scale=5.0, aesthetic_score=7.0, negative_aesthetic_score=2.0)
+    ref = _reference("StableDiffusionXLImg2ImgPipeline", sdxl_folders["refiner"], sampler)(
+        PROMPTS[0], num_inference_steps=steps, generator=torch.Generator().manual_seed(4), output_type="np",
+        **kw).images
+    noise = _noise(4, 1, int(steps * strength), sampler, kinds=("image", "initial"))
+    run = lambda **a: refiner.generate(PROMPTS[0], num_steps=steps, sampler=sampler, noise=noise,  # noqa: E731
+                                       height=SIZE, width=SIZE, output_type="np", progress=False, **{**kw, **a})
+    err, effect = _err(run(), ref), _err(run(aesthetic_score=6.0), ref)
+    print(f"refiner img2img {sampler} strength {strength}: mean abs diff {err:.2e}, aesthetic 6 {effect:.2e}")
+    assert err <= TOL and effect > 10 * TOL, (err, effect)
+
+
+@pytest.mark.parametrize("strength", [0.75, 1.0])
+def test_inpainting_matches_diffusers(base, sdxl_folders, strength):
+    """A 4-channel U-Net inpaints by latent blending; diffusers draws image posterior, noise, masked image."""
+    rng = np.random.default_rng(2)
+    image, mask, steps = _picture(rng), _picture(rng, "L"), 4
+    kw = dict(image=image, strength=strength, guidance_scale=6.0, height=SIZE, width=SIZE)
+    ref = _reference("StableDiffusionXLInpaintPipeline", sdxl_folders["base"], "euler")(
+        PROMPTS[1], mask_image=mask, num_inference_steps=steps, generator=torch.Generator().manual_seed(5),
+        output_type="np", **kw).images
+    noise = _noise(5, 1, 0, "euler", kinds=("image", "initial", "masked_image"))
+    run = lambda m: base.generate(PROMPTS[1], mask=m, num_steps=steps, sampler="euler", noise=noise,  # noqa: E731
+                                  output_type="np", progress=False, **kw)
+    err, effect = _err(run(mask), ref), _err(run(np.zeros((SIZE, SIZE), np.uint8)), ref)
+    print(f"inpainting strength {strength}: mean abs diff {err:.2e}, empty mask {effect:.2e}")
+    assert err <= TOL and effect > 10 * TOL, (err, effect)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "heun"])
+def test_base_to_refiner_hand_off_matches_diffusers(base, refiner, sdxl_folders, sampler):
+    """The base stops at denoising_end and returns latents; the refiner continues from them at denoising_start
+    (a 2nd-order sampler's refiner begins on a whole step, as diffusers cuts its timesteps)."""
+    steps, split = 6, 0.7
+    pipe_base = _reference("StableDiffusionXLPipeline", sdxl_folders["base"], sampler)
+    pipe_refiner = _reference("StableDiffusionXLImg2ImgPipeline", sdxl_folders["refiner"], sampler)
+    g = torch.Generator().manual_seed(7)
+    handed = pipe_base(PROMPTS[0], num_inference_steps=steps, denoising_end=split, guidance_scale=5.0, height=SIZE,
+                       width=SIZE, generator=g, output_type="latent").images
+    ref = pipe_refiner(PROMPTS[0], image=handed, num_inference_steps=steps, denoising_start=split,
+                       guidance_scale=5.0, generator=g, output_type="np").images
+    # one torch generator runs on: the base draws its noise and its iterations' noise, the refiner its own
+    t = ref_timesteps(sdxl_folders["base"], sampler, steps)
+    n_base = int((t >= round(1000 * (1 - split))).sum())
+    draws = _draws(7, (1, *LATENT), 1 + len(t))
+    step_noise = lambda a, b: {"steps": np.stack(draws[1 + a:1 + b])} if sampler in STOCHASTIC else {}  # noqa: E731
+    latents = base.generate(PROMPTS[0], num_steps=steps, denoising_end=split, guidance_scale=5.0, sampler=sampler,
+                            height=SIZE, width=SIZE, output_type="latent", progress=False,
+                            noise={"initial": draws[0], **step_noise(0, n_base)})
+    np.testing.assert_allclose(latents, handed.numpy().transpose(0, 2, 3, 1), atol=1e-4)
+    run = lambda at: refiner.generate(  # noqa: E731
+        PROMPTS[0], image=latents, num_steps=steps, denoising_start=at, guidance_scale=5.0, sampler=sampler,
+        output_type="np", progress=False, noise=step_noise(n_base, len(t)))
+    err = _err(run(split), ref)
+    effect = None if sampler in STOCHASTIC else _err(run(0.5), ref)  # the refiner from another point
+    print(f"hand-off {sampler}: mean abs diff {err:.2e}, refiner from 0.5: {effect}")
+    assert err <= TOL, err
+    assert effect is None or effect > 10 * TOL, effect
