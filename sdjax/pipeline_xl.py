@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import UnsupportedConfig
+from sdjax.models.clip_text import sdxl_text
 from sdjax.pipeline import StableDiffusion, _prompt_lists
 from sdjax.text.tokenizer import tokenize
 
@@ -52,26 +53,22 @@ class StableDiffusionXL(StableDiffusion):
             raise ValueError(f"clip_skip must be an integer in [0, {layers - 1}], got {clip_skip!r}")
 
     def encode_prompts(self, prompts, prompts_2=None, clip_skip=0):
-        """(text [B, 77, D1 + D2], pooled [B, P]): each tower's states `clip_skip` layers before its
-        penultimate one (no final norm, as diffusers' SDXL pipelines), concatenated, and the second tower's
-        projected EOS state. prompts_2 (default: prompts) go to the second tower; the refiner has only that
-        one, and it reads `prompts`, as diffusers does."""
+        """(text [B, 77, D1 + D2], pooled [B, P]) of `clip_skip` (`clip_text.sdxl_text`); prompts_2 (default:
+        prompts) go to the second tower. The refiner has only that one, and it reads `prompts`, as diffusers."""
         texts = [prompts, prompts if prompts_2 is None else prompts_2]
-        states, pooled = [], None
+        ids = []
         for (kind, tokenizer), items in zip(self.towers, texts):
-            module = self.pretrained.modules[kind]
-            ids, truncated = tokenize(tokenizer, items, module.max_position_embeddings)
+            length = self.pretrained.modules[kind].max_position_embeddings
+            row, truncated = tokenize(tokenizer, items, length)
             if truncated:
-                log.warning("a prompt is longer than %d tokens and was truncated (as the reference does)",
-                            module.max_position_embeddings)
+                log.warning("a prompt is longer than %d tokens and was truncated (as the reference does)", length)
+            ids.append(jnp.asarray(row))
+        kinds = [kind for kind, _ in self.towers]
 
-            def fn(p, i, clip_skip, module=module):
-                out = module.apply({"params": p}, i)
-                return out["hidden_states"][-2 - clip_skip], out.get("text_embeds")
-            hidden, pooled = self._run(f"text_{kind}", self._batched(fn), self.params[kind], jnp.asarray(ids),
-                                       clip_skip=clip_skip)
-            states.append(hidden)
-        return jnp.concatenate(states, -1), pooled
+        def fn(p, *ids, clip_skip):
+            return sdxl_text([self.pretrained.modules[k].apply({"params": p[k]}, i) for k, i in zip(kinds, ids)],
+                             clip_skip)
+        return self._run("text", self._batched(fn), {k: self.params[k] for k in kinds}, *ids, clip_skip=clip_skip)
 
     def generate(self, prompt, negative_prompt=None, *, prompt_2=None, negative_prompt_2=None, guidance_scale=5.0,
                  num_images_per_prompt=1, original_size=None, crops_coords_top_left=(0, 0), target_size=None,

@@ -97,6 +97,7 @@ def train_step():
     from configs.train import tiny as train_tiny
     from sdjax.demo import DEMO_MODEL
     from sdjax.text.tokenizer import load_tokenizer
+    from sdjax.train.ldm import ldm_stage
     from sdjax.train.stages import stage_for
     from sdjax.train.state import create_state
     from sdjax.weights.pretrained import Pretrained
@@ -112,8 +113,7 @@ def train_step():
     frozen = {k: v for k, v in params.items() if k not in names}
     tx, schedule = stage.make_optimizer(c)
     state = jax.eval_shape(lambda p: create_state(p, tx, c.seed), trainable)
-    batch = {"images": jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
-             "input_ids": jax.ShapeDtypeStruct((2, 77), jnp.int32)}
+    batch = ldm_stage.batch_shapes(pre, 2, 32)
     traced = jax.jit(stage.make_train_step(pre, c, tx, schedule)).trace(state, frozen, batch)
     return traced, sum(x.ndim == 4 for x in jax.tree.leaves(params["unet"]))
 

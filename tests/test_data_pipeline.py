@@ -211,3 +211,29 @@ def test_worker_processes_give_the_same_batches(data_dir, tokenizer):
     it = input_pipeline.make_iterator(dict(cfg, num_workers=2), tokenizer, 8, seed=4)
     assert_same(take(it, 6), a)
     it.close()
+
+
+def test_sizes_and_crops_are_recorded_for_sdxl(tmp_path, data_dir, tokenizer):
+    """original_size is the stored image's (H, W); crop_top_left is where the batch image begins in the resized
+    image (mirrored when flipped, as diffusers' SDXL training records it); a second tokenizer gives input_ids_2."""
+    rng = np.random.default_rng(0)
+    sources = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((40, 24, 3), (24, 50, 3))]
+    path = write_folder(tmp_path / "sizes", [Image.fromarray(a) for a in sources], ["a", "b"])
+    cfg = dict(source="folder", path=path, data_dir=data_dir, image_size=16, num_threads=2, center_crop=False,
+               random_flip=True)
+    tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(str(tmp_path / "tok2"), "!"))
+    it = input_pipeline.make_iterator(cfg, {"input_ids": tokenizer, "input_ids_2": tokenizer_2}, 2, seed=0)
+    crops, flips = set(), 0
+    for batch in take(it, 8):
+        assert batch["input_ids_2"][0, -1] != batch["input_ids"][0, -1]  # padded with "!" / <|endoftext|>
+        for image, (h, w), (top, left) in zip(batch["images"], batch["original_size"], batch["crop_top_left"]):
+            src = next(a for a in sources if a.shape[:2] == (h, w))
+            scale = 16 / min(h, w)
+            resized = np.asarray(Image.fromarray(src).resize((max(16, int(w * scale)), max(16, int(h * scale))),
+                                                             Image.BILINEAR))
+            got = np.rint((image + 1) * 127.5).astype(np.uint8)
+            plain, mirrored = (r[top:top + 16, left:left + 16] for r in (resized, resized[:, ::-1]))
+            assert np.array_equal(got, plain) or np.array_equal(got, mirrored)
+            flips += not np.array_equal(got, plain)
+            crops.add((h, w, top, left))
+    assert len(crops) > 3 and 0 < flips < 16  # random crops and flips were drawn

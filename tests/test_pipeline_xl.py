@@ -163,3 +163,24 @@ def test_base_to_refiner_hand_off_matches_diffusers(base, refiner, sdxl_folders,
     print(f"hand-off {sampler}: mean abs diff {err:.2e}, refiner from 0.5: {effect}")
     assert err <= TOL, err
     assert effect is None or effect > 10 * TOL, effect
+
+
+def test_training_conditions_as_sampling(base):
+    """The train step's conditioning (ldm_step.conditioning) of a batch is the text and pooled text the pipeline
+    samples with, and the time ids of each example's recorded original size and crop, the training size last."""
+    import jax
+    from sdjax.text.tokenizer import tokenize
+    from sdjax.train.ldm.ldm_step import conditioning
+    pre = base.pretrained
+    ids = {"input_ids": tokenize(pre.tokenizer, PROMPTS)[0], "input_ids_2": tokenize(pre.tokenizer_2, PROMPTS_2)[0]}
+    micro = {"images": np.zeros((2, SIZE, SIZE, 3), np.float32), "original_size": np.array([[512, 384], [20, 16]]),
+             "crop_top_left": np.array([[16, 0], [2, 0]])}
+    got = jax.jit(lambda p, i, m: conditioning(pre.modules, p, i, m))(pre.params, ids, micro)
+    text, pooled = base.encode_prompts(PROMPTS, PROMPTS_2)
+    np.testing.assert_allclose(got["encoder_hidden_states"], text, atol=1e-6)
+    np.testing.assert_allclose(got["text_embeds"], pooled, atol=1e-6)
+    c = dict(original_size=None, crops_coords_top_left=(0, 0), target_size=None)
+    want = [base.time_ids((SIZE, SIZE), {**c, "original_size": tuple(o), "crops_coords_top_left": tuple(k)})
+            for o, k in zip(micro["original_size"], micro["crop_top_left"])]
+    np.testing.assert_array_equal(got["time_ids"], np.stack(want))
+    np.testing.assert_array_equal(want[1], [20, 16, 2, 0, SIZE, SIZE])

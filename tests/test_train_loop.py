@@ -94,27 +94,31 @@ def test_two_processes_agree_with_one(tmp_path, cache):
         np.testing.assert_array_equal(a, b)
 
 
-def train_py(workdir, cache, *overrides, devices=1):
-    return run([os.path.join(ROOT, "train.py"), "--config=configs/train/tiny.py", f"--workdir={workdir}",
+def train_py(workdir, cache, *overrides, devices=1, config="configs/train/tiny.py"):
+    return run([os.path.join(ROOT, "train.py"), f"--config={config}", f"--workdir={workdir}",
                 *[f"--config.{o}" for o in overrides]], cache, devices)
 
 
 def test_resume_through_train_py_is_bit_identical(tmp_path, cache):
-    """2N steps straight == N steps, stop, resume to 2N: bit-identical params, EMA and losses."""
+    """2N steps straight == N steps, stop, resume to 2N: bit-identical params, EMA and losses. The model is the
+    tiny SDXL one (the SD 1.x runs are the other tests'): two text towers, and the micro-conditioning from each
+    example's size and crop, which the data state restores."""
     common = (f"data.data_dir={tmp_path / 'tfds'}", "data.shapes.num_train=256", "data.shapes.num_test=8",
               "data.shapes.num_heldout=8", "batch_size=4", "log_every=1", "checkpoint_every=2",
               "optimizer.warmup_steps=2", "optimizer.decay_steps=6")
-    train_py(tmp_path / "straight", cache, "total_steps=6", *common)
-    train_py(tmp_path / "cut", cache, "total_steps=3", *common)
-    train_py(tmp_path / "cut", cache, "total_steps=6", *common)
+    xl = dict(config="configs/train/tiny.py:sdxl")
+    train_py(tmp_path / "straight", cache, "total_steps=6", *common, **xl)
+    train_py(tmp_path / "cut", cache, "total_steps=3", *common, **xl)
+    train_py(tmp_path / "cut", cache, "total_steps=6", *common, **xl)
     np.testing.assert_array_equal(losses(tmp_path / "cut"), losses(tmp_path / "straight"))
     for ema in (False, True):
         for a, b in zip(jax.tree.leaves(load_params(tmp_path / "cut", ema=ema)),
                         jax.tree.leaves(load_params(tmp_path / "straight", ema=ema))):
             np.testing.assert_array_equal(a, b)
-    # The export is a diffusers folder holding the EMA U-Net and the (rebuilt) frozen parts.
+    # The export is an SDXL diffusers folder holding the EMA U-Net and the (rebuilt) frozen parts.
     folder = export(tmp_path / "cut", str(tmp_path / "exported"))
     pre = load_pretrained(folder)
+    assert "text_encoder_2" in pre.modules and pre.tokenizer_2.pad_token == "!"
     for a, b in zip(jax.tree.leaves(pre.params["unet"]), jax.tree.leaves(load_params(tmp_path / "cut")["unet"])):
         np.testing.assert_array_equal(a, b)
     assert pre.scheduler["prediction_type"] == "epsilon" and pre.modules["vae"].scaling_factor == 2.0

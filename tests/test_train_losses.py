@@ -32,7 +32,7 @@ def reference_loss(modules, params, micro, cfg):
     t, eps = np.asarray(d["t"]), np.asarray(d["eps"], np.float64)
     post = modules["vae"].apply({"params": params["vae"]}, micro["images"], method="encode")
     z = np.asarray(post.mean, np.float64) * 0.5
-    ids = np.where(np.asarray(d["drop"])[:, None], EMPTY[None], micro["input_ids"])
+    ids = np.where(np.asarray(d["drop"])[:, None], EMPTY["input_ids"][None], micro["input_ids"])
     ctx = modules["text_encoder"].apply({"params": params["text_encoder"]}, ids)["last_hidden_state"]
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     np.testing.assert_allclose(ddpm.alphas_cumprod.numpy(), ABAR, rtol=1e-6)  # the fakes' table is SD's
@@ -53,7 +53,7 @@ def reference_loss(modules, params, micro, cfg):
 def test_loss_and_gradient_match_closed_form(toy, prediction_type, gamma):
     modules, params, micro = toy
     cfg = loss_config(prediction_type, gamma)
-    loss_fn = make_loss_fn(modules, cfg, jnp.asarray(ABAR), jnp.asarray(EMPTY))
+    loss_fn = make_loss_fn(modules, cfg, jnp.asarray(ABAR), EMPTY)
     trainable, frozen = {"unet": params["unet"]}, {k: params[k] for k in ("vae", "text_encoder")}
     loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, micro)
     want, x_t, pred, tgt, w = reference_loss(modules, params, micro, cfg)
@@ -67,7 +67,7 @@ def test_caption_dropout_and_posterior_sample(toy):
     modules, params, micro = toy
     for dropout, latent in ((1.0, "mean"), (0.5, "sample")):
         cfg = loss_config(dropout=dropout, latent=latent)
-        loss_fn = make_loss_fn(modules, cfg, jnp.asarray(ABAR), jnp.asarray(EMPTY))
+        loss_fn = make_loss_fn(modules, cfg, jnp.asarray(ABAR), EMPTY)
         got = loss_fn({"unet": params["unet"]}, {k: params[k] for k in ("vae", "text_encoder")}, micro)
         if latent == "mean":  # every caption replaced by the empty one
             assert abs(float(got) - reference_loss(modules, params, micro, cfg)[0]) <= 1e-5 * float(got)

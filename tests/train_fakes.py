@@ -13,7 +13,7 @@ from sdjax.models.autoencoder import DiagonalGaussian
 # SD's noise schedule, and the CLIP ids of the empty caption.
 ABAR = schedules.alphas_cumprod(schedules.scheduler_settings(
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)))
-EMPTY = np.r_[49406, np.full(76, 49407)].astype(np.int32)
+EMPTY = {"input_ids": np.r_[49406, np.full(76, 49407)].astype(np.int32)}  # the empty caption's ids
 
 
 class ArrayIterator:
@@ -90,12 +90,12 @@ class ToyText(nn.Module):
 
 
 class ToyUNet(nn.Module):
-    """x [B, h, w, 4], t [B], context [B, L, 8] -> a * x + conv(x) + dense(mean context); `a` a scalar param."""
+    """x [B, h, w, 4], t [B], text [B, L, 8] -> a * x + conv(x) + dense(mean text); `a` a scalar param."""
 
     @nn.compact
-    def __call__(self, x, t, context):
+    def __call__(self, x, t, encoder_hidden_states):
         a = self.param("a", nn.initializers.constant(0.3), ())
-        bias = nn.Dense(4, name="ctx")(context.mean(1))[:, None, None, :]
+        bias = nn.Dense(4, name="ctx")(encoder_hidden_states.mean(1))[:, None, None, :]
         return a * x + nn.Conv(4, (3, 3), padding=1, name="conv")(x) + bias + 1e-4 * t[:, None, None, None]
 
 

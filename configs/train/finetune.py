@@ -4,22 +4,23 @@
     python train.py --config configs/train/finetune.py:sd15,v5e-16 --workdir gs://bucket/run \\
         --config.pretrained=/path/to/stable-diffusion-v1-5 --config.data.source=jsonl --config.data.path=...
 
-MODEL: sd15 (512², epsilon) or sd21 (768², v-prediction). TARGET: a row of TARGETS (the devices jax sees
+MODEL: sd15 (512², epsilon), sd21 (768², v-prediction) or sdxl (the SDXL base, 1024², epsilon; the
+micro-conditioning from each example's size and crop). TARGET: a row of TARGETS (the devices jax sees
 there, their memory, and the per-device batch that fits it, as `sdjax.train.memory` measured: the table in the README).
 Every device holds an FSDP shard of the weights, optimizer and EMA; the U-Net recomputes activations in
 the backward pass (remat) and computes in bfloat16 over float32 master weights.
 """
-from configs.models import sd15, sd21
+from configs.models import sd15, sd21, sdxl
 from configs.train import tiny
 
 # devices: what jax.devices() lists (a v5p-8 has 4 chips of 2 cores each, one device per chip);
 # hbm_gib: memory per device; batch: per-device batch for each model
 TARGETS = {
-    "v5e-16": dict(devices=16, hbm_gib=16, batch=dict(sd15=4, sd21=2)),
-    "v5p-8": dict(devices=4, hbm_gib=95, batch=dict(sd15=16, sd21=8)),
-    "h100x8": dict(devices=8, hbm_gib=80, batch=dict(sd15=16, sd21=8)),
+    "v5e-16": dict(devices=16, hbm_gib=16, batch=dict(sd15=4, sd21=2, sdxl=1)),
+    "v5p-8": dict(devices=4, hbm_gib=95, batch=dict(sd15=16, sd21=8, sdxl=4)),
+    "h100x8": dict(devices=8, hbm_gib=80, batch=dict(sd15=16, sd21=8, sdxl=4)),
 }
-MODELS = {"sd15": (sd15.get_config, 512), "sd21": (sd21.get_config, 768)}
+MODELS = {"sd15": (sd15.get_config, 512), "sd21": (sd21.get_config, 768), "sdxl": (sdxl.get_config, 1024)}
 
 
 def get_config(arg="sd15,v5e-16"):

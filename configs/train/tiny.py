@@ -1,13 +1,19 @@
-"""The tiny SD architecture (configs/models/tiny.py) trained from scratch on 32x32 captioned shapes: seconds per step on a CPU."""
+"""The tiny SD architecture (configs/models/tiny.py; `tiny.py:sdxl`: the tiny SDXL one, configs/models/tiny_xl.py)
+trained from scratch on 32x32 captioned shapes: seconds per step on a CPU."""
 import ml_collections
 
-from configs.models import tiny
+from configs.models import tiny, tiny_xl
 from sdjax.data import input_pipeline
 
 
-def get_config():
+MODELS = {"": tiny.get_config, "sdxl": tiny_xl.get_config}
+
+
+def get_config(arg=""):
+    if arg not in MODELS:
+        raise ValueError(f"tiny config: the argument is one of {sorted(MODELS)}, got {arg!r}")
     c = ml_collections.ConfigDict()
-    c.model = tiny.get_config()      # unet / vae / text_encoder / scheduler in diffusers keys
+    c.model = MODELS[arg]()          # unet / vae / text_encoder(s) / scheduler in diffusers keys
     c.model.vae.sample_size = 32
     # The VAE is random and frozen: its posterior mean has std ~0.44 on shapes (its variance ~1 is
     # pure noise), so train on the mean, scaled to about unit variance.

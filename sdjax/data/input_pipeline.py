@@ -1,6 +1,9 @@
 """Input pipeline: tfds data source -> grain (shard, shuffle, repeat, decode, crop, flip) -> batches.
 
-Batches are {"images": float32 [b, H, W, 3] in [-1, 1], "input_ids": int32 [b, 77]} (numpy).
+Batches are {"images": float32 [b, H, W, 3] in [-1, 1], "input_ids": int32 [b, 77] (and "input_ids_2", the
+ids of SDXL's second tokenizer), "original_size": int32 [b, 2] (each image's height and width as stored),
+"crop_top_left": int32 [b, 2] (where the crop begins in the resized image, as seen after the flip)} (numpy):
+SDXL's micro-conditioning takes the last two.
 The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (JSON-able dicts), and it
 saves with orbax through `grain.checkpoint.CheckpointSave(iterator)`. Undecodable images are
 skipped and counted in `iterator.skipped`. Caption dropout is the train step's job, not done here.
@@ -81,8 +84,9 @@ def decode_image(data):
 
 
 def resize_crop(image, size, rng=None):
-    """uint8 [H, W, 3] -> uint8 [size, size, 3]: shorter side resized to size (bilinear), then a
-    centre crop, or a random one drawn from `rng` (np.random.Generator)."""
+    """uint8 [H, W, 3] -> (uint8 [size, size, 3], (top, left), (h, w)): the shorter side resized to size
+    (bilinear, to h x w), then a centre crop, or a random one drawn from `rng` (np.random.Generator), which
+    begins at (top, left)."""
     h, w = image.shape[:2]
     if min(h, w) != size:
         scale = size / min(h, w)
@@ -92,11 +96,12 @@ def resize_crop(image, size, rng=None):
         top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
     else:
         top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
-    return image[top:top + size, left:left + size]
+    return image[top:top + size, left:left + size], (top, left), (h, w)
 
 
 class Preprocess(grain.transforms.RandomMap):
-    """tfds example -> {"image": uint8 [S, S, 3] or None if undecodable, "caption": str, "name": str}."""
+    """tfds example -> {"image": uint8 [S, S, 3] or None if undecodable, "caption": str, "name": str,
+    "original_size": (H, W) decoded, "crop_top_left": (top, left) in the resized image, mirrored by a flip}."""
 
     def __init__(self, image_size, center_crop, random_flip):
         self.image_size, self.center_crop, self.random_flip = image_size, center_crop, random_flip
@@ -109,23 +114,26 @@ class Preprocess(grain.transforms.RandomMap):
             image = decode_image(image)
             if image is None:
                 return {"image": None, "caption": caption, "name": name}
-        image = resize_crop(image, self.image_size, None if self.center_crop else rng)
+        original = image.shape[:2]
+        image, (top, left), (_, width) = resize_crop(image, self.image_size, None if self.center_crop else rng)
         if self.random_flip and rng.random() < 0.5:
-            image = image[:, ::-1]
-        return {"image": np.ascontiguousarray(image), "caption": caption, "name": name}
+            image, left = image[:, ::-1], width - left - self.image_size  # the crop as the flipped image has it
+        return {"image": np.ascontiguousarray(image), "caption": caption, "name": name,
+                "original_size": original, "crop_top_left": (top, left)}
 
 
 class Batches(grain.DatasetIterator):
-    """Stacks preprocessed examples into batches, tokenizes captions, skips and counts bad images."""
+    """Stacks preprocessed examples into batches, tokenizes captions ({batch key: tokenizer}), skips and counts
+    bad images."""
 
-    def __init__(self, parent, batch_size, tokenizer, max_bad_in_a_row):
+    def __init__(self, parent, batch_size, tokenizers, max_bad_in_a_row):
         super().__init__(parent)
-        self.batch_size, self.tokenizer, self.max_bad_in_a_row = batch_size, tokenizer, max_bad_in_a_row
+        self.batch_size, self.tokenizers, self.max_bad_in_a_row = batch_size, tokenizers, max_bad_in_a_row
         self.skipped = 0  # undecodable images met so far (restored with the state)
 
     def __next__(self):
-        images, texts, bad_in_a_row = [], [], 0
-        while len(images) < self.batch_size:
+        examples, bad_in_a_row = [], 0
+        while len(examples) < self.batch_size:
             element = next(self._parent)
             if element["image"] is None:
                 self.skipped += 1
@@ -136,10 +144,13 @@ class Batches(grain.DatasetIterator):
                     raise RuntimeError("data: no decodable image in a whole pass over the data")
                 continue
             bad_in_a_row = 0
-            images.append(element["image"])
-            texts.append(element["caption"])
-        images = np.stack(images).astype(np.float32) / 127.5 - 1.0
-        return {"images": images, "input_ids": tokenize(self.tokenizer, texts)[0]}
+            examples.append(element)
+        column = lambda key: [e[key] for e in examples]  # noqa: E731
+        batch = {"images": np.stack(column("image")).astype(np.float32) / 127.5 - 1.0,
+                 "original_size": np.asarray(column("original_size"), np.int32),
+                 "crop_top_left": np.asarray(column("crop_top_left"), np.int32)}
+        batch.update({key: tokenize(tokenizer, column("caption"))[0] for key, tokenizer in self.tokenizers.items()})
+        return batch
 
     def get_state(self):
         return {"parent": self._parent.get_state(), "skipped": self.skipped}
@@ -149,10 +160,11 @@ class Batches(grain.DatasetIterator):
         self.skipped = int(state["skipped"])
 
 
-def make_iterator(config, tokenizer, batch_size_per_process, seed, process_index=0, process_count=1):
+def make_iterator(config, tokenizers, batch_size_per_process, seed, process_index=0, process_count=1):
     """Endless, checkpointable iterator of this process's batches (see the module docstring).
 
-    config: the data config (see default_config); tokenizer: a transformers CLIPTokenizer.
+    config: the data config (see default_config); tokenizers: {batch key: transformers CLIPTokenizer}
+    (`tokenizer.batch_tokenizers`), or one tokenizer for "input_ids".
     Each process reads the disjoint slice `process_index::process_count` of the split, shuffled
     from `seed` and reshuffled every epoch; crops and flips are drawn from `seed` and the
     example's position, so a restored state replays exactly the same batches (same
@@ -173,4 +185,5 @@ def make_iterator(config, tokenizer, batch_size_per_process, seed, process_index
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads))
     if config.num_workers:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
-    return Batches(iter(it), batch_size_per_process, tokenizer, max_bad_in_a_row=num_examples)
+    tokenizers = tokenizers if isinstance(tokenizers, dict) else {"input_ids": tokenizers}
+    return Batches(iter(it), batch_size_per_process, tokenizers, max_bad_in_a_row=num_examples)

@@ -204,3 +204,11 @@ class CLIPTextModelWithProjection(CLIPTextModel):
     """SDXL's second text tower (OpenCLIP bigG; transformers' CLIPTextModelWithProjection): the CLIP text
     encoder, plus `text_embeds` [B, projection_dim]: `text_projection` (no bias) of the pooled EOS state."""
     projection_dim: int = 512
+
+
+def sdxl_text(outputs, clip_skip=0):
+    """SDXL's text conditioning from its towers' outputs, in order (the refiner has the second only):
+    (each tower's states `clip_skip` layers before its penultimate one, no final norm, concatenated
+    [B, L, sum of widths]; the last tower's projected EOS state `text_embeds` [B, P])."""
+    states = [out["hidden_states"][-2 - clip_skip] for out in outputs]
+    return jnp.concatenate(states, -1), outputs[-1]["text_embeds"]

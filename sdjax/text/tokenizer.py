@@ -35,3 +35,12 @@ def tokenize(tokenizer, prompts, max_length=77):
     longer = tokenizer(prompts, max_length=max_length + 1, truncation=True).input_ids
     truncated = any(len(row) > max_length for row in longer)
     return np.asarray(ids, np.int32).reshape(len(prompts), max_length), truncated
+
+
+# A Pretrained's tokenizers and the batch keys of their token ids (the input pipeline's, the train step's)
+TOKEN_IDS = {"tokenizer": "input_ids", "tokenizer_2": "input_ids_2"}
+
+
+def batch_tokenizers(pretrained):
+    """{batch key: tokenizer} of a Pretrained: "input_ids" and, for SDXL, "input_ids_2"."""
+    return {key: getattr(pretrained, name) for name, key in TOKEN_IDS.items() if getattr(pretrained, name) is not None}

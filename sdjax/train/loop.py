@@ -10,6 +10,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from sdjax.models import attention
+from sdjax.text.tokenizer import batch_tokenizers
 from sdjax.train import config as config_lib, distributed
 from sdjax.train.checkpoint import Checkpointer
 from sdjax.train.export import save_config
@@ -25,14 +26,14 @@ class TrainingDiverged(RuntimeError):
     """Loss or gradients were not finite for max_bad_steps steps in a row."""
 
 
-def pipeline_iterator(config, tokenizer, batch_size, seed, process_index, process_count):
+def pipeline_iterator(config, tokenizers, batch_size, seed, process_index, process_count):
     """The real input pipeline (sdjax.data): a checkpointable iterator of this process's batches."""
     from sdjax.data.input_pipeline import make_iterator, prepare
     if process_count > 1:  # build the data set once, then let every process read it
         if process_index == 0:
             prepare(config.data)
         multihost_utils.sync_global_devices("sdjax data prepared")
-    return make_iterator(config.data, tokenizer, batch_size, seed, process_index, process_count)
+    return make_iterator(config.data, tokenizers, batch_size, seed, process_index, process_count)
 
 
 def check_data(data_config):
@@ -105,7 +106,7 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
     plan = plan_step(stage, config, pre, mesh)
     names = stage.trainable_names(config)
     frozen = jax.device_put({k: v for k, v in pre.params.items() if k not in names}, plan.frozen_sharding)
-    data = make_data(config, pre.tokenizer, config.batch_size // pcount, config.seed, pindex, pcount)
+    data = make_data(config, batch_tokenizers(pre), config.batch_size // pcount, config.seed, pindex, pcount)
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     if ckpt.latest_step() is None:
         trainable = {k: v for k, v in pre.params.items() if k in names}

@@ -67,9 +67,7 @@ def estimate(config, devices=None):
     config = stage.resolve(config, pre)
     plan = loop.plan_step(stage, config, pre, mesh)
     frozen = {k: v for k, v in pre.params.items() if k not in stage.trainable_names(config)}
-    b, size = config.batch_size, config.data.image_size
-    batch = {"images": jax.ShapeDtypeStruct((b, size, size, 3), jax.numpy.float32),
-             "input_ids": jax.ShapeDtypeStruct((b, ldm_stage.empty_prompt_ids(pre.tokenizer).shape[0]), jax.numpy.int32)}
+    batch = ldm_stage.batch_shapes(pre, config.batch_size, config.data.image_size)
     batch_sh = jax.tree.map(lambda _: batch_sharding(mesh), batch)
     with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
     compiled = plan.step_fn.lower(with_sh(plan.abstract, plan.state_sharding),

@@ -1,7 +1,9 @@
 """The LDM stage (the default, config `stage = "ldm"`): check, load, trainable parts, optimizer, step, export.
 
-Trains the U-Net (and the text encoder with `train_text_encoder`) on latents of the frozen VAE.
+Trains the U-Net (and the text encoders with `train_text_encoder`) on latents of the frozen VAE; SD 1.x/2.x and
+SDXL base models (two towers, micro-conditioning from each example's size and crop).
 """
+import dataclasses
 import tempfile
 
 import jax
@@ -11,12 +13,13 @@ from sdjax.diffusion import schedules
 from sdjax.diffusion.schedules import PREDICTION_TYPES
 from sdjax.models import registry
 from sdjax.text.clip_vocab import write_clip_tokenizer
-from sdjax.text.tokenizer import load_tokenizer, tokenize
+from sdjax.errors import UnsupportedConfig
+from sdjax.text.tokenizer import batch_tokenizers, load_tokenizer, tokenize
 from sdjax.train import optim
 from sdjax.train.config import check_common, compute_dtype, require
 from sdjax.train.ldm import ldm_step
-from sdjax.weights.diffusers import KINDS, save_folder
-from sdjax.weights.pretrained import Pretrained, load_pretrained
+from sdjax.weights.diffusers import KINDS
+from sdjax.weights.pretrained import Pretrained, load_pretrained, save_pretrained
 
 LATENTS = ("sample", "mean")
 
@@ -35,8 +38,8 @@ def check(config):
 
 
 def trainable_names(config):
-    """Components whose params the optimizer updates."""
-    return ("unet", "text_encoder") if config.get("train_text_encoder") else ("unet",)
+    """Components whose params the optimizer updates (SDXL's text_encoder_2 with the text encoder)."""
+    return ("unet", "text_encoder", "text_encoder_2") if config.get("train_text_encoder") else ("unet",)
 
 
 def load(config, abstract=()):
@@ -47,9 +50,11 @@ def load(config, abstract=()):
     read nor initialised (an init compiles its whole module: most of an export's time).
     """
     dtype = compute_dtype(config)
+    tokenizer_2 = None
     if config.get("pretrained") and not abstract:
         pre = load_pretrained(config.pretrained)
         modules, params, tokenizer, scheduler = pre.modules, pre.params, pre.tokenizer, dict(pre.scheduler)
+        tokenizer_2, options = pre.tokenizer_2, pre.options
     else:
         kinds = {i: k for i, k in enumerate(KINDS) if k in config.model}  # i: a component's init key
         modules = {k: registry.build(k, config.model[k].to_dict()) for k in kinds.values()}
@@ -57,14 +62,20 @@ def load(config, abstract=()):
         params = {k: (registry.param_shapes(k, modules[k])
                       if k in abstract else registry.init_params(k, modules[k], jax.random.fold_in(key, i)))
                   for i, k in kinds.items()}
-        tokenizer, scheduler = None, config.model.scheduler.to_dict()
+        tokenizer, scheduler, options = None, config.model.scheduler.to_dict(), {}
+    if "text_encoder_2" in modules and "text_encoder" not in modules:
+        raise UnsupportedConfig("training an SDXL refiner (text_encoder_2 only, aesthetic-score conditioning) is "
+                                "not implemented; train the base")
     if config.get("tokenizer") or tokenizer is None:
         tokenizer = load_tokenizer(config.get("tokenizer") or write_clip_tokenizer(tempfile.mkdtemp(prefix="sdjax_tok_")))
+    if "text_encoder_2" in modules and (config.get("tokenizer_2") or tokenizer_2 is None):  # OpenCLIP pads with "!"
+        tokenizer_2 = load_tokenizer(config.get("tokenizer_2") or
+                                     write_clip_tokenizer(tempfile.mkdtemp(prefix="sdjax_tok_"), pad_token="!"))
     modules = {k: m.clone(dtype=dtype, param_dtype=jnp.float32) for k, m in modules.items()}
     if config.get("remat"):
         modules["unet"] = modules["unet"].clone(remat=True)
     scheduler["prediction_type"] = config.loss.prediction_type or scheduler.get("prediction_type", "epsilon")
-    return Pretrained(modules, params, tokenizer, scheduler, config.get("pretrained") or "")
+    return Pretrained(modules, params, tokenizer, scheduler, config.get("pretrained") or "", tokenizer_2, options)
 
 
 def resolve(config, pre):
@@ -75,10 +86,17 @@ def resolve(config, pre):
     return config
 
 
-def empty_prompt_ids(tokenizer):
-    """int32 [77] ids of the empty caption (what caption dropout puts in)."""
-    return tokenize(tokenizer, [""])[0][0]
+def empty_prompt_ids(pre):
+    """{batch key of token ids: int32 [77] ids of the empty caption} (what caption dropout puts in)."""
+    return {key: tokenize(tokenizer, [""])[0][0] for key, tokenizer in batch_tokenizers(pre).items()}
 
+
+def batch_shapes(pre, batch_size, image_size):
+    """The train step's batch (what the input pipeline gives) as ShapeDtypeStructs."""
+    shape = lambda *dims, dtype=jnp.int32: jax.ShapeDtypeStruct(dims, dtype)  # noqa: E731
+    return {"images": shape(batch_size, image_size, image_size, 3, dtype=jnp.float32),
+            "original_size": shape(batch_size, 2), "crop_top_left": shape(batch_size, 2),
+            **{key: shape(batch_size, len(ids)) for key, ids in empty_prompt_ids(pre).items()}}
 
 
 def make_optimizer(config):
@@ -89,14 +107,12 @@ def make_optimizer(config):
 def make_train_step(pre, config, tx, schedule, mesh=None):
     """train_step(state, frozen, batch) -> (state, metrics): see sdjax.train.ldm.ldm_step."""
     abar = schedules.alphas_cumprod(schedules.scheduler_settings(pre.scheduler))
-    return ldm_step.make_train_step(pre.modules, config, tx, schedule, abar, empty_prompt_ids(pre.tokenizer), mesh)
+    return ldm_step.make_train_step(pre.modules, config, tx, schedule, abar, empty_prompt_ids(pre), mesh)
 
 
 def export(config, params, out_dir):
     """Write a diffusers folder: the trained {component: params} + the frozen ones rebuilt from the config."""
     pre = load(config, abstract=() if config.get("pretrained") else tuple(params))  # the trained parts: not rebuilt
     params = {**jax.device_get(pre.params), **params}
-    with tempfile.TemporaryDirectory() as tok:
-        pre.tokenizer.save_pretrained(tok)
-        save_folder(out_dir, pre.modules, params, pre.scheduler, tokenizer_dirs={"tokenizer": tok})
+    save_pretrained(dataclasses.replace(pre, params=params), out_dir)
     return out_dir
