@@ -83,14 +83,16 @@ SDXL_TIME_DIM, SDXL_PROJECTION = 8, 16
 SDXL_TOWER = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 
-def _sdxl_unet(cross_attention_dim, time_ids):
+def _sdxl_unet(cross_attention_dim, time_ids, projection, file_sized):
     import diffusers
+    # file_sized: what an original single file can say (64-channel heads, 32 norm groups)
+    sizes = (dict(block_out_channels=(64, 128), attention_head_dim=(1, 2), norm_num_groups=32) if file_sized else
+             dict(block_out_channels=(16, 32), attention_head_dim=(2, 4), norm_num_groups=8))
     return diffusers.UNet2DConditionModel(
-        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=(2, 4),
-        norm_num_groups=8, use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        sample_size=8, layers_per_block=1, use_linear_projection=True, transformer_layers_per_block=(1, 2),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_attention_dim, addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
-        projection_class_embeddings_input_dim=SDXL_PROJECTION + time_ids * SDXL_TIME_DIM)
+        projection_class_embeddings_input_dim=projection + time_ids * SDXL_TIME_DIM, **sizes)
 
 
 def _age_sdxl(folder):
@@ -109,19 +111,28 @@ def _age_sdxl(folder):
             save_file({k: v.astype(np.float16) for k, v in old.items()}, path.replace(".safetensors", ".fp16.safetensors"))
 
 
-def build_sdxl(folder, refiner):
-    """A tiny random SDXL base (or refiner) pipeline saved in `folder`, aged (`_age_sdxl`)."""
+def build_sdxl(folder, refiner, file_sized=False):
+    """A tiny random SDXL base (or refiner) pipeline saved in `folder`, aged (`_age_sdxl`). file_sized: with the
+    sizes an original single file implies (64-channel heads, 32 norm groups, the second tower's projection as
+    wide as the tower, as bigG's, and 10 layers, by which diffusers tells an SDXL file; towers of two widths)."""
     import diffusers
     from diffusers import AutoencoderKL, EulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     cfg = tiny.get_config().to_dict()
+    tower, tower_2, projection = SDXL_TOWER, dict(SDXL_TOWER), SDXL_PROJECTION
+    if file_sized:  # and the towers of other widths, by which diffusers tells them apart
+        tower = dict(SDXL_TOWER, hidden_size=64, num_attention_heads=1)
+        tower_2, projection = dict(SDXL_TOWER, hidden_size=128, num_attention_heads=2, num_hidden_layers=10), 128
+        cfg["vae"]["norm_num_groups"] = 32
     tok = lambda name, pad: CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, name), pad))  # noqa: E731
+    width, width_2 = tower["hidden_size"], tower_2["hidden_size"]
     parts = dict(
         vae=_randomize(AutoencoderKL(**{**cfg["vae"], "scaling_factor": 0.13025}), 1),
         text_encoder_2=_randomize(CLIPTextModelWithProjection(CLIPTextConfig(
-            **SDXL_TOWER, hidden_act="gelu", projection_dim=SDXL_PROJECTION)), 3),
+            **tower_2, hidden_act="gelu", projection_dim=projection)), 3),
         tokenizer_2=tok("_tok2", "!"),
-        unet=_randomize(_sdxl_unet(32 if refiner else 64, 5 if refiner else 6), 0),
+        unet=_randomize(_sdxl_unet(width_2 if refiner else width + width_2, 5 if refiner else 6, projection,
+                                   file_sized), 0),
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                          steps_offset=1, timestep_spacing="leading"))
     if refiner:
@@ -130,7 +141,7 @@ def build_sdxl(folder, refiner):
             **parts)
     else:
         pipe = diffusers.StableDiffusionXLPipeline(
-            text_encoder=_randomize(CLIPTextModel(CLIPTextConfig(**SDXL_TOWER)), 2), tokenizer=tok("_tok", "<|endoftext|>"),
+            text_encoder=_randomize(CLIPTextModel(CLIPTextConfig(**tower)), 2), tokenizer=tok("_tok", "<|endoftext|>"),
             **parts)
     pipe.save_pretrained(folder)
     _age_sdxl(folder)

@@ -178,6 +178,8 @@ def test_infer_configs_sd2_prediction_type(sd2_original):
     with pytest.raises(WeightLoadError, match="sd1 model"):
         single_file.infer_configs(plain, name="sd15")
     with pytest.raises(WeightLoadError, match="unknown checkpoint name"):
+        single_file.infer_configs(plain, name="sd3")
+    with pytest.raises(WeightLoadError, match="'sdxl' is a sdxl model, but the checkpoint is sd2"):
         single_file.infer_configs(plain, name="sdxl")
 
 

@@ -16,9 +16,9 @@ from configs.train import tiny
 # devices: what jax.devices() lists (a v5p-8 has 4 chips of 2 cores each, one device per chip);
 # hbm_gib: memory per device; batch: per-device batch for each model
 TARGETS = {
-    "v5e-16": dict(devices=16, hbm_gib=16, batch=dict(sd15=4, sd21=2, sdxl=1)),
+    "v5e-16": dict(devices=16, hbm_gib=16, batch=dict(sd15=4, sd21=2)),  # SDXL at 1024²: 18.6 GiB per example
     "v5p-8": dict(devices=4, hbm_gib=95, batch=dict(sd15=16, sd21=8, sdxl=4)),
-    "h100x8": dict(devices=8, hbm_gib=80, batch=dict(sd15=16, sd21=8, sdxl=4)),
+    "h100x8": dict(devices=8, hbm_gib=80, batch=dict(sd15=16, sd21=8, sdxl=2)),
 }
 MODELS = {"sd15": (sd15.get_config, 512), "sd21": (sd21.get_config, 768), "sdxl": (sdxl.get_config, 1024)}
 
@@ -30,6 +30,10 @@ def get_config(arg="sd15,v5e-16"):
                          f"{sorted(TARGETS)}, got {arg!r}")
     model, size = MODELS[name]
     target = TARGETS[target_name]
+    if name not in target["batch"]:
+        raise ValueError(f"finetune config: {name} does not fit {target_name} ({target['hbm_gib']} GiB per device) "
+                         f"even at one example per device; use one of "
+                         f"{sorted(t for t, v in TARGETS.items() if name in v['batch'])}")
     c = tiny.get_config()
     c.model = model()                # the architecture (for the memory estimate); training reads `pretrained`
     c.pretrained = ""                # the diffusers folder or single file to fine-tune (set on the command line)

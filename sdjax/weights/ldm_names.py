@@ -14,6 +14,7 @@ VAE_PREFIX = "first_stage_model."
 VAE_MODULES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # below VAE_PREFIX
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_PREFIX = "conditioner.embedders."  # SDXL's towers: N.transformer.* (CLIP, HF names) or N.model.* (OpenCLIP)
 
 LEAF = {"": ""}  # one layer: only weight/bias directly below the prefix
 UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -61,10 +62,13 @@ def unet_layout_diffusers(keys):
     return levels, _count(keys, r"down_blocks\.0\.resnets\.(\d+)\."), down, up, depth
 
 
-def unet_table(levels, layers_per_block, down_attn, up_attn, depth):
-    """{original prefix: (diffusers prefix, renames)} for ldm's UNetModel (SD1/SD2 layout)."""
+def unet_table(levels, layers_per_block, down_attn, up_attn, depth, text_time=False):
+    """{original prefix: (diffusers prefix, renames)} for ldm's UNetModel (SD1/SD2 layout; SDXL's with
+    text_time: its `label_emb` MLP is diffusers' add_embedding). depth: the most transformer layers of a level."""
     tr = _transformer(depth)
-    table = {"time_embed.0": ("time_embedding.linear_1", LEAF),
+    table = {"label_emb.0.0": ("add_embedding.linear_1", LEAF), "label_emb.0.2": ("add_embedding.linear_2", LEAF)}
+    table = {**(table if text_time else {}),
+             "time_embed.0": ("time_embedding.linear_1", LEAF),
              "time_embed.2": ("time_embedding.linear_2", LEAF),
              "input_blocks.0.0": ("conv_in", LEAF),
              "middle_block.0": ("mid_block.resnets.0", UNET_RESNET),
@@ -174,10 +178,13 @@ _IN_PROJ = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bia
 def open_clip_names(name, array):
     """[(transformers name, array)] of one OpenCLIP text tensor (sub-name); None if unknown.
 
-    The fused attention in_proj [3D, ...] is split into q/k/v projections.
+    The fused attention in_proj [3D, ...] is split into q/k/v projections; SDXL's `text_projection`
+    [D, P] (applied as x @ P) is transformers' Linear weight [P, D].
     """
     if name in OPEN_CLIP_TOP:
         return [("text_model." + OPEN_CLIP_TOP[name], array)]
+    if name == "text_projection":
+        return [("text_projection.weight", np.ascontiguousarray(array.T))]
     m = _IN_PROJ.match(name)
     if m:
         base = f"text_model.encoder.layers.{m.group(1)}.self_attn"
@@ -195,9 +202,10 @@ def resblock_index(name):
     return int(m.group(1)) if m else None
 
 
-def open_clip_export(text):
-    """OpenCLIP sub-names of transformers CLIP text tensors: q/k/v fused into in_proj, plus one
-    zero-filled resblock after the last (SD2 reads the penultimate layer, so it is never used)."""
+def open_clip_export(text, pad_layer=True):
+    """OpenCLIP sub-names of transformers CLIP text tensors: q/k/v fused into in_proj, `text_projection`
+    (SDXL's: the transpose of transformers' Linear weight), plus (pad_layer) one zero-filled resblock after the
+    last (SD2 reads the penultimate layer, so it is never used)."""
     top = {v: k for k, v in OPEN_CLIP_TOP.items()}
     layer = {v: k for k, v in OPEN_CLIP_LAYER.items()}
     out, qkv = {}, {}
@@ -206,6 +214,8 @@ def open_clip_export(text):
         m = re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", sub)
         if sub in top:
             out[top[sub]] = array
+        elif sub == "text_projection.weight":
+            out["text_projection"] = np.ascontiguousarray(array.T)  # safetensors writes the buffer as it lies
         elif m and m.group(2) in layer:
             out[f"transformer.resblocks.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"] = array
         elif m:  # self_attn.{q,k,v}_proj
@@ -215,6 +225,6 @@ def open_clip_export(text):
             parts = [qkv[(i, f"self_attn.{p}_proj", leaf)] for p in "qkv"]
             out[f"transformer.resblocks.{i}.attn.in_proj_{leaf}"] = np.concatenate(parts)
     last = max(int(k.split(".")[2]) for k in out if k.startswith("transformer.resblocks."))
-    for k in [k for k in out if k.startswith(f"transformer.resblocks.{last}.")]:
+    for k in [k for k in out if k.startswith(f"transformer.resblocks.{last}.")] if pad_layer else []:
         out[k.replace(f".{last}.", f".{last + 1}.", 1)] = np.zeros_like(out[k])
     return out

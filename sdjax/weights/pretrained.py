@@ -70,17 +70,21 @@ def load_folder(path, variant=None):
 
 
 def load_single_file(path, config_name=None, use_ema=None):
-    """(modules, params, {"tokenizer": tokenizer}, scheduler config) of an original CompVis/Stability checkpoint."""
+    """(modules, params, {tokenizer name: tokenizer}, scheduler config, pipeline options) of an original
+    CompVis / Stability checkpoint (SD 1.x, 2.x, XL)."""
     tensors = single_file.read_checkpoint(path)
     configs = single_file.infer_configs(tensors, config_name)
     parts = single_file.split_original(tensors, use_ema)
     modules, params = {}, {}
-    for kind in ("unet", "vae", "text_encoder"):
+    for kind in [k for k in diffusers.KINDS if k in parts]:
         modules[kind] = registry.build(kind, configs[kind])
         params[kind] = to_params(kind, parts[kind], registry.param_shapes(kind, modules[kind]))
-    sd2 = configs["text_encoder"]["hidden_act"] == "gelu"
-    folder = write_clip_tokenizer(tempfile.mkdtemp(prefix="sdjax_tok_"), pad_token="!" if sd2 else "<|endoftext|>")
-    return modules, params, {"tokenizer": load_tokenizer(folder)}, configs["scheduler"]
+    # the bundled CLIP vocabulary: SD 1.x and CLIP ViT-L pad with <|endoftext|>, OpenCLIP towers with "!"
+    pads = {"tokenizer": "!" if configs.get("text_encoder", {}).get("hidden_act") == "gelu" else "<|endoftext|>",
+            "tokenizer_2": "!"}
+    tokenizers = {name: load_tokenizer(write_clip_tokenizer(tempfile.mkdtemp(prefix="sdjax_tok_"), pad_token=pads[name]))
+                  for kind, name in diffusers.TOKENIZERS.items() if kind in modules}
+    return modules, params, tokenizers, configs["scheduler"], single_file.pipeline_options(configs)
 
 
 def load_vae(path, module):
@@ -123,8 +127,7 @@ def load_pretrained(path, dtype="float32", config_name=None, variant=None, use_e
         modules, params, tokenizers, scheduler = load_folder(path, variant)
         options = diffusers.pipeline_options(path)
     elif os.path.isfile(path):
-        modules, params, tokenizers, scheduler = load_single_file(path, config_name, use_ema)
-        options = {}
+        modules, params, tokenizers, scheduler, options = load_single_file(path, config_name, use_ema)
     else:
         raise WeightLoadError(f"model not found: {path} (expected a diffusers folder or a .safetensors/.ckpt file)")
     if vae is not None:

@@ -1,4 +1,4 @@
-"""Original single-file Stable Diffusion checkpoints (CompVis SD1.x, Stability SD2.x).
+"""Original single-file Stable Diffusion checkpoints (CompVis SD1.x, Stability SD2.x and SDXL base / refiner).
 
 `split_original` renames the tensors into the diffusers / transformers names of the three
 components (then `convert.to_params` applies), `infer_configs` gives their config.json dicts
@@ -16,17 +16,19 @@ from sdjax.errors import WeightLoadError
 from sdjax.weights.convert import check_names
 from sdjax.weights.files import read_tensors
 
-# Prefixes of models other than SD1/SD2, and what they mean.
+# Prefixes of models other than SD1/SD2/SDXL, and what they mean (label_emb: only SDXL's, with its conditioner).
 UNSUPPORTED = {
-    "conditioner.": "SDXL (text encoders under conditioner.embedders)",
-    names.UNET_PREFIX + "label_emb.": "a class-conditioned UNet (label_emb: SDXL, x4 upscaler, unCLIP)",
+    names.UNET_PREFIX + "label_emb.": "a class-conditioned UNet (label_emb without SDXL's conditioner: x4 "
+                                      "upscaler, unCLIP)",
     "control_model.": "ControlNet",
     "depth_model.": "depth-to-image (depth_model)",
     names.UNET_PREFIX + "joint_blocks.": "SD3",
     names.UNET_PREFIX + "double_blocks.": "Flux",
 }
-# OpenCLIP text tensors that SD's conditioning never uses (the visual tower, the CLIP heads).
+# OpenCLIP text tensors that SD's conditioning never uses (the visual tower, the CLIP heads; SDXL uses
+# text_projection for its pooled text).
 _OPEN_CLIP_UNUSED = re.compile(r"(text_projection|logit_scale|attn_mask|visual\..*)$")
+_SDXL_UNUSED = re.compile(r"(logit_scale|attn_mask|visual\..*)$")
 
 # name: (text family, prediction_type, image size, upcast_attention, inpainting)
 VARIANTS = {
@@ -35,7 +37,15 @@ VARIANTS = {
     "sd21": ("sd2", "v_prediction", 768, True, False),
     "sd21-base": ("sd2", "epsilon", 512, False, False),
     "sd2-inpainting": ("sd2", "epsilon", 512, False, True),
+    "sdxl": ("sdxl", "epsilon", 1024, False, False),           # base or refiner (the towers tell)
+    "sdxl-v": ("sdxl", "v_prediction", 1024, False, False),    # v-prediction fine-tunes
+    "sdxl-inpainting": ("sdxl", "epsilon", 1024, False, True),
 }
+# diffusers' scheduler of SDXL folders (scheduler_config.json of stable-diffusion-xl-base-1.0)
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
+                  "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading",
+                  "interpolation_type": "linear", "use_karras_sigmas": False, "sample_max_value": 1.0}
 SD2_BASE_GLOBAL_STEP = 875000  # diffusers' tell for SD 2.0-base (epsilon, 512) among SD2 files
 EMA_PREFIX = "model_ema.diffusion_model"  # LitEma's UNet copy: the name without 'model.' and dots
 log = logging.getLogger("sdjax")
@@ -51,12 +61,17 @@ def read_checkpoint(path):
     return {k: a.astype(np.float32, copy=False) if floats(a) else a for k, a in tensors.items()}
 
 
+def is_sdxl(state_dict):
+    return any(k.startswith(names.SDXL_PREFIX) for k in state_dict)
+
+
 def _check_supported(state_dict):
+    sdxl = is_sdxl(state_dict)
     for key in state_dict:
         for prefix, what in UNSUPPORTED.items():
-            if key.startswith(prefix):
+            if key.startswith(prefix) and not (sdxl and prefix.endswith("label_emb.")):
                 raise WeightLoadError(f"unsupported checkpoint: {what} (found {key}); "
-                                      "only Stable Diffusion 1.x / 2.x single files are supported")
+                                      "only Stable Diffusion 1.x / 2.x / XL single files are supported")
 
 
 def _sub(state_dict, prefix):
@@ -67,11 +82,12 @@ def _components(state_dict):
     """(unet, vae, text) sub-dicts (unprefixed; text keeps its prefix), validated present."""
     _check_supported(state_dict)
     unet, vae = _sub(state_dict, names.UNET_PREFIX), _sub(state_dict, names.VAE_PREFIX)
-    text = {k: v for k, v in state_dict.items() if k.startswith("cond_stage_model.")}
+    text_prefix = names.SDXL_PREFIX if is_sdxl(state_dict) else "cond_stage_model."
+    text = {k: v for k, v in state_dict.items() if k.startswith(text_prefix)}
     for part, found, prefix in (("UNet", unet, names.UNET_PREFIX), ("VAE", vae, names.VAE_PREFIX),
-                                ("text encoder", text, "cond_stage_model.")):
+                                ("text encoder", text, text_prefix)):
         if not found:
-            raise WeightLoadError(f"not a Stable Diffusion 1.x/2.x single file: no {part} tensors "
+            raise WeightLoadError(f"not a Stable Diffusion 1.x/2.x/XL single file: no {part} tensors "
                                   f"({prefix}*) among its {len(state_dict)} keys")
     if "input_blocks.0.0.weight" not in unet:
         raise WeightLoadError(f"unsupported UNet: {names.UNET_PREFIX}input_blocks.0.0.weight missing "
@@ -109,38 +125,73 @@ def _unet_weights(state_dict, unet, use_ema):
     return {n: state_dict[k] for n, k in keys.items()}
 
 
-def _text_tensors(text, unused):
-    """transformers-named CLIPTextModel tensors of the SD1 (CLIP) or SD2 (OpenCLIP) text tower."""
-    clip, open_clip = _sub(text, names.CLIP_PREFIX), _sub(text, names.OPEN_CLIP_PREFIX)
-    unused += [k for k in text if not k.startswith((names.CLIP_PREFIX, names.OPEN_CLIP_PREFIX))]
-    if clip and open_clip:
-        raise WeightLoadError(f"unsupported checkpoint: two text encoders ({names.CLIP_PREFIX}* and "
-                              f"{names.OPEN_CLIP_PREFIX}*)")
+def _clip_tensors(clip, prefix, unused):
+    """transformers-named CLIPTextModel tensors of HF CLIP sub-names (`text_model.` level optional)."""
     out = {}
     for name, array in clip.items():
         if name.endswith("position_ids"):  # a buffer, not a parameter
             continue
         new = names.clip_name(name)
         if new is None:
-            unused.append(names.CLIP_PREFIX + name)
+            unused.append(prefix + name)
         else:
             out[new] = array
-    # SD2 conditions on the penultimate layer: drop the last block, as diffusers' 23-layer folders do.
+    return out
+
+
+def _open_clip_tensors(open_clip, prefix, unused, penultimate):
+    """transformers-named tensors of OpenCLIP text sub-names. penultimate (SD2, which conditions on the
+    penultimate layer): the last block and text_projection are dropped, as diffusers' 23-layer folders do;
+    else (SDXL) every layer and text_projection (the pooled text's) are kept."""
     blocks = [names.resblock_index(n) for n in open_clip]
-    last = max((b for b in blocks if b is not None), default=-1)
+    last = max((b for b in blocks if b is not None), default=-1) if penultimate else -1
+    unwanted = _OPEN_CLIP_UNUSED if penultimate else _SDXL_UNUSED
+    out = {}
     for (name, array), block in zip(open_clip.items(), blocks):
-        if _OPEN_CLIP_UNUSED.match(name) or block == last:
+        if unwanted.match(name) or block == last:
             continue
         hits = names.open_clip_names(name, array)
         if hits is None:
-            unused.append(names.OPEN_CLIP_PREFIX + name)
+            unused.append(prefix + name)
         else:
             out.update(hits)
     return out
 
 
+def _text_tensors(text, unused):
+    """{"text_encoder": transformers-named tensors} of the SD1 (CLIP) or SD2 (OpenCLIP) text tower."""
+    clip, open_clip = _sub(text, names.CLIP_PREFIX), _sub(text, names.OPEN_CLIP_PREFIX)
+    unused += [k for k in text if not k.startswith((names.CLIP_PREFIX, names.OPEN_CLIP_PREFIX))]
+    if clip and open_clip:
+        raise WeightLoadError(f"unsupported checkpoint: two text encoders ({names.CLIP_PREFIX}* and "
+                              f"{names.OPEN_CLIP_PREFIX}*)")
+    return {"text_encoder": {**_clip_tensors(clip, names.CLIP_PREFIX, unused),
+                             **_open_clip_tensors(open_clip, names.OPEN_CLIP_PREFIX, unused, penultimate=True)}}
+
+
+def _sdxl_text_tensors(text, unused):
+    """{"text_encoder": CLIP ViT-L (embedders.N.transformer.*), "text_encoder_2": OpenCLIP bigG with its
+    projection (embedders.N.model.*)}: the base has both, the refiner the second only."""
+    towers = {}
+    for i in sorted({int(k[len(names.SDXL_PREFIX):].split(".")[0]) for k in text}):
+        prefix = f"{names.SDXL_PREFIX}{i}."
+        sub = _sub(text, prefix)
+        clip, open_clip = _sub(sub, "transformer."), _sub(sub, "model.")
+        unused += [prefix + k for k in sub if not k.startswith(("transformer.", "model."))]
+        kind = "text_encoder" if clip else "text_encoder_2"
+        if (clip and open_clip) or kind in towers:
+            raise WeightLoadError(f"unsupported SDXL conditioner: embedder {i} is not one CLIP (transformer.*) "
+                                  "or one OpenCLIP (model.*) text tower after the other")
+        towers[kind] = (_clip_tensors(clip, prefix + "transformer.", unused) if clip else
+                        _open_clip_tensors(open_clip, prefix + "model.", unused, penultimate=False))
+    if "text_encoder_2" not in towers:
+        raise WeightLoadError(f"unsupported SDXL conditioner: no OpenCLIP text tower ({names.SDXL_PREFIX}N.model.*)")
+    return towers
+
+
 def split_original(state_dict, use_ema=None):
-    """{"unet" | "vae" | "text_encoder": {diffusers/transformers name: np.ndarray}} of an original file.
+    """{"unet" | "vae" | "text_encoder" | "text_encoder_2" (SDXL): {diffusers/transformers name: np.ndarray}} of an
+    original file.
 
     use_ema: None takes the UNet from the `model_ema.*` copy when there is one, True requires
     it, False takes the raw weights. Keys outside the model prefixes (noise-schedule buffers,
@@ -153,11 +204,12 @@ def split_original(state_dict, use_ema=None):
 
 def _rename_parts(unet, vae, text):
     unused = []
+    sdxl = is_sdxl(text)
+    table = names.unet_table(*names.unet_layout_original(set(unet)), text_time=sdxl)
     parts = {
-        "unet": _rename_all(unet, names.unet_table(*names.unet_layout_original(set(unet))),
-                            names.UNET_PREFIX, unused),
+        "unet": _rename_all(unet, table, names.UNET_PREFIX, unused),
         "vae": _vae_tensors(vae, names.VAE_PREFIX, unused),
-        "text_encoder": _text_tensors(text, unused),
+        **(_sdxl_text_tensors(text, unused) if sdxl else _text_tensors(text, unused)),
     }
     check_names("original checkpoint", set(), set(unused))
     return parts
@@ -197,16 +249,24 @@ def to_original(parts, text_format="clip"):
 
     The inverse of split_original. text_format "clip" writes SD1's layout; "open_clip" SD2's,
     plus one zero-filled last resblock: SD2 conditions on the penultimate layer, so it is unused.
+    SDXL parts (with "text_encoder_2") are written in SDXL's layout whatever text_format says: the towers
+    as conditioner.embedders.0.transformer.* (CLIP, the base only) and the next embedder's model.*
+    (OpenCLIP, every layer and text_projection), the added embedding as label_emb.
     """
     if text_format not in ("clip", "open_clip"):
         raise ValueError(f"text_format must be 'clip' or 'open_clip', got {text_format!r}")
     unused, out = [], {}
     unet, vae = parts["unet"], parts["vae"]
-    table = names.invert(names.unet_table(*names.unet_layout_diffusers(set(unet))))
+    text_time = "add_embedding.linear_1.weight" in unet
+    table = names.invert(names.unet_table(*names.unet_layout_diffusers(set(unet)), text_time=text_time))
     out.update({names.UNET_PREFIX + k: v for k, v in _rename_all(unet, table, "unet: ", unused).items()})
     table = names.invert(names.vae_table(*names.vae_layout_diffusers(set(vae))))
     for k, v in _rename_all(vae, table, "vae: ", unused).items():
         out[names.VAE_PREFIX + k] = v[:, :, None, None] if ".mid.attn_1." in k and v.ndim == 2 else v
+    if "text_encoder_2" in parts:
+        out.update(_sdxl_towers_original(parts, unused))
+        check_names("export", set(), set(unused))
+        return out
     text = parts["text_encoder"]
     unused += [f"text_encoder: {k}" for k in text if names.clip_name(k) != k]
     if text_format == "clip":
@@ -217,21 +277,40 @@ def to_original(parts, text_format="clip"):
     return out
 
 
-def _unet_config(unet, sd2):
+def _sdxl_towers_original(parts, unused):
+    out, index = {}, 0
+    if "text_encoder" in parts:
+        text = parts["text_encoder"]
+        unused += [f"text_encoder: {k}" for k in text if names.clip_name(k) != k]
+        out.update({f"{names.SDXL_PREFIX}0.transformer.{k}": v for k, v in text.items()})
+        index = 1
+    text = parts["text_encoder_2"]
+    unused += [f"text_encoder_2: {k}" for k in text if names.clip_name(k) != k and k != "text_projection.weight"]
+    prefix = f"{names.SDXL_PREFIX}{index}.model."
+    out.update({prefix + k: v for k, v in names.open_clip_export(text, pad_layer=False).items()})
+    return out
+
+
+def _unet_config(unet, sd2, sdxl=False):
     levels, layers, down, up, depth = names.unet_layout_diffusers(set(unet))
     widths = [int(unet[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) for i in range(levels)]
     to_k = "transformer_blocks.0.attn2.to_k.weight"
     attn = next((k[:-len(to_k)] for k in sorted(unet) if k.endswith(to_k)), None)
     if attn is None:
         raise WeightLoadError(f"unsupported UNet: no cross-attention ({names.UNET_PREFIX}*.{to_k})")
-    if sd2:  # SD2 fixes 64 channels per head; diffusers stores the head counts as attention_head_dim
+    if sd2 or sdxl:  # SD2, SDXL: 64 channels per head; diffusers stores the head counts as attention_head_dim
         if any(w % 64 for w in widths):
             raise WeightLoadError(
-                f"SD2 UNet: block widths {widths} are not multiples of the 64-channel heads")
+                f"{'SDXL' if sdxl else 'SD2'} UNet: block widths {widths} are not multiples of the 64-channel heads")
         heads = [w // 64 for w in widths]
     else:
         heads = 8
-    return {
+    extra = {}
+    if sdxl:  # transformer layers per level (1 where there is no attention) and the text_time embedding
+        depth = [max(1, _count_blocks(unet, f"down_blocks.{i}.attentions.0.")) for i in range(levels)]
+        extra = dict(addition_embed_type="text_time",
+                     projection_class_embeddings_input_dim=int(unet["add_embedding.linear_1.weight"].shape[1]))
+    return {**extra,
         "_class_name": "UNet2DConditionModel",
         "in_channels": int(unet["conv_in.weight"].shape[1]),
         "out_channels": int(unet["conv_out.weight"].shape[0]),
@@ -249,6 +328,11 @@ def _unet_config(unet, sd2):
         "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
         "norm_num_groups": 32, "norm_eps": 1e-5, "resnet_time_scale_shift": "default",
     }
+
+
+def _count_blocks(unet, prefix):
+    """Transformer layers below `prefix` (a diffusers attention module)."""
+    return len({k[len(prefix):].split(".")[1] for k in unet if k.startswith(prefix + "transformer_blocks.")})
 
 
 def _vae_config(vae, image_size):
@@ -290,9 +374,9 @@ def _text_config(text, sd2):
     }
 
 
-def _variant(name, sd2, inpainting, global_step):
-    """(prediction_type, image size, upcast_attention) from `name` or, without it, diffusers' heuristic."""
-    family = "sd2" if sd2 else "sd1"
+def _variant(name, family, inpainting, global_step, v_pred=False):
+    """(prediction_type, image size, upcast_attention) from `name` or, without it, diffusers' heuristic
+    (SDXL: epsilon at 1024, or v-prediction for files with diffusers' `v_pred` marker key)."""
     if name is not None:
         if name not in VARIANTS:
             raise WeightLoadError(f"unknown checkpoint name {name!r}; expected one of {sorted(VARIANTS)}")
@@ -302,13 +386,17 @@ def _variant(name, sd2, inpainting, global_step):
                 f"name {name!r} is a {want}{' inpainting' if want_inpainting else ''} model, but the "
                 f"checkpoint is {family}{' inpainting (9 input channels)' if inpainting else ''}")
         return prediction, size, upcast
-    if not sd2 or inpainting or global_step == SD2_BASE_GLOBAL_STEP:
+    if family == "sdxl":
+        return ("v_prediction" if v_pred else "epsilon"), 1024, False
+    if family == "sd1" or inpainting or global_step == SD2_BASE_GLOBAL_STEP:
         return "epsilon", 512, False
     return "v_prediction", 768, True
 
 
 def infer_configs(state_dict, name=None):
-    """{"unet", "vae", "text_encoder", "scheduler": config.json dict} of an original SD1/SD2 file.
+    """{"unet", "vae", "text_encoder", "scheduler": config.json dict} of an original SD1/SD2 file; an SDXL
+    file's have "text_encoder_2" too (the refiner's: no "text_encoder"). SDXL: 64-channel heads, per-level
+    transformer depth, the text_time embedding, epsilon at 1024 unless named (VARIANTS) or marked `v_pred`.
 
     Shapes give the architecture; SD2 (OpenCLIP text tower) implies 64-channel heads, linear
     projections and the penultimate text layer; SD1 implies 8 heads and CLIP ViT-L. Shapes
@@ -318,19 +406,46 @@ def infer_configs(state_dict, name=None):
     for SD2.x-base files.
     """
     parts = _rename_parts(*_components(state_dict))  # shapes only: raw or EMA UNet alike
+    sdxl = is_sdxl(state_dict)
     sd2 = any(k.startswith(names.OPEN_CLIP_PREFIX) for k in state_dict)
     step = state_dict.get("global_step")
     step = int(step) if step is not None and np.ndim(step) == 0 else None
+    texts = [k for k in ("text_encoder", "text_encoder_2") if k in parts]
     try:
-        unet_cfg, text_cfg = _unet_config(parts["unet"], sd2), _text_config(parts["text_encoder"], sd2)
-        prediction, size, upcast = _variant(name, sd2, unet_cfg["in_channels"] == 9, step)
+        unet_cfg = _unet_config(parts["unet"], sd2, sdxl)
+        text_cfgs = {k: _text_config(parts[k], sd2 or k == "text_encoder_2") for k in texts}
+        prediction, size, upcast = _variant(name, "sdxl" if sdxl else "sd2" if sd2 else "sd1",
+                                            unet_cfg["in_channels"] == 9, step, "v_pred" in state_dict)
         vae_cfg = _vae_config(parts["vae"], size)
+        if sdxl:
+            projection = int(parts["text_encoder_2"]["text_projection.weight"].shape[0])
     except KeyError as e:
         raise WeightLoadError(f"incomplete checkpoint: no tensor for {e.args[0]} (diffusers name)") from None
-    if unet_cfg["cross_attention_dim"] != text_cfg["hidden_size"]:
+    width = sum(c["hidden_size"] for c in text_cfgs.values())
+    if unet_cfg["cross_attention_dim"] != width:
         raise WeightLoadError(f"UNet cross_attention_dim {unet_cfg['cross_attention_dim']} does not match "
-                              f"the text encoder width {text_cfg['hidden_size']}")
+                              f"the text encoder width {width}")
     unet_cfg.update(sample_size=size // 2 ** (len(vae_cfg["block_out_channels"]) - 1),
                     upcast_attention=upcast)
-    scheduler = {**diffusers.SD_SCHEDULER, "prediction_type": prediction}
-    return {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg, "scheduler": scheduler}
+    scheduler = {**(SDXL_SCHEDULER if sdxl else diffusers.SD_SCHEDULER), "prediction_type": prediction}
+    if sdxl:
+        # time ids: 6 (sizes, crop, target size) for the base, 5 (an aesthetic score last) for the refiner
+        count = 6 if "text_encoder" in parts else 5
+        dim, rest = divmod(unet_cfg["projection_class_embeddings_input_dim"] - projection, count)
+        if rest or dim <= 0:
+            raise WeightLoadError(f"SDXL UNet: its added embedding takes {unet_cfg['projection_class_embeddings_input_dim']}"
+                                  f" inputs, not the pooled text ({projection}) plus {count} time ids")
+        unet_cfg["addition_time_embed_dim"] = dim
+        text_cfgs["text_encoder_2"].update(architectures=["CLIPTextModelWithProjection"], projection_dim=projection)
+        vae_cfg.update(scaling_factor=0.13025, force_upcast=True)
+    return {"unet": unet_cfg, "vae": vae_cfg, **text_cfgs, "scheduler": scheduler}
+
+
+def pipeline_options(configs):
+    """The model_index.json options (diffusers.PIPELINE_OPTIONS) of a single file, from its configs: those of
+    stabilityai's SDXL base and refiner folders (none for SD 1.x/2.x)."""
+    if "text_encoder_2" not in configs:
+        return {}
+    if "text_encoder" in configs:
+        return {"force_zeros_for_empty_prompt": True}
+    return {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
