@@ -1,4 +1,5 @@
 """The public API: `StableDiffusion.load(path)` and `generate(prompt, ...)` -> uint8 images."""
+import dataclasses
 import functools
 import logging
 import time
@@ -110,7 +111,6 @@ class StableDiffusion:
         return super().__new__(cls)
 
     def __init__(self, pretrained):
-        self.pretrained = pretrained
         self.unet, self.vae = pretrained.modules["unet"], pretrained.modules["vae"]
         self.text_encoder = pretrained.modules.get("text_encoder")  # None: the SDXL refiner's
         self.tokenizer = pretrained.tokenizer
@@ -119,6 +119,7 @@ class StableDiffusion:
         self.latent_channels = self.vae.latent_channels
         self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
         self.params = jax.device_put(pretrained.params, NamedSharding(self.mesh, P()))
+        self.pretrained = dataclasses.replace(pretrained, params=self.params)  # the host copies can go
         # image by image (sampling.map_images): an image's bits do not depend on its batch. On CPU that costs
         # little (an image is a large matmul already); accelerators keep whole batches
         self.per_image = jax.default_backend() == "cpu"

@@ -41,10 +41,14 @@ def test_import_export_import_is_identity(torch_folder, tmp_path):
     assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
 
 
-def test_export_loads_in_diffusers(torch_folder, tmp_path):
+@pytest.mark.parametrize("shard", [None, 100_000])
+def test_export_loads_in_diffusers(torch_folder, tmp_path, shard):
+    """One file per component, or (max_shard_size) shards and their index, as diffusers writes past 10 GB."""
     from diffusers import StableDiffusionPipeline
     pipe, folder = torch_folder
-    save_pretrained(load_pretrained(folder), str(tmp_path / "export"))
+    save_pretrained(load_pretrained(folder), str(tmp_path / "export"), **({"max_shard_size": shard} if shard else {}))
+    unet = sorted(os.listdir(tmp_path / "export" / "unet"))
+    assert (len(unet) > 3 and "diffusion_pytorch_model.safetensors.index.json" in unet) == bool(shard), unet
     again = StableDiffusionPipeline.from_pretrained(str(tmp_path / "export"), safety_checker=None)
     for kind in ("unet", "vae", "text_encoder"):
         ref, got = _torch_state(getattr(pipe, kind)), _torch_state(getattr(again, kind))

@@ -13,6 +13,7 @@ import numpy as np
 from flax import traverse_util
 
 from sdjax.errors import WeightLoadError
+from sdjax.weights.files import release
 
 # Module lists in the reference models: their numeric children become `name_i` in Flax.
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
@@ -77,10 +78,23 @@ def _to_flax(name, array, leaf, shape):
     return array
 
 
+def _aligned(array, dtype, alignment=64):
+    """A C-ordered copy of `array` in `dtype` whose data starts on an `alignment`-byte boundary: XLA's CPU
+    client takes such arrays as device buffers without a copy (jax.device_put aliases them), others it copies,
+    and the copies of the host arrays (not freed before a full garbage collection) would double the model."""
+    size = array.size * np.dtype(dtype).itemsize
+    raw = np.empty(size + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    out = raw[start:start + size].view(dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
 def to_params(component, state_dict, shapes, dtype=np.float32):
     """PyTorch-named numpy tensors -> Flax params tree.
 
-    state_dict: {name: np.ndarray}; shapes: Flax params tree of arrays or ShapeDtypeStructs
+    state_dict: {name: np.ndarray} (views of a mapped file are released as they are converted); dtype: the
+    params' (numpy, or ml_dtypes' bfloat16); shapes: Flax params tree of arrays or ShapeDtypeStructs
     (e.g. from `jax.eval_shape(model.init, ...)`). Raises WeightLoadError listing every
     missing/unexpected name, or naming the first shape mismatch.
     """
@@ -90,8 +104,10 @@ def to_params(component, state_dict, shapes, dtype=np.float32):
     check_names(component, set(by_torch) - names, names - set(by_torch))
     flat = {}
     for name, path in by_torch.items():
-        array = np.asarray(state_dict[name], dtype=dtype)
-        flat[path] = _to_flax(f"{component}: {name}", array, path[-1], expected[path].shape)
+        source = state_dict[name]
+        array = _to_flax(f"{component}: {name}", np.asarray(source), path[-1], expected[path].shape)
+        flat[path] = _aligned(array, dtype)  # a copy in the params' dtype: the file's view is read once;
+        release(source)  # tensor by tensor, the model is in memory once
     return traverse_util.unflatten_dict(flat)
 
 

@@ -6,6 +6,7 @@ import re
 import shutil
 
 import numpy as np
+from flax import traverse_util
 from safetensors.numpy import save_file
 
 from sdjax.models import registry
@@ -167,8 +168,10 @@ def note_ignored_components(root):
         log.info("%s: not used by sdjax: %s", root, ", ".join(ignored))
 
 
-def save_component(root, kind, module, params):
-    """Write `root/kind/config.json` and the weights as safetensors, readable by diffusers."""
+def save_component(root, kind, module, params, max_shard_size=10**10):
+    """Write `root/kind/config.json` and the weights as float32 safetensors, readable by diffusers: past
+    max_shard_size bytes in shards with an index, as diffusers' and transformers' save_pretrained (10 GB
+    by default: the SDXL U-Net); converted shard by shard, so that a shard's copies are in memory at once."""
     folder = os.path.join(root, kind)
     os.makedirs(folder, exist_ok=True)
     lib, cls = _CLASS[kind]
@@ -179,18 +182,39 @@ def save_component(root, kind, module, params):
         config = {"architectures": [cls], "model_type": "clip_text_model", **config}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in to_state_dict(params).items()}
-    save_file(tensors, os.path.join(folder, _FILES[lib][0]))
+    flat = traverse_util.flatten_dict(params)
+    shards, size = [[]], 0
+    for path, leaf in flat.items():
+        if shards[-1] and size + leaf.size * 4 > max_shard_size:
+            shards, size = shards + [[]], 0
+        shards[-1].append(path)
+        size += leaf.size * 4
+    name = _FILES[lib][0]
+    stem, n = name.removesuffix(".safetensors"), len(shards)
+    files = [name] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for stale in {name, name + ".index.json"} - {files[0] if n == 1 else name + ".index.json"}:
+        if os.path.isfile(os.path.join(folder, stale)):  # a single file would be read before an index
+            os.remove(os.path.join(folder, stale))
+    weight_map = {}
+    for file, paths in zip(files, shards):
+        shard = to_state_dict(traverse_util.unflatten_dict({p: flat[p] for p in paths}))
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in shard.items()}, os.path.join(folder, file))
+        weight_map.update(dict.fromkeys(shard, file))
+        del shard
+    if n > 1:
+        with open(os.path.join(folder, name + ".index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": 4 * sum(x.size for x in flat.values())}, "weight_map": weight_map},
+                      f, indent=2)
 
 
-def save_folder(root, modules, params, scheduler, tokenizer_dirs=(), options=()):
+def save_folder(root, modules, params, scheduler, tokenizer_dirs=(), options=(), max_shard_size=10**10):
     """Export a full pipeline as a diffusers folder (model_index.json + components): an SDXL one when the
     modules have text_encoder_2. tokenizer_dirs: {tokenizer folder name: folder to copy}; options: the
-    model_index.json PIPELINE_OPTIONS."""
+    model_index.json PIPELINE_OPTIONS; max_shard_size: save_component's."""
     os.makedirs(root, exist_ok=True)
     kinds = [k for k in KINDS if k in modules]
     for kind in kinds:
-        save_component(root, kind, modules[kind], params[kind])
+        save_component(root, kind, modules[kind], params[kind], max_shard_size)
     os.makedirs(os.path.join(root, "scheduler"), exist_ok=True)
     scheduler = {"_class_name": scheduler.get("_class_name", "DDIMScheduler"), **scheduler}
     with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:

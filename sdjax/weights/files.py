@@ -1,25 +1,60 @@
-"""Reading tensors from checkpoint files (safetensors; PyTorch pickles when torch is installed)."""
+"""Reading tensors from checkpoint files (safetensors; PyTorch pickles when torch is installed).
+
+A .safetensors file is memory-mapped: its tensors are read-only views, read from disk when used, in the file's
+dtype (bfloat16 as ml_dtypes'); `release(tensor)` gives the memory of one that was read back, so a loader that
+converts tensor by tensor holds the model once, not the file and the model.
+"""
+import json
+import mmap
 import os
 import pickle
 import re
+import struct
 
-import jax
+import ml_dtypes
 import numpy as np
+from numpy.lib.array_utils import byte_bounds
 from safetensors import SafetensorError, safe_open
 
 from sdjax.errors import WeightLoadError
 
 
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
 def _read_safetensors(path):
-    out = {}
-    with safe_open(path, framework="numpy") as f:
+    with safe_open(path, framework="numpy") as f:  # checks the header (the errors of a corrupt file)
         names = list(f.keys())
-        bf16 = [n for n in names if f.get_slice(n).get_dtype() == "BF16"]
-        out = {n: f.get_tensor(n) for n in names if n not in bf16}
-    if bf16:  # numpy has no bfloat16: read those through JAX, on the host.
-        with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
-            out.update({n: np.asarray(f.get_tensor(n)) for n in bf16})
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if names else None
+    out = {}
+    for name in names:
+        info = header[name]
+        if info["dtype"] not in _DTYPES:
+            raise WeightLoadError(f"{path}: tensor {name} has dtype {info['dtype']}, which sdjax does not read")
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        out[name] = np.frombuffer(mapped, dtype, count=(end - start) // dtype.itemsize,
+                                  offset=8 + size + start).reshape(info["shape"])
     return out
+
+
+def release(array):
+    """Drop the pages of a memory-mapped file under `array` (a view of one) from this process's memory: the
+    file stays mapped, and is read again if the view is used again. Other arrays: nothing to do."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not (isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED")):
+        return
+    low, high = byte_bounds(array)
+    origin = np.frombuffer(base, np.uint8).ctypes.data
+    first = (low - origin) // mmap.PAGESIZE * mmap.PAGESIZE
+    if high > low:
+        base.obj.madvise(mmap.MADV_DONTNEED, first, high - origin - first)
 
 
 def _read_pickle(path):

@@ -4,7 +4,6 @@ import logging
 import os
 import tempfile
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -46,22 +45,16 @@ def _dtype(name):
     return DTYPES[name]
 
 
-def _with_dtype(modules, params, dtype):
-    """Compute in `dtype`; params stored in `dtype` too (halves memory for bf16 inference)."""
-    modules = {k: m.clone(dtype=dtype, param_dtype=dtype) for k, m in modules.items()}
-    params = {k: _cast(p, dtype) for k, p in params.items()}
-    return modules, params
+def _with_dtype(modules, dtype):
+    """Modules computing in `dtype`, their params stored in `dtype` too (halves memory for bf16 inference)."""
+    return {k: m.clone(dtype=dtype, param_dtype=dtype) for k, m in modules.items()}
 
 
-def _cast(tree, dtype):
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
-
-
-def load_folder(path, variant=None):
-    """(modules, params, {tokenizer folder name: tokenizer}, scheduler config) of a diffusers folder."""
+def load_folder(path, variant=None, dtype=np.float32):
+    """(modules, params in `dtype`, {tokenizer folder name: tokenizer}, scheduler config) of a diffusers folder."""
     modules, params, tokenizers = {}, {}, {}
     for kind in diffusers.components(path):
-        modules[kind], params[kind] = diffusers.load_component(path, kind, variant=variant)
+        modules[kind], params[kind] = diffusers.load_component(path, kind, dtype=dtype, variant=variant)
         if kind in diffusers.TOKENIZERS:
             name = diffusers.TOKENIZERS[kind]
             tokenizers[name] = load_tokenizer(os.path.join(path, name))
@@ -69,16 +62,16 @@ def load_folder(path, variant=None):
     return modules, params, tokenizers, diffusers.read_scheduler(path)
 
 
-def load_single_file(path, config_name=None, use_ema=None):
-    """(modules, params, {tokenizer name: tokenizer}, scheduler config, pipeline options) of an original
-    CompVis / Stability checkpoint (SD 1.x, 2.x, XL)."""
+def load_single_file(path, config_name=None, use_ema=None, dtype=np.float32):
+    """(modules, params in `dtype`, {tokenizer name: tokenizer}, scheduler config, pipeline options) of an
+    original CompVis / Stability checkpoint (SD 1.x, 2.x, XL)."""
     tensors = single_file.read_checkpoint(path)
     configs = single_file.infer_configs(tensors, config_name)
     parts = single_file.split_original(tensors, use_ema)
     modules, params = {}, {}
     for kind in [k for k in diffusers.KINDS if k in parts]:
         modules[kind] = registry.build(kind, configs[kind])
-        params[kind] = to_params(kind, parts[kind], registry.param_shapes(kind, modules[kind]))
+        params[kind] = to_params(kind, parts[kind], registry.param_shapes(kind, modules[kind]), dtype=dtype)
     # the bundled CLIP vocabulary: SD 1.x and CLIP ViT-L pad with <|endoftext|>, OpenCLIP towers with "!"
     pads = {"tokenizer": "!" if configs.get("text_encoder", {}).get("hidden_act") == "gelu" else "<|endoftext|>",
             "tokenizer_2": "!"}
@@ -87,7 +80,7 @@ def load_single_file(path, config_name=None, use_ema=None):
     return modules, params, tokenizers, configs["scheduler"], single_file.pipeline_options(configs)
 
 
-def load_vae(path, module):
+def load_vae(path, module, dtype=np.float32):
     """Params for the VAE `module` from a diffusers VAE folder or a single file (diffusers or ldm names).
 
     The model's VAE config (scaling_factor etc.) is kept; a folder's config.json must agree
@@ -107,7 +100,7 @@ def load_vae(path, module):
         tensors = diffusers.read_component_tensors(folder, "vae")
     else:
         tensors = single_file.split_vae(single_file.read_checkpoint(path))
-    return to_params(f"VAE {path}", tensors, registry.param_shapes("vae", module))
+    return to_params(f"VAE {path}", tensors, registry.param_shapes("vae", module), dtype=dtype)
 
 
 def load_pretrained(path, dtype="float32", config_name=None, variant=None, use_ema=None, vae=None):
@@ -119,32 +112,33 @@ def load_pretrained(path, dtype="float32", config_name=None, variant=None, use_e
     vae replaces the VAE weights (see load_vae).
     """
     dtype = _dtype(dtype)
+    host = np.dtype(dtype)  # the params: numpy arrays, converted tensor by tensor from the files
     if os.path.isdir(path) and use_ema is not None:
         raise ValueError("use_ema applies to single-file checkpoints; a diffusers folder has one UNet")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "model_index.json")) and not os.path.isdir(os.path.join(path, "unet")):
             raise WeightLoadError(f"{path} is not a diffusers folder: no model_index.json and no unet/ inside")
-        modules, params, tokenizers, scheduler = load_folder(path, variant)
+        modules, params, tokenizers, scheduler = load_folder(path, variant, host)
         options = diffusers.pipeline_options(path)
     elif os.path.isfile(path):
-        modules, params, tokenizers, scheduler, options = load_single_file(path, config_name, use_ema)
+        modules, params, tokenizers, scheduler, options = load_single_file(path, config_name, use_ema, host)
     else:
         raise WeightLoadError(f"model not found: {path} (expected a diffusers folder or a .safetensors/.ckpt file)")
     if vae is not None:
-        params["vae"] = load_vae(vae, modules["vae"])
-    modules, params = _with_dtype(modules, params, dtype)
+        params["vae"] = load_vae(vae, modules["vae"], host)
+    modules = _with_dtype(modules, dtype)
     return Pretrained(modules, params, tokenizers.get("tokenizer"), scheduler, os.path.abspath(path),
                       tokenizers.get("tokenizer_2"), options)
 
 
-def save_pretrained(pretrained, path):
-    """Export as a diffusers folder; `load_pretrained` of it gives back the same params."""
+def save_pretrained(pretrained, path, max_shard_size=10**10):
+    """Export as a diffusers folder (float32 weights, sharded past max_shard_size bytes as diffusers'
+    save_pretrained does); `load_pretrained` of it gives back the same params."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizers = {}
         for name in diffusers.TOKENIZERS.values():  # Pretrained's fields of the same names
             if getattr(pretrained, name) is not None:
                 tokenizers[name] = os.path.join(tmp, name)
                 getattr(pretrained, name).save_pretrained(tokenizers[name])
-        params = {k: _cast(p, np.float32) for k, p in pretrained.params.items()}
-        diffusers.save_folder(path, pretrained.modules, params, pretrained.scheduler, tokenizers,
-                              pretrained.options)
+        diffusers.save_folder(path, pretrained.modules, pretrained.params, pretrained.scheduler, tokenizers,
+                              pretrained.options, max_shard_size)

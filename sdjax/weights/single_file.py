@@ -52,13 +52,10 @@ log = logging.getLogger("sdjax")
 
 
 def read_checkpoint(path):
-    """{name: np.ndarray} of a .safetensors file or (needs torch) a .ckpt/.pt pickle; floats as float32.
-
-    A top-level `global_step` of a pickle is kept as a 0-d array (infer_configs reads it).
-    """
-    tensors = read_tensors(path)
-    floats = lambda a: a.dtype.kind == "f" or a.dtype.name == "bfloat16"  # noqa: E731
-    return {k: a.astype(np.float32, copy=False) if floats(a) else a for k, a in tensors.items()}
+    """{name: np.ndarray} of a .safetensors file (views of the mapped file, in its dtypes) or (needs torch) a
+    .ckpt/.pt pickle (floats as float32). A top-level `global_step` of a pickle is kept as a 0-d array
+    (infer_configs reads it)."""
+    return read_tensors(path)
 
 
 def is_sdxl(state_dict):
