@@ -23,8 +23,8 @@ from sdjax.text.tokenizer import tokenize
 def default_config():
     """The `config.data` fields make_iterator reads, with their defaults."""
     return ml_collections.ConfigDict(dict(
-        source="shapes",     # "shapes" | "folder" | "jsonl" | "csv"
-        path="",             # user data: the folder, or the .jsonl / .csv listing
+        source="shapes",     # "shapes" | "folder" | "jsonl" | "csv" | "cache" (sdjax.data.cache's output)
+        path="",             # user data: the folder, or the .jsonl / .csv listing; "cache": its folder
         data_dir="",         # where tfds keeps prepared data sets ("": tfds' default, ~/tensorflow_datasets)
         split="train",       # shapes: "train" | "test" | "heldout"; user data: "train"
         image_size=64,
@@ -44,7 +44,7 @@ def resolve_config(config):
     if unknown:
         raise ValueError(f"data config: unknown keys {unknown}; known: {sorted(cfg)}")
     cfg.update(given)
-    sources = ("shapes",) + captions.SOURCES
+    sources = ("shapes",) + captions.SOURCES + ("cache",)
     if cfg.source not in sources:
         raise ValueError(f"data config: source must be one of {sources}, got {cfg.source!r}")
     splits = shapes.SPLITS if cfg.source == "shapes" else ("train",)
@@ -107,6 +107,11 @@ class Preprocess(grain.transforms.RandomMap):
         self.image_size, self.center_crop, self.random_flip = image_size, center_crop, random_flip
 
     def random_map(self, element, rng):
+        return self.view(element, None if self.center_crop else rng, rng if self.random_flip else False)
+
+    def view(self, element, crop_rng=None, flip=False):
+        """The example's crop (centred, or drawn from crop_rng), flipped if `flip` (a bool, or a Generator to
+        draw it from after the crop's draws)."""
         image = element["image"]
         caption = element["caption"].decode("utf-8")
         name = element.get("name", b"").decode("utf-8")
@@ -115,8 +120,8 @@ class Preprocess(grain.transforms.RandomMap):
             if image is None:
                 return {"image": None, "caption": caption, "name": name}
         original = image.shape[:2]
-        image, (top, left), (_, width) = resize_crop(image, self.image_size, None if self.center_crop else rng)
-        if self.random_flip and rng.random() < 0.5:
+        image, (top, left), (_, width) = resize_crop(image, self.image_size, crop_rng)
+        if flip if isinstance(flip, bool) else flip.random() < 0.5:
             image, left = image[:, ::-1], width - left - self.image_size  # the crop as the flipped image has it
         return {"image": np.ascontiguousarray(image), "caption": caption, "name": name,
                 "original_size": original, "crop_top_left": (top, left)}
@@ -135,7 +140,7 @@ class Batches(grain.DatasetIterator):
         examples, bad_in_a_row = [], 0
         while len(examples) < self.batch_size:
             element = next(self._parent)
-            if element["image"] is None:
+            if "image" in element and element["image"] is None:  # undecodable (a cache's elements have none)
                 self.skipped += 1
                 bad_in_a_row += 1
                 logging.warning("data: skipping undecodable image %s (%d skipped so far)",
@@ -146,9 +151,10 @@ class Batches(grain.DatasetIterator):
             bad_in_a_row = 0
             examples.append(element)
         column = lambda key: [e[key] for e in examples]  # noqa: E731
-        batch = {"images": np.stack(column("image")).astype(np.float32) / 127.5 - 1.0,
-                 "original_size": np.asarray(column("original_size"), np.int32),
-                 "crop_top_left": np.asarray(column("crop_top_left"), np.int32)}
+        batch = {key: np.asarray(column(key), np.int32 if key in ("original_size", "crop_top_left") else None)
+                 for key in examples[0] if key not in ("image", "caption", "name")}  # (a cache's: its arrays)
+        if "image" in examples[0]:
+            batch["images"] = np.stack(column("image")).astype(np.float32) / 127.5 - 1.0
         batch.update({key: tokenize(tokenizer, column("caption"))[0] for key, tokenizer in self.tokenizers.items()})
         return batch
 
@@ -176,12 +182,17 @@ def make_iterator(config, tokenizers, batch_size_per_process, seed, process_inde
     if batch_size_per_process < 1:
         raise ValueError(f"data: batch_size_per_process must be >= 1, got {batch_size_per_process}")
     config = resolve_config(config)
-    ds = grain.MapDataset.source(prepare(config))[process_index::process_count]
+    if config.source == "cache":  # the encoded latents and text: the same order, flips and batches
+        from sdjax.data import cache
+        source, preprocess, tokenizers = cache.CacheSource(config.path), cache.CachedView(config), {}
+    else:
+        source, preprocess = prepare(config), Preprocess(config.image_size, config.center_crop, config.random_flip)
+    ds = grain.MapDataset.source(source)[process_index::process_count]
     if len(ds) == 0:
         raise ValueError(f"data: process {process_index} of {process_count} gets no examples")
     num_examples = len(ds)
     ds = ds.seed(seed).shuffle().repeat()
-    ds = ds.random_map(Preprocess(config.image_size, config.center_crop, config.random_flip))
+    ds = ds.random_map(preprocess)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads))
     if config.num_workers:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))

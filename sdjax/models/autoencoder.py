@@ -329,7 +329,13 @@ def to_latents(vae, params, images, noise=None):
     (z - shift_factor) * scaling_factor, z the posterior mean, or with unit `noise` [B, h, w, c] the
     posterior sample mean + std * noise."""
     post = serving(vae).apply({"params": params}, images, method="encode")
-    z = post.mean if noise is None else post.mean + post.std * noise.astype(post.mean.dtype)
+    return scaled_latents(vae, post.mean, post.std, noise)
+
+
+def scaled_latents(vae, mean, std, noise=None):
+    """The diffusion model's latents of a posterior (`mean`, `std`: the encoder's, as the latent cache keeps
+    them): (z - shift_factor) * scaling_factor, z the mean or, with unit `noise`, mean + std * noise."""
+    z = mean if noise is None else mean + std * noise.astype(mean.dtype)
     return (z - (vae.shift_factor or 0.0)) * vae.scaling_factor
 
 

@@ -212,3 +212,17 @@ def sdxl_text(outputs, clip_skip=0):
     [B, L, sum of widths]; the last tower's projected EOS state `text_embeds` [B, P])."""
     states = [out["hidden_states"][-2 - clip_skip] for out in outputs]
     return jnp.concatenate(states, -1), outputs[-1]["text_embeds"]
+
+
+def text_conditioning(modules, p, ids):
+    """The text part of the U-Net's conditioning, {component: module} `modules` with {component: params} `p`
+    applied to token ids {batch key: [b, L]}: {"encoder_hidden_states":
+    the text encoder's last states}; SDXL (text_encoder_2): both towers' penultimate states and "text_embeds",
+    the pooled text. (What the latent cache stores.)"""
+    if "text_encoder_2" not in modules:
+        return {"encoder_hidden_states": modules["text_encoder"].apply(
+            {"params": p["text_encoder"]}, ids["input_ids"])["last_hidden_state"]}
+    outputs = [modules[k].apply({"params": p[k]}, ids[key])
+               for k, key in (("text_encoder", "input_ids"), ("text_encoder_2", "input_ids_2"))]
+    text, pooled = sdxl_text(outputs)
+    return dict(encoder_hidden_states=text, text_embeds=pooled)

@@ -29,7 +29,7 @@ class TrainingDiverged(RuntimeError):
 def pipeline_iterator(config, tokenizers, batch_size, seed, process_index, process_count):
     """The real input pipeline (sdjax.data): a checkpointable iterator of this process's batches."""
     from sdjax.data.input_pipeline import make_iterator, prepare
-    if process_count > 1:  # build the data set once, then let every process read it
+    if process_count > 1 and config.data.source != "cache":  # build the data set once, then let every process read it
         if process_index == 0:
             prepare(config.data)
         multihost_utils.sync_global_devices("sdjax data prepared")
@@ -40,7 +40,10 @@ def check_data(data_config):
     """ValueError / FileNotFoundError for a bad `config.data` (e.g. a missing folder), before anything slow."""
     from sdjax.data import captions, input_pipeline
     cfg = input_pipeline.resolve_config(data_config)
-    if cfg.source != "shapes":
+    if cfg.source == "cache":
+        from sdjax.data import cache
+        cache.CacheSource(cfg.path)  # (its manifest)
+    elif cfg.source != "shapes":
         captions.captions_config(cfg.path, cfg.source)
 
 
@@ -99,6 +102,9 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
     if make_data is pipeline_iterator:  # tests' fake data have no data config to check
         check_data(config.data)
     pre = pretrained or stage.load(config)
+    if config.get("data", {}).get("source") == "cache":
+        from sdjax.data import cache
+        cache.check(config.data.path, pre, config)
     config = stage.resolve(config, pre)
     if pindex == 0:
         save_config(config, workdir)

@@ -107,7 +107,11 @@ def make_optimizer(config):
 def make_train_step(pre, config, tx, schedule, mesh=None):
     """train_step(state, frozen, batch) -> (state, metrics): see sdjax.train.ldm.ldm_step."""
     abar = schedules.alphas_cumprod(schedules.scheduler_settings(pre.scheduler))
-    return ldm_step.make_train_step(pre.modules, config, tx, schedule, abar, empty_prompt_ids(pre), mesh)
+    cached = config.data.get("source") == "cache"  # batches of encoded latents and text (sdjax.data.cache)
+    if cached:
+        from sdjax.data import cache
+    return ldm_step.make_train_step(pre.modules, config, tx, schedule, abar, empty_prompt_ids(pre), mesh,
+                                    cache.empty_text(config.data.path) if cached else None)
 
 
 def export(config, params, out_dir):

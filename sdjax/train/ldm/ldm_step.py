@@ -5,8 +5,8 @@ import optax
 from jax.sharding import NamedSharding
 
 from sdjax.diffusion import schedules
-from sdjax.models.autoencoder import to_latents
-from sdjax.models.clip_text import sdxl_text
+from sdjax.models.autoencoder import scaled_latents, to_latents
+from sdjax.models.clip_text import text_conditioning
 from sdjax.train.ldm import ldm_losses as losses
 from sdjax.train.optim import guarded_update
 from sdjax.train.sharding import BATCH
@@ -34,38 +34,52 @@ def latent_shape(vae, vae_params, images):
     return post.mean.shape[1:]
 
 
-def conditioning(modules, p, ids, micro):
-    """The U-Net's conditioning keyword arguments from token ids {batch key: [b, L]}: the text encoder's last
-    states; SDXL (text_encoder_2): both towers' penultimate states, the pooled text, and the time ids of each
-    example's original size and crop, with the training size as the target size."""
-    if "text_encoder_2" not in modules:
-        return {"encoder_hidden_states": modules["text_encoder"].apply(
-            {"params": p["text_encoder"]}, ids["input_ids"])["last_hidden_state"]}
-    outputs = [modules[k].apply({"params": p[k]}, ids[key])
-               for k, key in (("text_encoder", "input_ids"), ("text_encoder_2", "input_ids_2"))]
-    text, pooled = sdxl_text(outputs)
-    images = micro["images"]
-    target = jnp.broadcast_to(jnp.asarray(images.shape[1:3], jnp.float32), (images.shape[0], 2))
+def with_time_ids(cond, micro, size):
+    """SDXL's (text_embeds in `cond`): add the time ids of each example's original size and crop, with the
+    training size `size` (h, w) as the target size."""
+    if "text_embeds" not in cond:
+        return cond
+    n = micro["original_size"].shape[0]
+    target = jnp.broadcast_to(jnp.asarray(size, jnp.float32), (n, 2))
     time_ids = jnp.concatenate([micro["original_size"].astype(jnp.float32),
                                 micro["crop_top_left"].astype(jnp.float32), target], -1)
-    return dict(encoder_hidden_states=text, text_embeds=pooled, time_ids=time_ids)
+    return {**cond, "time_ids": time_ids}
 
 
-def make_loss_fn(modules, config, abar_table, empty_ids):
+def conditioning(modules, p, ids, micro):
+    """The U-Net's conditioning keyword arguments from token ids and (SDXL) the micro-batch's sizes and crops."""
+    return with_time_ids(text_conditioning(modules, p, ids), micro, micro["images"].shape[1:3])
+
+
+def _dropped(drop, cached, empty):
+    """Cached text conditioning with dropped captions' rows replaced by the empty caption's."""
+    return {k: jnp.where(drop.reshape(-1, *[1] * (v.ndim - 1)), empty[k], v) for k, v in cached.items()}
+
+
+def make_loss_fn(modules, config, abar_table, empty_ids, empty_text=None):
     """loss(trainable, frozen, micro) -> scalar; micro: {"images" [b,H,W,3], "input_ids" [b,L] (SDXL: also
     "input_ids_2", "original_size", "crop_top_left" [b,2]), "key" [b,2]}; empty_ids: {ids key: the empty
-    caption's ids [L]}."""
+    caption's ids [L]}. From the latent cache (sdjax.data.cache), micro has "latent_mean" / "latent_std"
+    [b,h,w,c] and the text conditioning in place of images and ids, and empty_text is the empty caption's."""
     loss_cfg = config.loss
     unet, vae = modules["unet"], modules["vae"]
     num_t = abar_table.shape[0]
 
     def loss_fn(trainable, frozen, micro):
         p = {**frozen, **trainable}
-        shape = latent_shape(vae, p["vae"], micro["images"])
+        cached = "latent_mean" in micro
+        shape = micro["latent_mean"].shape[1:] if cached else latent_shape(vae, p["vae"], micro["images"])
         d = jax.vmap(lambda k: example_draws(k, shape, num_t, loss_cfg))(micro["key"])
-        z = latents(vae, p["vae"], micro["images"], d["posterior"], loss_cfg.latent == "sample")
-        ids = {k: losses.drop_captions(d["drop"], micro[k], empty) for k, empty in empty_ids.items()}
-        cond = conditioning(modules, p, ids, micro)
+        if cached:
+            noise = d["posterior"] if loss_cfg.latent == "sample" else None
+            z = scaled_latents(vae, micro["latent_mean"], micro["latent_std"], noise)
+            text = _dropped(d["drop"], {k: micro[k] for k in empty_text}, empty_text)
+            factor = 2 ** (len(vae.block_out_channels) - 1)  # the image size the latents are of
+            cond = with_time_ids(text, micro, (shape[0] * factor, shape[1] * factor))
+        else:
+            z = latents(vae, p["vae"], micro["images"], d["posterior"], loss_cfg.latent == "sample")
+            ids = {k: losses.drop_captions(d["drop"], micro[k], empty) for k, empty in empty_ids.items()}
+            cond = conditioning(modules, p, ids, micro)
         abar = abar_table[d["t"]]
         alpha, sigma = (losses.per_example(jnp.sqrt(a), z) for a in (abar, 1 - abar))
         x_t = schedules.add_noise(z, d["eps"], alpha, sigma)
@@ -92,7 +106,7 @@ def accumulate(grad_fn, params, frozen, batch, k, constrain):
     return jax.tree.map(lambda x: x / k, (loss, grads))
 
 
-def make_train_step(modules, config, tx, schedule, abar_table, empty_ids, mesh=None):
+def make_train_step(modules, config, tx, schedule, abar_table, empty_ids, mesh=None, empty_text=None):
     """train_step(state, frozen, batch) -> (state, metrics).
 
     frozen: {component: params} not trained (vae, text encoders unless trained); batch: the input pipeline's
@@ -100,14 +114,15 @@ def make_train_step(modules, config, tx, schedule, abar_table, empty_ids, mesh=N
     optimizer and EMA as they were and counts itself in bad_steps / total_bad_steps.
     """
     empty_ids = {k: jnp.asarray(v) for k, v in empty_ids.items()}
-    grad_fn = jax.value_and_grad(make_loss_fn(modules, config, jnp.asarray(abar_table), empty_ids))
+    empty_text = None if empty_text is None else {k: jnp.asarray(v) for k, v in empty_text.items()}
+    grad_fn = jax.value_and_grad(make_loss_fn(modules, config, jnp.asarray(abar_table), empty_ids, empty_text))
     k = config.optimizer.grad_accum_steps
     constrain = ((lambda m: jax.lax.with_sharding_constraint(m, NamedSharding(mesh, BATCH)))
                  if mesh is not None else (lambda m: m))
 
     def train_step(state, frozen, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        n = batch["images"].shape[0]
+        n = jax.tree.leaves(batch)[0].shape[0]
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
         loss, grads = accumulate(grad_fn, state.params, frozen, {**batch, "key": keys}, k, constrain)
         grad_norm = optax.tree.norm(grads)
