@@ -10,6 +10,7 @@ import pytest
 
 from configs.train import tiny
 from sdjax.data import cache
+from sdjax.train.ldm import cache as cache_writer
 from sdjax.train import loop
 from sdjax.train.export import load_params
 from sdjax.diffusion import schedules
@@ -44,7 +45,7 @@ def written(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
     config = _config(str(root / "tfds"))
     folder = str(root / "cache")
-    manifest = cache.write(config, folder, ldm_stage.load(config), examples_per_shard=10, batch_size=4, progress=False)
+    manifest = cache_writer.write(config, folder, ldm_stage.load(config), examples_per_shard=10, batch_size=4, progress=False)
     return config, folder, manifest
 
 
@@ -113,7 +114,7 @@ def test_stale_or_mismatched_caches_are_refused(written, tmp_path):
     with pytest.raises(ValueError, match="other VAE / text-tower weights"):
         loop.setup(_cached(other, folder), str(tmp_path / "w"))
     with pytest.raises(ValueError, match="other weights"):
-        cache.write(other, folder, ldm_stage.load(other), examples_per_shard=10, progress=False)
+        cache_writer.write(other, folder, ldm_stage.load(other), examples_per_shard=10, progress=False)
     bigger = _cached(config, folder)
     bigger.data.image_size = 64
     with pytest.raises(ValueError, match="holds 32"):
@@ -129,7 +130,7 @@ def test_an_interrupted_cache_finishes_without_redoing_shards(written, tmp_path)
             dst.write(src.read())
     os.remove(os.path.join(copy, manifest["shards"][1]))  # as if the writer died in shard 1
     kept = {s: os.stat(os.path.join(copy, s)).st_mtime_ns for s in manifest["shards"] if s != manifest["shards"][1]}
-    again = cache.write(config, copy, ldm_stage.load(config), examples_per_shard=10, batch_size=4, progress=False)
+    again = cache_writer.write(config, copy, ldm_stage.load(config), examples_per_shard=10, batch_size=4, progress=False)
     assert again["complete"]
     assert {s: os.stat(os.path.join(copy, s)).st_mtime_ns for s in kept} == kept  # not rewritten
     a, b = cache.CacheSource(folder), cache.CacheSource(copy)

@@ -103,7 +103,7 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
         check_data(config.data)
     pre = pretrained or stage.load(config)
     if config.get("data", {}).get("source") == "cache":
-        from sdjax.data import cache
+        from sdjax.train.ldm import cache
         cache.check(config.data.path, pre, config)
     config = stage.resolve(config, pre)
     if pindex == 0:
