@@ -27,6 +27,13 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("long_file") is None)
 
 
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A CLIP tokenizer of the full vocabulary (transformers')."""
+    import transformers
+    return transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(str(tmp_path_factory.mktemp("tok"))))
+
+
 def _randomize(model, seed):
     """Random values everywhere (zero-initialised layers would hide naming mistakes); norm scales near 1."""
     g = torch.Generator().manual_seed(seed)

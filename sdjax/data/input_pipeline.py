@@ -1,13 +1,18 @@
-"""Input pipeline: tfds data source -> grain (shard, shuffle, repeat, decode, crop, flip) -> batches.
+"""Input pipeline: a source (a tfds build of shapes / a folder / a JSONL or CSV listing; webdataset or parquet
+shards, streamed; a latent cache) read in sdjax.data.order's order -> decode, crop, flip -> batches.
 
 Batches are {"images": float32 [b, H, W, 3] in [-1, 1], "input_ids": int32 [b, 77] (and "input_ids_2", the
 ids of SDXL's second tokenizer), "original_size": int32 [b, 2] (each image's height and width as stored),
 "crop_top_left": int32 [b, 2] (where the crop begins in the resized image, as seen after the flip)} (numpy):
 SDXL's micro-conditioning takes the last two.
-The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (JSON-able dicts), and it
-saves with orbax through `grain.checkpoint.CheckpointSave(iterator)`. Undecodable images are
-skipped and counted in `iterator.skipped`. Caption dropout is the train step's job, not done here.
+The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (JSON-able dicts; it saves with orbax
+through `grain.checkpoint.CheckpointSave(iterator)`), and `continue_from(states)` for a run with another
+process count. Undecodable images are skipped and counted in `iterator.skipped`. Caption dropout is the
+train step's job, not done here.
 """
+import collections
+import concurrent.futures
+import functools
 import io
 import logging
 
@@ -16,15 +21,16 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from sdjax.data import captions, synthetic_shapes as shapes
+from sdjax.data import captions, order, shards, synthetic_shapes as shapes
 from sdjax.text.tokenizer import tokenize
 
 
 def default_config():
     """The `config.data` fields make_iterator reads, with their defaults."""
     return ml_collections.ConfigDict(dict(
-        source="shapes",     # "shapes" | "folder" | "jsonl" | "csv" | "cache" (sdjax.data.cache's output)
-        path="",             # user data: the folder, or the .jsonl / .csv listing; "cache": its folder
+        source="shapes",     # "shapes" | "folder" | "jsonl" | "csv" | "webdataset" | "parquet" | "cache"
+        path="",             # the folder, or the .jsonl / .csv listing; the shards' folder, glob or {000..099}
+                             # pattern (webdataset, parquet); "cache": the folder sdjax.train.ldm.cache wrote
         data_dir="",         # where tfds keeps prepared data sets ("": tfds' default, ~/tensorflow_datasets)
         split="train",       # shapes: "train" | "test" | "heldout"; user data: "train"
         image_size=64,
@@ -44,7 +50,7 @@ def resolve_config(config):
     if unknown:
         raise ValueError(f"data config: unknown keys {unknown}; known: {sorted(cfg)}")
     cfg.update(given)
-    sources = ("shapes",) + captions.SOURCES + ("cache",)
+    sources = ("shapes",) + captions.SOURCES + tuple(shards.SOURCES) + ("cache",)
     if cfg.source not in sources:
         raise ValueError(f"data config: source must be one of {sources}, got {cfg.source!r}")
     splits = shapes.SPLITS if cfg.source == "shapes" else ("train",)
@@ -127,26 +133,86 @@ class Preprocess(grain.transforms.RandomMap):
                 "original_size": original, "crop_top_left": (top, left)}
 
 
+def _ordered_map(fn, items, threads):
+    """fn over items on `threads` threads, results in order, at most 2 * threads ahead."""
+    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sdjax-data")
+    pending = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=False)
+
+
+class Elements:
+    """The preprocessed elements a plan (sdjax.data.order) reads from a source, each tagged with the progress
+    after it ("_next": (k, offset)); its crop and flip are drawn from (seed, global position, member), so they
+    do not depend on the process count."""
+
+    def __init__(self, config, source, preprocess, seed, units, read=None):
+        self.config, self.source, self.preprocess, self.seed, self.read = config, source, preprocess, seed, read
+        self.units = units
+        self.order = order.shuffled(units, seed)
+
+    def _element(self, item):
+        (g, member, k, offset), element = item
+        rng = np.random.default_rng([self.seed, g, member])
+        return {**self.preprocess.random_map(element, rng), "_next": (k, offset)}
+
+    def _fetch(self, k, plan):  # random access: the plan's k-th position is one example
+        g, _ = order.position(plan, k)
+        return self._element(((g, 0, k + 1, order.position(plan, k + 1)[1]), self.source[self.order[g]]))
+
+    def _members(self, plan, k, offset):  # streamed: the plan's positions are shards, read member by member
+        while True:
+            g, first = order.position(plan, k)
+            for member, element in self.read(self.source[self.order[g]], offset):
+                yield (g, member, k, member + 1), element
+            k, offset = k + 1, order.position(plan, k + 1)[1]
+
+    def __call__(self, plan, k, offset):
+        """Endless iterator of elements from progress (k, offset) of `plan`."""
+        if self.read is not None:
+            return _ordered_map(self._element, self._members(plan, k, offset), self.config.num_threads)
+        ds = grain.MapDataset.range(k, 2 ** 62).map(functools.partial(self._fetch, plan=plan))
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.config.num_threads))
+        if self.config.num_workers:
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.config.num_workers))
+        return iter(it)
+
+
 class Batches(grain.DatasetIterator):
     """Stacks preprocessed examples into batches, tokenizes captions ({batch key: tokenizer}), skips and counts
-    bad images."""
+    bad images. Its state: the plan, the progress in it, the examples skipped so far."""
 
-    def __init__(self, parent, batch_size, tokenizers, max_bad_in_a_row):
-        super().__init__(parent)
+    def __init__(self, elements, plan, batch_size, tokenizers, max_bad_in_a_row):
+        super().__init__()
         self.batch_size, self.tokenizers, self.max_bad_in_a_row = batch_size, tokenizers, max_bad_in_a_row
-        self.skipped = 0  # undecodable images met so far (restored with the state)
+        self.make_elements = elements
+        self._go({"plan": plan, **order.start(plan)}, skipped=0)
+
+    def _go(self, progress, skipped):
+        self.plan, self.k, self.offset, self.skipped = progress["plan"], progress["k"], progress["offset"], skipped
+        self.elements = self.make_elements(self.plan, self.k, self.offset)
 
     def __next__(self):
         examples, bad_in_a_row = [], 0
         while len(examples) < self.batch_size:
-            element = next(self._parent)
+            element = next(self.elements)
+            self.k, self.offset = element.pop("_next")
             if "image" in element and element["image"] is None:  # undecodable (a cache's elements have none)
                 self.skipped += 1
                 bad_in_a_row += 1
                 logging.warning("data: skipping undecodable image %s (%d skipped so far)",
                                 element["name"], self.skipped)
                 if bad_in_a_row > self.max_bad_in_a_row:
-                    raise RuntimeError("data: no decodable image in a whole pass over the data")
+                    raise RuntimeError(f"data: no decodable image in {bad_in_a_row} examples in a row")
                 continue
             bad_in_a_row = 0
             examples.append(element)
@@ -159,11 +225,25 @@ class Batches(grain.DatasetIterator):
         return batch
 
     def get_state(self):
-        return {"parent": self._parent.get_state(), "skipped": self.skipped}
+        return {"plan": self.plan, "k": self.k, "offset": self.offset, "skipped": self.skipped}
 
     def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self.skipped = int(state["skipped"])
+        """Continue from a state of get_state (the same process count)."""
+        self._check_units(state["plan"])
+        self._go(state, int(state["skipped"]))
+
+    def continue_from(self, states):
+        """Continue where the processes of another run (states[i]: process i's get_state()) stopped, with this
+        run's process count: the examples they did not read come first, split between the processes; none
+        they read comes again before the next epoch."""
+        self._check_units(states[0]["plan"])
+        count, index = self.plan["count"], self.plan["index"]
+        self._go(order.resplit(states, count)[index], sum(int(s["skipped"]) for s in states) if index == 0 else 0)
+
+    def _check_units(self, plan):
+        if plan["units"] != self.plan["units"]:
+            raise ValueError(f"data: the checkpoint's data had {plan['units']} units (examples or shards), "
+                             f"this run's has {self.plan['units']}: resuming would not continue its order")
 
 
 def make_iterator(config, tokenizers, batch_size_per_process, seed, process_index=0, process_count=1):
@@ -171,30 +251,29 @@ def make_iterator(config, tokenizers, batch_size_per_process, seed, process_inde
 
     config: the data config (see default_config); tokenizers: {batch key: transformers CLIPTokenizer}
     (`tokenizer.batch_tokenizers`), or one tokenizer for "input_ids".
-    Each process reads the disjoint slice `process_index::process_count` of the split, shuffled
-    from `seed` and reshuffled every epoch; crops and flips are drawn from `seed` and the
-    example's position, so a restored state replays exactly the same batches (same
-    process_count and batch size). num_workers > 0 starts grain worker processes, which read
-    grain's absl flags: run under absl.app.run, or call absl.flags.FLAGS.mark_as_parsed() first.
+    The processes read the data in one order (sdjax.data.order: reshuffled from `seed` every epoch; the
+    examples, or with a streamed source the shards, dealt to them in turn); crops and flips are drawn from
+    `seed` and the example's place in that order, so a restored state replays exactly the same batches,
+    and `continue_from` goes on with another process count. num_workers > 0 starts grain worker processes,
+    which read grain's absl flags: run under absl.app.run, or call absl.flags.FLAGS.mark_as_parsed() first.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"data: process_index {process_index} not in [0, {process_count})")
     if batch_size_per_process < 1:
         raise ValueError(f"data: batch_size_per_process must be >= 1, got {batch_size_per_process}")
     config = resolve_config(config)
+    preprocess, read = Preprocess(config.image_size, config.center_crop, config.random_flip), None
     if config.source == "cache":  # the encoded latents and text: the same order, flips and batches
         from sdjax.data import cache
         source, preprocess, tokenizers = cache.CacheSource(config.path), cache.CachedView(config), {}
+    elif config.source in shards.SOURCES:
+        source, read = shards.list_shards(config.path, config.source), shards.READERS[config.source]
     else:
-        source, preprocess = prepare(config), Preprocess(config.image_size, config.center_crop, config.random_flip)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) == 0:
-        raise ValueError(f"data: process {process_index} of {process_count} gets no examples")
-    num_examples = len(ds)
-    ds = ds.seed(seed).shuffle().repeat()
-    ds = ds.random_map(preprocess)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads))
-    if config.num_workers:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+        source = prepare(config)
+    units = len(source)
+    if read is None and units < process_count:
+        raise ValueError(f"data: {units} examples cannot feed {process_count} processes")
     tokenizers = tokenizers if isinstance(tokenizers, dict) else {"input_ids": tokenizers}
-    return Batches(iter(it), batch_size_per_process, tokenizers, max_bad_in_a_row=num_examples)
+    elements = Elements(config, source, preprocess, seed, units, read)
+    return Batches(elements, order.plan(units, process_index, process_count), batch_size_per_process, tokenizers,
+                   max_bad_in_a_row=units if read is None else 10_000)

@@ -123,6 +123,10 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
         log.info("resumed from %s at step %d", workdir, int(jax.device_get(state.step)))
         if data_states["process_count"] == pcount:
             data.set_state(data_states["states"][pindex])
+        elif hasattr(data, "continue_from"):  # the pipeline's: the old processes' unread examples come next
+            log.info("checkpoint written by %d processes, this run has %d: the data is re-split where they stopped",
+                     data_states["process_count"], pcount)
+            data.continue_from(data_states["states"])
         else:
             log.warning("checkpoint was written by %d processes, this run has %d: the data order restarts",
                         data_states["process_count"], pcount)
