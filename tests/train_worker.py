@@ -34,16 +34,21 @@ def main():
     p.add_argument("--num_processes", type=int)
     p.add_argument("--process_id", type=int)
     p.add_argument("--export_dir", help="after training, export (every process calls it, as train.py does)")
+    p.add_argument("--webdataset", help="train on these shards (the real pipeline) instead of in-memory data; "
+                                        "each process's batches' input_ids go to W/ids-{process}-of-{count}.jsonl")
     a = p.parse_args()
     import jax
     if a.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(a.coordinator, a.num_processes, a.process_id)
     from sdjax.train import loop
-    from train_fakes import fake_data
+    from train_fakes import fake_data, recorded
     c = tiny_config(a.steps)
     c.mesh.data, c.mesh.fsdp, c.optimizer.grad_accum_steps = a.data, a.fsdp, a.grad_accum
-    loop.train(c, a.workdir, fake_data(), devices=jax.devices()[:a.devices] if a.devices else None)
+    if a.webdataset:
+        c.data.source, c.data.path = "webdataset", a.webdataset
+    data = recorded(a.workdir, loop.pipeline_iterator) if a.webdataset else fake_data()
+    loop.train(c, a.workdir, data, devices=jax.devices()[:a.devices] if a.devices else None)
     if a.export_dir:
         from sdjax.train.export import export
         export(a.workdir, a.export_dir)

@@ -29,7 +29,8 @@ class TrainingDiverged(RuntimeError):
 def pipeline_iterator(config, tokenizers, batch_size, seed, process_index, process_count):
     """The real input pipeline (sdjax.data): a checkpointable iterator of this process's batches."""
     from sdjax.data.input_pipeline import make_iterator, prepare
-    if process_count > 1 and config.data.source != "cache":  # build the data set once, then let every process read it
+    from sdjax.data.shards import SOURCES as STREAMED
+    if process_count > 1 and config.data.source not in ("cache", *STREAMED):  # build it once, then all read it
         if process_index == 0:
             prepare(config.data)
         multihost_utils.sync_global_devices("sdjax data prepared")
@@ -38,11 +39,13 @@ def pipeline_iterator(config, tokenizers, batch_size, seed, process_index, proce
 
 def check_data(data_config):
     """ValueError / FileNotFoundError for a bad `config.data` (e.g. a missing folder), before anything slow."""
-    from sdjax.data import captions, input_pipeline
+    from sdjax.data import captions, input_pipeline, shards
     cfg = input_pipeline.resolve_config(data_config)
     if cfg.source == "cache":
         from sdjax.data import cache
         cache.CacheSource(cfg.path)  # (its manifest)
+    elif cfg.source in shards.SOURCES:
+        shards.list_shards(cfg.path, cfg.source)
     elif cfg.source != "shapes":
         captions.captions_config(cfg.path, cfg.source)
 
