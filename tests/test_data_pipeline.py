@@ -95,6 +95,12 @@ def test_processes_together_read_each_epoch_once(numbered, data_dir, tokenizer, 
     assert sorted(merged[:64]) == sorted(merged[64:]) == list(range(64))
     assert merged[:64] != merged[64:]
     assert merged == sum((indices(b) for b in take(numbered_iterator(numbered, data_dir, tokenizer, 1), 128)), [])
+    # with batches of b, process i reads rows [i * b, (i + 1) * b) of the global batch one process would read
+    halves = [numbered_iterator(numbered, data_dir, tokenizer, 4, 0, i, 2) for i in range(2)]
+    for whole, a, b in zip(take(numbered_iterator(numbered, data_dir, tokenizer, 8), 9), take(halves[0], 9),
+                           take(halves[1], 9)):
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), whole[key])
 
 
 def test_resume_replays_the_same_batches(data_dir, tokenizer):

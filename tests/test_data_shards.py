@@ -136,21 +136,34 @@ def simulate(states, sizes, reads, rng, log):
             s["offset"] += 1
 
 
-@pytest.mark.parametrize("sizes", [(1,) * 7, (3, 1, 4, 1, 5, 9, 2)])
-def test_resplit_reads_every_member_once(sizes):
-    """Runs of 2, 1, 3, 2, 5 processes, each stopping at random places (mid-shard too), then re-split: every
-    member of the positions read up to the frontier is read exactly once."""
+@pytest.mark.parametrize("sizes,blocks", [((1,) * 7, (3, 2, 1, 4, 2, 2)), ((3, 1, 4, 1, 5, 9, 2), (1,) * 6)])
+def test_resplit_reads_every_member_once(sizes, blocks):
+    """Runs of 2, 1, 3, 2, 5, 5 processes (blocks of `blocks`), each stopping at random places (mid-shard too),
+    then re-split: every member of the positions read up to the frontier is read exactly once."""
     rng, log = random.Random(0), []
-    states = [{"plan": order.plan(len(sizes), i, 2), **order.start(order.plan(len(sizes), i, 2))} for i in range(2)]
-    for count in (1, 3, 2, 5, 5):
+    states = [{"plan": order.plan(len(sizes), i, 2, blocks[0]), **order.start(order.plan(len(sizes), i, 2,
+                                                                                          blocks[0]))}
+              for i in range(2)]
+    for count, block in zip((1, 3, 2, 5, 5), blocks[1:]):
         simulate(states, sizes, 12, rng, log)
-        states = order.resplit(json.loads(json.dumps(states)), count)
+        states = order.resplit(json.loads(json.dumps(states)), count, block)
     simulate(states, sizes, 40, rng, log)
     assert len(log) == len(set(log))
     frontier = min(order.position(s["plan"], s["k"])[0] for s in states)
     assert frontier > 2 * len(sizes)  # (several epochs went by)
     assert {(g, m) for g, m in log if g < frontier} == {(g, m) for g in range(frontier)
                                                         for m in range(sizes[g % len(sizes)])}
+
+
+def test_resplit_at_a_batch_end_reads_what_one_process_would():
+    """Processes that stopped together after whole batches: the new ones (other count, other block) read
+    the positions one process would have read, in its order."""
+    for old, new in ((2, 1), (1, 3), (4, 2)):
+        states = [{"plan": order.plan(50, i, old, 12 // old), "k": 3 * 12 // old, "offset": 0} for i in range(old)]
+        again = order.resplit(states, new, 12 // new)
+        reads = [[order.position(s["plan"], k)[0] for k in range(2 * 12 // new)] for s in again]
+        merged = [g for r in range(2) for q in range(new) for g in reads[q][r * 12 // new:(r + 1) * 12 // new]]
+        assert merged == list(range(36, 60))
 
 
 def test_another_process_count_continues_the_epoch(webdataset, tokenizer):

@@ -73,19 +73,6 @@ def test_sharding_is_only_layout(tmp_path, cache):
     assert_params_close(load_params(mixed, ema=False), load_params(one, ema=False))
 
 
-def test_two_processes_agree_with_one(tmp_path, cache):
-    """2 processes x 4 devices on 127.0.0.1 (gloo), each feeding its half of the batch == 1 process x 8."""
-    single = tmp_path / "single"
-    worker(single, 3, cache, data=4, fsdp=2)
-    two_processes(tmp_path / "multi", 3, cache, 4, "--data=4", "--fsdp=2", f"--export_dir={tmp_path / 'exported'}")
-    np.testing.assert_allclose(losses(tmp_path / "multi"), losses(single), rtol=1e-5)
-    assert_params_close(load_params(tmp_path / "multi", ema=False), load_params(single, ema=False))
-    # the two processes exported together (no hang): process 0 wrote the EMA U-Net
-    exported = load_pretrained(str(tmp_path / "exported"))
-    for a, b in zip(jax.tree.leaves(exported.params["unet"]), jax.tree.leaves(load_params(tmp_path / "multi")["unet"])):
-        np.testing.assert_array_equal(a, b)
-
-
 def two_processes(workdir, steps, cache, devices, *flags):
     """Run train_worker.py as 2 processes on 127.0.0.1 (gloo) with `devices` each; their outputs."""
     with socket.socket() as s:
@@ -99,23 +86,22 @@ def two_processes(workdir, steps, cache, devices, *flags):
     return outs
 
 
-def test_one_process_continues_the_data_of_two(tmp_path, cache):
-    """2 processes train 3 steps on webdataset shards (the real pipeline), then 1 process resumes to step 6: it
-    trains first on exactly the 16 examples of the epoch they had not (none twice), then on a new epoch."""
-    from test_data_shards import write_webdataset
-    path, good = write_webdataset(tmp_path / "wds", sizes=(12, 9, 11, 10))
-    two_processes(tmp_path / "run", 3, cache, 1, f"--webdataset={path}")
-    worker(tmp_path / "run", 6, cache, devices=1, webdataset=path)
-
-    def rows(name, steps):
-        with open(tmp_path / "run" / name) as f:
-            return [tuple(r) for line in f.readlines()[:steps] for r in json.loads(line)]
-    first = rows("ids-0-of-2.jsonl", 3) + rows("ids-1-of-2.jsonl", 3)
-    then = rows("ids-0-of-1.jsonl", 3)
-    assert len(first) == 24 and len(then) == 24 and len(good) == 40
-    assert len(set(first + then[:16])) == 40  # all 40 good examples, each once
-    assert set(then[16:]) <= set(first + then[:16])  # (the next epoch)
-    assert losses(tmp_path / "run").shape == (6,)
+def test_two_processes_agree_with_one_and_one_continues_them(tmp_path, cache):
+    """Real data (the input pipeline on synthetic shapes): 2 processes x 4 devices on 127.0.0.1 (gloo), each
+    reading its rows of the global batch, train 3 steps; 1 process x 8 devices resumes to step 5, the data
+    re-split where they stopped: the losses and params are those of 1 process straight through."""
+    tfds, flags = f"--shapes={tmp_path / 'tfds'}", ("--data=4", "--fsdp=2")
+    single = tmp_path / "single"
+    worker(single, 5, cache, data=4, fsdp=2, shapes=tmp_path / "tfds")
+    two_processes(tmp_path / "multi", 3, cache, 4, *flags, tfds, f"--export_dir={tmp_path / 'exported'}")
+    worker(tmp_path / "multi", 5, cache, data=4, fsdp=2, shapes=tmp_path / "tfds")
+    np.testing.assert_allclose(losses(tmp_path / "multi"), losses(single), rtol=1e-5)
+    assert_params_close(load_params(tmp_path / "multi", ema=False), load_params(single, ema=False))
+    # the two processes exported together (no hang): process 0 wrote the EMA U-Net of step 3
+    exported = load_pretrained(str(tmp_path / "exported"))
+    for a, b in zip(jax.tree.leaves(exported.params["unet"]),
+                    jax.tree.leaves(load_params(tmp_path / "multi", step=3)["unet"])):
+        np.testing.assert_array_equal(a, b)
 
 
 def train_py(workdir, cache, *overrides, devices=1, config="configs/train/tiny.py"):

@@ -1,5 +1,4 @@
 """Stand-ins for the training tests: an in-memory checkpointable batch iterator and toy models."""
-import json
 import os
 import signal
 
@@ -67,30 +66,6 @@ def fake_data(nan_from=None, sigterm_at=None):
     def make(config, tokenizer, batch_size, seed, process_index, process_count):
         return ArrayIterator(batch_size, process_index, process_count, seed, config.data.image_size, nan_from,
                              sigterm_at)
-    return make
-
-
-class Recorded:
-    """A data iterator whose batches' input_ids rows are appended, one JSON list per batch, to a file."""
-
-    def __init__(self, data, path):
-        self.data, self.path = data, path
-
-    def __next__(self):
-        batch = next(self.data)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(batch["input_ids"].tolist()) + "\n")
-        return batch
-
-    def __getattr__(self, name):  # get_state, set_state, continue_from, skipped
-        return getattr(self.data, name)
-
-
-def recorded(workdir, make_data):
-    """`make_data` whose iterators are Recorded into workdir/ids-{process}-of-{count}.jsonl."""
-    def make(config, tokenizers, batch_size, seed, process_index, process_count):
-        return Recorded(make_data(config, tokenizers, batch_size, seed, process_index, process_count),
-                        os.path.join(workdir, f"ids-{process_index}-of-{process_count}.jsonl"))
     return make
 
 

@@ -34,20 +34,20 @@ def main():
     p.add_argument("--num_processes", type=int)
     p.add_argument("--process_id", type=int)
     p.add_argument("--export_dir", help="after training, export (every process calls it, as train.py does)")
-    p.add_argument("--webdataset", help="train on these shards (the real pipeline) instead of in-memory data; "
-                                        "each process's batches' input_ids go to W/ids-{process}-of-{count}.jsonl")
+    p.add_argument("--shapes", help="train on 64 synthetic shapes built in this tfds folder (the real input "
+                                    "pipeline) instead of in-memory data")
     a = p.parse_args()
     import jax
     if a.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(a.coordinator, a.num_processes, a.process_id)
     from sdjax.train import loop
-    from train_fakes import fake_data, recorded
+    from train_fakes import fake_data
     c = tiny_config(a.steps)
     c.mesh.data, c.mesh.fsdp, c.optimizer.grad_accum_steps = a.data, a.fsdp, a.grad_accum
-    if a.webdataset:
-        c.data.source, c.data.path = "webdataset", a.webdataset
-    data = recorded(a.workdir, loop.pipeline_iterator) if a.webdataset else fake_data()
+    if a.shapes:
+        c.data.update(source="shapes", data_dir=a.shapes, shapes=dict(num_train=64, num_test=8, num_heldout=8))
+    data = loop.pipeline_iterator if a.shapes else fake_data()
     loop.train(c, a.workdir, data, devices=jax.devices()[:a.devices] if a.devices else None)
     if a.export_dir:
         from sdjax.train.export import export

@@ -89,7 +89,7 @@ class CacheSource(grain.sources.RandomAccessDataSource):
 
 class CachedView(grain.transforms.RandomMap):
     """A cache record -> the training element: its arrays, of the flipped crop when the flip drawn (as
-    input_pipeline.Preprocess draws it) says so; {"image": None, "name"} for an undecodable image."""
+    sdjax.data.examples.Preprocess draws it) says so; {"image": None, "name"} for an undecodable image."""
 
     def __init__(self, config):
         self.random_flip = bool(config.random_flip)

@@ -13,16 +13,18 @@ train step's job, not done here.
 import collections
 import concurrent.futures
 import functools
-import io
 import logging
+import os
 
 import grain
 import ml_collections
 import numpy as np
-from PIL import Image
 
-from sdjax.data import captions, order, shards, synthetic_shapes as shapes
-from sdjax.text.tokenizer import tokenize
+from sdjax.data import buckets, captions, order, shards, synthetic_shapes as shapes
+from sdjax.data.examples import Preprocess, collate
+
+
+BUILT = ("shapes",) + captions.SOURCES  # sources built once with tfds (random access)
 
 
 def default_config():
@@ -36,6 +38,8 @@ def default_config():
         image_size=64,
         center_crop=True,    # False: random crop
         random_flip=True,
+        bucket_step=0,       # > 0: aspect-ratio buckets of about image_size² with sides multiples of it (SDXL: 64)
+        max_aspect_ratio=4.0,  # the buckets' widest h / w and w / h
         num_threads=16,      # grain reader threads per process
         num_workers=0,       # grain worker processes (0: decode in this process)
         shapes=dict(num_train=20000, num_test=1000, num_heldout=1000, seed=0),
@@ -58,6 +62,9 @@ def resolve_config(config):
         raise ValueError(f"data config: split for source {cfg.source!r} must be one of {splits}, got {cfg.split!r}")
     if cfg.image_size <= 0:
         raise ValueError(f"data config: image_size must be positive, got {cfg.image_size}")
+    if cfg.bucket_step and cfg.source not in BUILT:
+        raise ValueError(f"data config: bucket_step needs a source with random access {BUILT}, got {cfg.source!r} "
+                         "(a streamed source cannot group its images by shape; a cache holds one square crop each)")
     return cfg
 
 
@@ -77,60 +84,10 @@ def prepare(config):
     config = resolve_config(config)
     b = builder(config)
     b.download_and_prepare()
-    return b.as_data_source(split=config.split)
-
-
-def decode_image(data):
-    """Encoded image bytes -> uint8 [H, W, 3], or None when Pillow cannot read them."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception:  # pylint: disable=broad-except  # Pillow raises many types for bad files.
-        return None
-
-
-def resize_crop(image, size, rng=None):
-    """uint8 [H, W, 3] -> (uint8 [size, size, 3], (top, left), (h, w)): the shorter side resized to size
-    (bilinear, to h x w), then a centre crop, or a random one drawn from `rng` (np.random.Generator), which
-    begins at (top, left)."""
-    h, w = image.shape[:2]
-    if min(h, w) != size:
-        scale = size / min(h, w)
-        h, w = max(size, int(h * scale)), max(size, int(w * scale))
-        image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-    if rng is None:
-        top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
-    else:
-        top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
-    return image[top:top + size, left:left + size], (top, left), (h, w)
-
-
-class Preprocess(grain.transforms.RandomMap):
-    """tfds example -> {"image": uint8 [S, S, 3] or None if undecodable, "caption": str, "name": str,
-    "original_size": (H, W) decoded, "crop_top_left": (top, left) in the resized image, mirrored by a flip}."""
-
-    def __init__(self, image_size, center_crop, random_flip):
-        self.image_size, self.center_crop, self.random_flip = image_size, center_crop, random_flip
-
-    def random_map(self, element, rng):
-        return self.view(element, None if self.center_crop else rng, rng if self.random_flip else False)
-
-    def view(self, element, crop_rng=None, flip=False):
-        """The example's crop (centred, or drawn from crop_rng), flipped if `flip` (a bool, or a Generator to
-        draw it from after the crop's draws)."""
-        image = element["image"]
-        caption = element["caption"].decode("utf-8")
-        name = element.get("name", b"").decode("utf-8")
-        if isinstance(image, bytes):
-            image = decode_image(image)
-            if image is None:
-                return {"image": None, "caption": caption, "name": name}
-        original = image.shape[:2]
-        image, (top, left), (_, width) = resize_crop(image, self.image_size, crop_rng)
-        if flip if isinstance(flip, bool) else flip.random() < 0.5:
-            image, left = image[:, ::-1], width - left - self.image_size  # the crop as the flipped image has it
-        return {"image": np.ascontiguousarray(image), "caption": caption, "name": name,
-                "original_size": original, "crop_top_left": (top, left)}
+    source = b.as_data_source(split=config.split)
+    if config.bucket_step:  # each image's size, read once (kept beside the build)
+        buckets.image_sizes(source, os.path.join(b.data_dir, f"{config.split}_image_sizes.npy"))
+    return source
 
 
 def _ordered_map(fn, items, threads):
@@ -216,13 +173,7 @@ class Batches(grain.DatasetIterator):
                 continue
             bad_in_a_row = 0
             examples.append(element)
-        column = lambda key: [e[key] for e in examples]  # noqa: E731
-        batch = {key: np.asarray(column(key), np.int32 if key in ("original_size", "crop_top_left") else None)
-                 for key in examples[0] if key not in ("image", "caption", "name")}  # (a cache's: its arrays)
-        if "image" in examples[0]:
-            batch["images"] = np.stack(column("image")).astype(np.float32) / 127.5 - 1.0
-        batch.update({key: tokenize(tokenizer, column("caption"))[0] for key, tokenizer in self.tokenizers.items()})
-        return batch
+        return collate(examples, self.tokenizers)
 
     def get_state(self):
         return {"plan": self.plan, "k": self.k, "offset": self.offset, "skipped": self.skipped}
@@ -238,7 +189,8 @@ class Batches(grain.DatasetIterator):
         they read comes again before the next epoch."""
         self._check_units(states[0]["plan"])
         count, index = self.plan["count"], self.plan["index"]
-        self._go(order.resplit(states, count)[index], sum(int(s["skipped"]) for s in states) if index == 0 else 0)
+        self._go(order.resplit(states, count, self.plan["block"])[index],
+                 sum(int(s["skipped"]) for s in states) if index == 0 else 0)
 
     def _check_units(self, plan):
         if plan["units"] != self.plan["units"]:
@@ -252,9 +204,10 @@ def make_iterator(config, tokenizers, batch_size_per_process, seed, process_inde
     config: the data config (see default_config); tokenizers: {batch key: transformers CLIPTokenizer}
     (`tokenizer.batch_tokenizers`), or one tokenizer for "input_ids".
     The processes read the data in one order (sdjax.data.order: reshuffled from `seed` every epoch; the
-    examples, or with a streamed source the shards, dealt to them in turn); crops and flips are drawn from
-    `seed` and the example's place in that order, so a restored state replays exactly the same batches,
-    and `continue_from` goes on with another process count. num_workers > 0 starts grain worker processes,
+    examples dealt to them a batch each, so that together they read the global batches one process would,
+    or with a streamed source the shards one each); crops and flips are drawn from `seed` and the example's
+    place in that order, so a restored state replays exactly the same batches, and `continue_from` goes on
+    with another process count. num_workers > 0 starts grain worker processes,
     which read grain's absl flags: run under absl.app.run, or call absl.flags.FLAGS.mark_as_parsed() first.
     """
     if not 0 <= process_index < process_count:
@@ -270,10 +223,18 @@ def make_iterator(config, tokenizers, batch_size_per_process, seed, process_inde
         source, read = shards.list_shards(config.path, config.source), shards.READERS[config.source]
     else:
         source = prepare(config)
+    tokenizers = tokenizers if isinstance(tokenizers, dict) else {"input_ids": tokenizers}
+    if config.bucket_step:
+        sides = buckets.bucket_list(config.image_size, config.bucket_step, config.max_aspect_ratio)
+        sizes = buckets.image_sizes(source, os.path.join(builder(config).data_dir, f"{config.split}_image_sizes.npy"))
+        epochs = buckets.Epochs(buckets.assign(sizes, sides), len(sides), batch_size_per_process * process_count,
+                                seed)
+        return buckets.BucketBatches(source, preprocess, epochs, sides, batch_size_per_process, process_index,
+                                     tokenizers, config.num_threads)
     units = len(source)
     if read is None and units < process_count:
         raise ValueError(f"data: {units} examples cannot feed {process_count} processes")
-    tokenizers = tokenizers if isinstance(tokenizers, dict) else {"input_ids": tokenizers}
     elements = Elements(config, source, preprocess, seed, units, read)
-    return Batches(elements, order.plan(units, process_index, process_count), batch_size_per_process, tokenizers,
-                   max_bad_in_a_row=units if read is None else 10_000)
+    block = 1 if read else batch_size_per_process  # single examples: the processes' batches make one process's
+    return Batches(elements, order.plan(units, process_index, process_count, block), batch_size_per_process,
+                   tokenizers, max_bad_in_a_row=units if read is None else 10_000)

@@ -5,16 +5,18 @@ The data is a list of `units` (an example of a random-access source, a shard fil
 epoch after epoch in an order reshuffled every epoch from the seed: global position g is unit
 `shuffled(g)` of epoch g // units, and each of its members (a shard's examples; an example has one) is
 read once. A process's plan lists the positions it reads, in order: first `catchup`, [g, first member]
-pairs left over by a run with another process count, then base + index, base + index + count, ...
+pairs left over by a run with another process count, then, from `base` on, its `block` of every
+count * block positions (block: a process's batch size for single examples, so that the processes' batches
+together are the global batch one process would read; 1 for shards).
 Its progress (k, offset) says it reads member `offset` of its plan's k-th position next.
 Plans and progress are JSON-able: they are what a checkpoint stores.
 """
 import grain
 
 
-def plan(units, index, count):
+def plan(units, index, count, block=1):
     """Process `index` of `count`'s plan from the beginning."""
-    return {"units": units, "base": 0, "index": index, "count": count, "catchup": []}
+    return {"units": units, "base": 0, "index": index, "count": count, "block": block, "catchup": []}
 
 
 def shuffled(units, seed):
@@ -27,7 +29,8 @@ def position(p, k):
     c = p["catchup"]
     if k < len(c):
         return tuple(c[k])
-    return p["base"] + p["index"] + (k - len(c)) * p["count"], 0
+    rounds, j = divmod(k - len(c), p["block"])
+    return p["base"] + (rounds * p["count"] + p["index"]) * p["block"] + j, 0
 
 
 def start(p):
@@ -35,12 +38,13 @@ def start(p):
     return {"k": 0, "offset": position(p, 0)[1]}
 
 
-def resplit(states, count):
-    """Progress states {"plan", "k", "offset"} for `count` processes that continue where the processes of
-    `states` (one of each, all of one run) stopped: every member they did not read is read once, by one of
-    the new processes, before anything new; nothing they read is read again in this epoch."""
+def resplit(states, count, block=1):
+    """Progress states {"plan", "k", "offset"} for `count` processes (blocks of `block`) that continue where
+    the processes of `states` (states[i]: process i's, all of one run) stopped: every member they did not read
+    is read once, by one of the new processes, before anything new; nothing they read is read again in this
+    epoch. Where they stopped together at a batch's end, the new processes read what they would have."""
     plans = [s["plan"] for s in states]
-    base, old = plans[0]["base"], plans[0]["count"]
+    base, old, width = plans[0]["base"], plans[0]["count"], plans[0]["block"]
     owner = {g: (p, i, first) for p, pl in enumerate(plans) for i, (g, first) in enumerate(pl["catchup"])}
 
     def unread(g):
@@ -48,8 +52,9 @@ def resplit(states, count):
         if g in owner:
             p, i, first = owner[g]
         elif g >= base:
-            p, first = (g - base) % old, 0
-            i = len(plans[p]["catchup"]) + (g - base) // old
+            rounds, j = divmod(g - base, old * width)
+            p, first = j // width, 0
+            i = len(plans[p]["catchup"]) + rounds * width + j % width
         else:
             return None  # read by an earlier run
         k = states[p]["k"]
@@ -58,7 +63,11 @@ def resplit(states, count):
     at = [position(s["plan"], s["k"])[0] for s in states]
     end = max(max(at) + 1, base)  # from here on, nothing was read
     left = [[g, unread(g)] for g in range(min(at), end) if unread(g) is not None]
+    while left and left[-1] == [end - 1, 0]:  # unread to the end: the new plans' own positions
+        end -= 1
+        left.pop()
     units = plans[0]["units"]
-    plans = [{"units": units, "base": end, "index": q, "count": count, "catchup": left[q::count]}
-             for q in range(count)]
+    plans = [{"units": units, "base": end, "index": q, "count": count, "block": block,
+              "catchup": sum((left[r + q * block:r + (q + 1) * block] for r in range(0, len(left), count * block)),
+                             [])} for q in range(count)]
     return [{"plan": p, **start(p)} for p in plans]

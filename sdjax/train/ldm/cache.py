@@ -18,7 +18,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sdjax.data import input_pipeline
+from sdjax.data import examples, input_pipeline
 from sdjax.data.cache import EMPTY, FORMAT, MANIFEST, _read_manifest, _serialize, _write_json, shard_name
 from sdjax.models.autoencoder import serving
 from sdjax.models.clip_text import text_conditioning
@@ -85,7 +85,7 @@ def write(config, out, pre, examples_per_shard=1024, batch_size=8, process_index
     params = jax.device_put({k: pre.params[k] for k in FROZEN if k in pre.params}, NamedSharding(mesh, P()))
     encode = make_encoder(pre, mesh)
     tokenizers = batch_tokenizers(pre)
-    view = input_pipeline.Preprocess(data.image_size, True, False)
+    view = examples.Preprocess(data.image_size, True, False)
     flips = (False, True) if data.random_flip else (False,)
     step = batch_size * len(devices)
     if process_index == 0:
