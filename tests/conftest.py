@@ -12,6 +12,11 @@ from configs.models import tiny
 from sdjax.text.clip_vocab import write_clip_tokenizer
 
 torch.set_num_threads(1)
+# XLA compiles with little LLVM optimisation here and in the subprocesses (which inherit it): the tiny test
+# programs compile ~1/3 faster and run little slower (tests/test_ae_step.py: 131 -> 89 s); the numerics are XLA's
+# same HLO (the backend level does not change fusion or buffer assignment)
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 # the CLIs' persistent compilation cache stays off in tests (test_sample_cli checks it in a folder of its own)
 os.environ.setdefault("SDJAX_COMPILATION_CACHE", "off")
 # jax's persistent cache, one fresh folder per test run, shared by both xdist workers (they inherit the

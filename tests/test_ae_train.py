@@ -97,7 +97,7 @@ def test_config_errors():
 
 def train_cli(workdir, data_dir, steps, export_dir=None):
     """train.py in a fresh process with 4 CPU devices, data x fsdp = 2 x 2; returns its output."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
     args = [sys.executable, "train.py", "--config=configs/train/vae_tiny.py", f"--workdir={workdir}",
             f"--config.total_steps={steps}", "--config.batch_size=8", "--config.log_every=1",
             "--config.checkpoint_every=2", "--config.loss.disc_start=0", "--config.mesh.data=2",

@@ -140,7 +140,7 @@ def test_train_bad_config_and_data(tmp_path, capsys, monkeypatch):
 
 
 def test_train_batch_not_divisible_by_devices(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
     proc = subprocess.run([sys.executable, "train.py", "--config=configs/train/tiny.py", f"--workdir={tmp_path}",
                            "--config.batch_size=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -22,7 +22,7 @@ np.save(sys.argv[2], sd.generate({prompts!r}, **{kw!r}))
 
 def test_eight_devices_give_the_single_device_images(torch_folder, tmp_path):
     folder = torch_folder[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = tmp_path / "eight.npy"
     subprocess.run([sys.executable, "-c", CHILD.format(prompts=PROMPTS, kw=KW), folder, str(out)],
                    env=env, check=True, timeout=600)

@@ -87,14 +87,14 @@ def two_processes(workdir, steps, cache, devices, *flags):
 
 
 def test_two_processes_agree_with_one_and_one_continues_them(tmp_path, cache):
-    """Real data (the input pipeline on synthetic shapes): 2 processes x 4 devices on 127.0.0.1 (gloo), each
-    reading its rows of the global batch, train 3 steps; 1 process x 8 devices resumes to step 5, the data
+    """Real data (the input pipeline on synthetic shapes): 2 processes x 2 devices on 127.0.0.1 (gloo), each
+    reading its rows of the global batch, train 3 steps; 1 process x 4 devices resumes to step 5, the data
     re-split where they stopped: the losses and params are those of 1 process straight through."""
-    tfds, flags = f"--shapes={tmp_path / 'tfds'}", ("--data=4", "--fsdp=2")
+    tfds, flags = f"--shapes={tmp_path / 'tfds'}", ("--data=2", "--fsdp=2")
     single = tmp_path / "single"
-    worker(single, 5, cache, data=4, fsdp=2, shapes=tmp_path / "tfds")
-    two_processes(tmp_path / "multi", 3, cache, 4, *flags, tfds, f"--export_dir={tmp_path / 'exported'}")
-    worker(tmp_path / "multi", 5, cache, data=4, fsdp=2, shapes=tmp_path / "tfds")
+    worker(single, 5, cache, devices=4, data=2, fsdp=2, shapes=tmp_path / "tfds")
+    two_processes(tmp_path / "multi", 3, cache, 2, *flags, tfds, f"--export_dir={tmp_path / 'exported'}")
+    worker(tmp_path / "multi", 5, cache, devices=4, data=2, fsdp=2, shapes=tmp_path / "tfds")
     np.testing.assert_allclose(losses(tmp_path / "multi"), losses(single), rtol=1e-5)
     assert_params_close(load_params(tmp_path / "multi", ema=False), load_params(single, ema=False))
     # the two processes exported together (no hang): process 0 wrote the EMA U-Net of step 3
@@ -110,16 +110,16 @@ def train_py(workdir, cache, *overrides, devices=1, config="configs/train/tiny.p
 
 
 def test_resume_through_train_py_is_bit_identical(tmp_path, cache):
-    """2N steps straight == N steps, stop, resume to 2N: bit-identical params, EMA and losses. The model is the
+    """4 steps straight == 2 steps, stop, resume to 4: bit-identical params, EMA and losses. The model is the
     tiny SDXL one (the SD 1.x runs are the other tests'): two text towers, and the micro-conditioning from each
     example's size and crop, which the data state restores."""
     common = (f"data.data_dir={tmp_path / 'tfds'}", "data.shapes.num_train=256", "data.shapes.num_test=8",
               "data.shapes.num_heldout=8", "batch_size=4", "log_every=1", "checkpoint_every=2",
-              "optimizer.warmup_steps=2", "optimizer.decay_steps=6")
+              "optimizer.warmup_steps=2", "optimizer.decay_steps=4")
     xl = dict(config="configs/train/tiny.py:sdxl")
-    train_py(tmp_path / "straight", cache, "total_steps=6", *common, **xl)
-    train_py(tmp_path / "cut", cache, "total_steps=3", *common, **xl)
-    train_py(tmp_path / "cut", cache, "total_steps=6", *common, **xl)
+    train_py(tmp_path / "straight", cache, "total_steps=4", *common, **xl)
+    train_py(tmp_path / "cut", cache, "total_steps=2", *common, **xl)
+    train_py(tmp_path / "cut", cache, "total_steps=4", *common, **xl)
     np.testing.assert_array_equal(losses(tmp_path / "cut"), losses(tmp_path / "straight"))
     for ema in (False, True):
         for a, b in zip(jax.tree.leaves(load_params(tmp_path / "cut", ema=ema)),
