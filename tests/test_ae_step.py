@@ -73,6 +73,7 @@ def test_grads_match_direct_computation(setup):
     assert diff <= 1e-5 * scale
 
 
+@pytest.mark.slow  # (the loop test in test_ae_train.py checks the GAN's start in the default run)
 def test_step_learns_and_starts_gan(setup):
     c, _, state, step = setup
     batches = shapes_batches(4, 4)

@@ -48,7 +48,8 @@ def test_1x1_conv_is_a_matmul(monkeypatch):
     assert calls
 
 
-@pytest.mark.parametrize("h,w", [(8, 8), (9, 7), (3, 5)])  # whole tiles, partial tiles, smaller than a tile
+@pytest.mark.parametrize("h,w", [pytest.param(8, 8, marks=pytest.mark.slow), (9, 7),  # whole / partial tiles,
+                                 pytest.param(3, 5, marks=pytest.mark.slow)])              # smaller than a tile
 def test_winograd_matches_lax(h, w):
     kx, kw, kg = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(kx, (2, h, w, 6))

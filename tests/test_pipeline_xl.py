@@ -9,7 +9,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from sdjax.pipeline import StableDiffusion  # noqa: E402
 from sdjax.pipeline_xl import StableDiffusionXL  # noqa: E402
-from test_pipeline import SCHEDULERS, STOCHASTIC, _draws, _picture, _scheduler  # noqa: E402
+from test_pipeline import SAMPLERS, STOCHASTIC, _draws, _picture, _scheduler  # noqa: E402
 
 pytestmark = pytest.mark.long_file
 # mean abs difference of float images in [0, 1]: the differences here are 5e-7 .. 2e-6, and each test shows that
@@ -58,7 +58,7 @@ def test_load_gives_the_sdxl_pipeline(base, refiner):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
-@pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_text_to_image_matches_diffusers(base, sdxl_folders, sampler, guidance):
     """prompt_2 goes to the second tower; without a negative prompt, guidance is away from zero text
     (force_zeros_for_empty_prompt)."""
@@ -101,7 +101,8 @@ def test_negative_prompts_clip_skip_and_micro_conditioning_match_diffusers(base,
     assert err <= TOL and effect > 10 * TOL, (err, effect)
 
 
-@pytest.mark.parametrize("sampler, strength", [("ddim", 0.6), ("euler", 0.6), ("euler_a", 1.0)])
+@pytest.mark.parametrize("sampler, strength", [("ddim", 0.6), pytest.param("euler", 0.6, marks=pytest.mark.slow),
+                                               ("euler_a", 1.0)])
 def test_refiner_img2img_matches_diffusers(refiner, sdxl_folders, sampler, strength):
     """The refiner: the second tower only, fed `prompt`; aesthetic scores instead of the target size."""
     image, steps = _picture(np.random.default_rng(1)), 5
@@ -134,7 +135,8 @@ def test_inpainting_matches_diffusers(base, sdxl_folders, strength):
     assert err <= TOL and effect > 10 * TOL, (err, effect)
 
 
-@pytest.mark.parametrize("sampler", ["euler", "euler_a", "heun"])
+@pytest.mark.parametrize("sampler", [pytest.param("euler", marks=pytest.mark.slow),
+                                     pytest.param("euler_a", marks=pytest.mark.slow), "heun"])
 def test_base_to_refiner_hand_off_matches_diffusers(base, refiner, sdxl_folders, sampler):
     """The base stops at denoising_end and returns latents; the refiner continues from them at denoising_start
     (a 2nd-order sampler's refiner begins on a whole step, as diffusers cuts its timesteps)."""
