@@ -179,3 +179,9 @@ def test_another_process_count_continues_the_epoch(webdataset, tokenizer):
     assert one.skipped >= len(BAD)  # (the old processes' count carried over, and the rest of the epoch's)
     with pytest.raises(ValueError, match="units"):
         stream(path, tokenizer, 1).continue_from([{**its[0].get_state(), "plan": order.plan(9, 0, 1)}])
+
+
+def test_shards_with_no_example_raise_instead_of_spinning(tmp_path, tokenizer):
+    write_webdataset(tmp_path / "wds", sizes=(0, 0), bad={})
+    with pytest.raises(RuntimeError, match="no example in a whole pass over the 2 shards"):
+        next(stream(str(tmp_path / "wds"), tokenizer, 1))

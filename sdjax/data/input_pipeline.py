@@ -127,10 +127,15 @@ class Elements:
         return self._element(((g, 0, k + 1, order.position(plan, k + 1)[1]), self.source[self.order[g]]))
 
     def _members(self, plan, k, offset):  # streamed: the plan's positions are shards, read member by member
+        empty = 0  # shards in a row with nothing (left) to read
         while True:
             g, first = order.position(plan, k)
             for member, element in self.read(self.source[self.order[g]], offset):
+                empty = -1
                 yield (g, member, k, member + 1), element
+            empty += 1
+            if empty > 2 * self.units + len(plan["catchup"]):
+                raise RuntimeError(f"data: no example in a whole pass over the {self.units} shards")
             k, offset = k + 1, order.position(plan, k + 1)[1]
 
     def __call__(self, plan, k, offset):
@@ -180,6 +185,9 @@ class Batches(grain.DatasetIterator):
 
     def set_state(self, state):
         """Continue from a state of get_state (the same process count)."""
+        if "plan" not in state:  # written before sdjax.data.order
+            logging.warning("data: the checkpoint's data position is of an older format: the data order restarts")
+            return
         self._check_units(state["plan"])
         self._go(state, int(state["skipped"]))
 
