@@ -97,6 +97,7 @@ def test_step_learns_and_starts_gan(setup):
                            jax.device_get(d_before["main_0"]["kernel"]))
 
 
+@pytest.mark.slow  # (the guarded update is optim's, checked for the LDM step in test_train_step.py)
 def test_non_finite_step_is_skipped(setup):
     c, _, state, step = setup
     images = shapes_batches(1, 4)[0]
