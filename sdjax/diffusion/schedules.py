@@ -135,6 +135,23 @@ def karras_sigmas(sigma_min, sigma_max, num_steps, rho=7.0):
     return (hi + ramp * (lo - hi)) ** rho
 
 
+def exponential_sigmas(sigma_min, sigma_max, num_steps):
+    """[num_steps] float64 noise levels from sigma_max down to sigma_min, evenly spaced in log sigma
+    (diffusers' use_exponential_sigmas)."""
+    return np.exp(np.linspace(math.log(float(sigma_max)), math.log(float(sigma_min)), num_steps))
+
+
+def beta_sigmas(sigma_min, sigma_max, num_steps, alpha=0.6, beta=0.6):
+    """[num_steps] float64 noise levels from sigma_max down to sigma_min at the quantiles of a Beta(alpha, beta)
+    distribution (Lee et al. 2024; diffusers' use_beta_sigmas)."""
+    import scipy.stats
+    ppf = scipy.stats.beta.ppf(1 - np.linspace(0, 1, num_steps), alpha, beta)
+    return float(sigma_min) + ppf * (float(sigma_max) - float(sigma_min))
+
+
+SIGMA_RAMPS = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}
+
+
 def sigma_to_t(sigma, train_sigmas):
     """Fractional timesteps of noise levels `sigma` [N], by linear interpolation of log sigma over the
     training schedule's `train_sigmas` [T] (ascending); clamped to [0, T-1]."""
