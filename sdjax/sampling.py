@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.diffusion.plan import bind
+from sdjax.diffusion.plan import bind, iteration_noise
 
 
 class Blend(NamedTuple):
@@ -70,11 +70,6 @@ def guided_prediction(unet_fn, x_in, t, cond, uncond, guidance_scale, guidance_r
     return guided(x_in, cond, uncond) if groups is None else map_images(guided, groups, x_in, cond, uncond)
 
 
-def step_noise(keys, index, shape):
-    """Unit normal noise per image for scan iteration `index`: keys [B] -> [B, *shape]."""
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, index), shape))(keys)
-
-
 def sample(unet_fn, sampler, options, steps, timesteps, x, cond, keys, *, guidance_scale=1.0, uncond=None,
            start=0, end=None, guidance_rescale=None, concat=None, blend=None, noise=None, progress=None, groups=None):
     """Run a sampler from iteration `start` to `end` (None: the last); returns the final latents [B,h,w,c] (float32, unscaled
@@ -107,7 +102,12 @@ def sample(unet_fn, sampler, options, steps, timesteps, x, cond, keys, *, guidan
             x_in = jnp.concatenate([x_in, concat], axis=-1)
         out = guided_prediction(unet_fn, x_in.astype(dtype), t, cond, uncond, guidance_scale, guidance_rescale,
                                   groups)
-        eps = it["noise"] if noise is not None else step_noise(keys, step["index"], x.shape[1:])
+        if noise is not None:
+            eps = it["noise"]
+        elif sampler.noise is not None:
+            eps = sampler.noise(keys, step, x.shape[1:])
+        else:
+            eps = iteration_noise(keys, step["index"], x.shape[1:])
         state = step_fn(state, out.astype(jnp.float32), step, eps)
         if blend is not None:
             proper = it["next_a"] * blend.image + it["next_b"] * blend.noise

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 from typing import Callable, NamedTuple
 
+import jax
 import numpy as np
 
 
@@ -38,6 +39,10 @@ class Sampler(NamedTuple):
     init: Callable         # (x: [B,h,w,c], steps: dict of [S,...] arrays) -> state pytree with state["x"]
     model_input: Callable  # (state, step) -> x_in [B,h,w,c]
     step: Callable         # (state, model_output [B,h,w,c], step, noise [B,h,w,c], **plan.options) -> state
+    # (keys [B], step, shape) -> [B, *shape]: the unit noise `step` gets at an iteration, drawn from the images'
+    # keys; None: independent normals per iteration (`iteration_noise`). Samplers whose draws are correlated
+    # across iterations (increments of one Brownian path) say how here.
+    noise: Callable = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,11 @@ def slice_plan(plan, start):
     return dataclasses.replace(
         plan, timesteps=plan.timesteps[start:], steps={k: v[start:] for k, v in plan.steps.items()},
         noise_a=plan.noise_a[start:], noise_b=plan.noise_b[start:])
+
+
+def iteration_noise(keys, index, shape):
+    """Independent unit normal noise per image for iteration `index`: keys [B] -> [B, *shape]."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, index), shape))(keys)
 
 
 def bind(sampler, options):
