@@ -49,9 +49,12 @@ def parse_args(argv=None):
                    help="SDXL: the fraction of the noise the base removes before the refiner continues (0.8)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=finite_float, default=None, help="guidance scale (default 7.5; SDXL 5.0)")
-    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--sampler", default=None,
+                   help="sampler name (default: the model's own scheduler, as diffusers); 'help' lists them")
     p.add_argument("--clip-skip", type=int, default=0, help="condition on the text encoder's layer this many before the last")
-    p.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta")
+    p.add_argument("--eta", type=finite_float, default=0.0, help="eta of the samplers that take one (DDIM, TCD)")
+    p.add_argument("--no-prompt-weighting", action="store_true",
+                   help="read prompts literally: no (word:1.3) emphasis or BREAK (diffusers' behaviour)")
     p.add_argument("--seed", type=int, default=0, help="image i of the run uses seed + i")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--height", type=int, default=None)
@@ -62,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--init-image", help="img2img / inpainting source image")
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
     p.add_argument("--strength", type=finite_float, default=None,
-                   help="img2img strength in (0, 1] (default 0.8; 1.0 for inpainting)")
+                   help="img2img strength in (0, 1] (default 0.8, SDXL 0.3; inpainting 1.0, as diffusers)")
     p.add_argument("--out", default="outputs")
     p.add_argument("--compilation-cache", default=None,
                    help="jax's compilation cache folder (default $SDJAX_COMPILATION_CACHE or ~/.cache/sdjax/xla; off: none)")
@@ -76,8 +79,25 @@ def report(sd, steps, n, part):
           f"({t['sample'] / steps:.3f} s/step for {n} image(s))")
 
 
+def sampler_help():
+    """The samplers, each with the diffusers scheduler it reproduces."""
+    from sdjax.diffusion.samplers import SAMPLERS, SCHEDULER_CLASSES
+    return "samplers (--sampler NAME; default: the model's own scheduler):\n" + "\n".join(
+        f"  {name:14s} {SCHEDULER_CLASSES[name]}" for name in sorted(SAMPLERS))
+
+
+def next_number(folder):
+    """The first image number after the highest of the NNNN-*.png files in `folder` (0 if none), as A1111 numbers."""
+    numbers = [int(name.split("-", 1)[0]) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+               if name.endswith(".png") and name.split("-", 1)[0].isdigit()]
+    return max(numbers, default=-1) + 1
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.sampler == "help":
+        print(sampler_help())
+        return
     try:
         run(args)
     except (ValueError, OSError) as e:  # bad input (WeightLoadError is a ValueError); bugs still trace back
@@ -101,8 +121,7 @@ def run(args):
         raise FileExistsError(f"--out {args.out} is a file; give a folder for the images")
 
     from sdjax.images import make_grid, open_image, save_png
-    from sdjax.pipeline import StableDiffusion
-    from sdjax.pipeline_xl import StableDiffusionXL
+    from sdjax.pipeline import StableDiffusion, StableDiffusionXL
     compile_cache.enable(args.compilation_cache)
 
     image = open_image(args.init_image, "--init-image") if args.init_image else None  # before the slow load
@@ -118,10 +137,11 @@ def run(args):
     if not xl and (args.prompt_2 or args.negative_prompt_2 or args.refiner):
         raise ValueError("--prompt-2, --negative-prompt-2 and --refiner are for SDXL models; "
                          f"{model} is Stable Diffusion 1.x/2.x")
-    strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.8)
-    kw = dict(negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler, seed=args.seed,
-              height=args.height, width=args.width, eta=args.eta, mask=mask, strength=strength,
-              clip_skip=args.clip_skip, num_images_per_prompt=args.num_images, **extra)
+    sampler = args.sampler or sd.default_sampler()
+    kw = dict(negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=sampler, seed=args.seed,
+              height=args.height, width=args.width, eta=args.eta, mask=mask, strength=args.strength,
+              clip_skip=args.clip_skip, num_images_per_prompt=args.num_images,
+              prompt_weighting=not args.no_prompt_weighting, **extra)
     if args.guidance is not None:
         kw["guidance_scale"] = args.guidance
     if args.refiner:  # the base's latents at --refiner-start; the base leaves memory before the refiner loads
@@ -136,18 +156,18 @@ def run(args):
         images = sd.generate(prompts, image=image, **kw)
     report(sd, args.steps, len(images), "refiner" if args.refiner else "")
     guidance = kw.get("guidance_scale", inspect.signature(sd.generate).parameters["guidance_scale"].default)
-    paths = []
+    paths, first = [], next_number(args.out)  # never overwrite: numbers continue after the folder's highest
     for i, img in enumerate(images):
         meta = {"prompt": prompts[i // args.num_images], "negative_prompt": args.negative_prompt or "",
-                "seed": args.seed + i, "sampler": args.sampler, "steps": args.steps,
+                "seed": args.seed + i, "sampler": sampler, "steps": args.steps,
                 "guidance": guidance, "model": os.path.basename(os.path.normpath(model)), "software": "sdjax"}
         if xl:
             meta.update(prompt_2=args.prompt_2 or "", negative_prompt_2=args.negative_prompt_2 or "")
         if args.refiner:
             meta.update(refiner=os.path.basename(os.path.normpath(args.refiner)), refiner_start=args.refiner_start)
-        paths.append(save_png(img, os.path.join(args.out, f"{i:04d}-seed{args.seed + i}.png"), meta))
+        paths.append(save_png(img, os.path.join(args.out, f"{first + i:04d}-seed{args.seed + i}.png"), meta))
     if args.grid:
-        paths.append(save_png(make_grid(images), os.path.join(args.out, "grid.png"), {"prompts": " | ".join(prompts)}))
+        paths.append(save_png(make_grid(images), os.path.join(args.out, f"grid-{first:04d}.png"), {"prompts": " | ".join(prompts)}))
     print("\n".join(paths))
 
 

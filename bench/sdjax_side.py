@@ -55,12 +55,12 @@ class Sdjax:
 
     def unet_cfg(self, spec):
         """The guided U-Net call of the sampling loop (one image and its unconditional twin, batch 2)."""
-        from sdjax.sampling import guided_prediction
+        from sdjax.pipeline.denoiser import guided
         unet = self.sd.unet
 
         def fn(p, x, t, ctx):
-            unet_fn = lambda x, t, c: unet.apply({"params": p}, x, t, c)  # noqa: E731
-            return guided_prediction(unet_fn, x, t, ctx[1:], ctx[:1], common.GUIDANCE, None)
+            unet_fn = lambda x, t, c: unet.apply({"params": p}, x, t, c["cond"])  # noqa: E731
+            return guided(unet_fn, common.GUIDANCE)(x, t, {"cond": ctx[1:], "uncond": ctx[:1]})
         x = jnp.asarray(common.latents(spec, self.sd.latent_channels, self.sd.vae_scale_factor))
         return Case(fn, self.sd.params["unet"], x.astype(jnp.dtype(self.dtype)), jnp.asarray(500), self._context())
 

@@ -7,6 +7,7 @@ import pytest
 
 from configs.models import tiny
 from sdjax import sampling
+from sdjax.pipeline import denoiser
 from sdjax.diffusion import samplers, schedules
 from sdjax.models import attention, registry
 
@@ -25,8 +26,8 @@ def unet():
 
 def _guided(module):
     def fn(p, x, c, u):
-        unet_fn = lambda x, t, c: module.apply({"params": p}, x, t, c)  # noqa: E731
-        return sampling.guided_prediction(unet_fn, x, jnp.float32(500), c, u, 7.5, None)
+        text = lambda s: {"encoder_hidden_states": s}  # noqa: E731
+        return denoiser.guided(denoiser.unet_call(module, p), 7.5)(x, jnp.float32(500), {"cond": text(c), "uncond": text(u)})
     return fn
 
 
@@ -34,10 +35,11 @@ def _sampler_loop(module):
     plan = samplers.SAMPLERS["dpmpp_2m"].plan(schedules.scheduler_settings(dict(beta_schedule="scaled_linear")), 3)
 
     def fn(p, x, c, u):
-        unet_fn = lambda x, t, c: module.apply({"params": p}, x, t, c)  # noqa: E731
+        text = lambda s: {"encoder_hidden_states": s}  # noqa: E731
         keys = jax.random.split(jax.random.key(0), x.shape[0])
-        return sampling.sample(unet_fn, samplers.SAMPLERS["dpmpp_2m"], plan.options, plan.steps, plan.timesteps,
-                               x.astype(jnp.float32), c, keys, guidance_scale=7.5, uncond=u)
+        return sampling.sample(denoiser.guided(denoiser.unet_call(module, p), 7.5), samplers.SAMPLERS["dpmpp_2m"],
+                               plan.options, plan.steps, plan.timesteps, x.astype(jnp.float32),
+                               {"cond": text(c), "uncond": text(u)}, keys)
     return fn
 
 

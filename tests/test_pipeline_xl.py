@@ -8,7 +8,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from sdjax.pipeline import StableDiffusion  # noqa: E402
-from sdjax.pipeline_xl import StableDiffusionXL  # noqa: E402
+from sdjax.pipeline import StableDiffusionXL  # noqa: E402
 from test_pipeline import SAMPLERS, STOCHASTIC, _draws, _picture, _scheduler  # noqa: E402
 
 pytestmark = pytest.mark.long_file
@@ -53,8 +53,8 @@ def _err(a, b):
 
 def test_load_gives_the_sdxl_pipeline(base, refiner):
     assert isinstance(base, StableDiffusionXL) and isinstance(refiner, StableDiffusionXL)
-    assert not base.aesthetic and refiner.aesthetic
-    assert [kind for kind, _ in refiner.towers] == ["text_encoder_2"]
+    assert not base.conditioning.aesthetic and refiner.conditioning.aesthetic
+    assert [kind for kind, _, _ in refiner.conditioning.towers] == ["text_encoder_2"]
 
 
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
@@ -182,7 +182,7 @@ def test_training_conditions_as_sampling(base):
     np.testing.assert_allclose(got["encoder_hidden_states"], text, atol=1e-6)
     np.testing.assert_allclose(got["text_embeds"], pooled, atol=1e-6)
     c = dict(original_size=None, crops_coords_top_left=(0, 0), target_size=None)
-    want = [base.time_ids((SIZE, SIZE), {**c, "original_size": tuple(o), "crops_coords_top_left": tuple(k)})
+    want = [base.conditioning.time_ids((SIZE, SIZE), {**c, "original_size": tuple(o), "crops_coords_top_left": tuple(k)})
             for o, k in zip(micro["original_size"], micro["crop_top_left"])]
     np.testing.assert_array_equal(got["time_ids"], np.stack(want))
     np.testing.assert_array_equal(want[1], [20, 16, 2, 0, SIZE, SIZE])

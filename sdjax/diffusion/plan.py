@@ -85,3 +85,24 @@ def x_only(x, steps):
 def x_itself(state, step):
     """The U-Net's input is x itself (no input scaling)."""
     return state["x"]
+
+
+def span(plan, train_steps, num_steps, strength=None, denoising_start=None, denoising_end=None):
+    """(start, end): the plan's iterations that run. img2img (strength not None) skips the first
+    num_steps - int(num_steps * strength) steps; denoising_start instead begins at the first timestep below
+    that fraction of the training timesteps, denoising_end stops before the first below its fraction, as
+    diffusers' SDXL pipelines cut `scheduler.timesteps` (a 2nd-order sampler begins on a whole step)."""
+    t, start, end = plan.timesteps, 0, len(plan.timesteps)
+    cutoff = lambda fraction: int(round(train_steps - fraction * train_steps))  # noqa: E731
+    if denoising_start is not None:
+        count = int((t < cutoff(denoising_start)).sum())
+        count += plan.order == 2 and count % 2 == 0
+        start = max(len(t) - count, 0)
+    elif strength is not None:
+        start = (num_steps - int(num_steps * strength)) * plan.order
+    if denoising_end is not None:
+        end = start + int((t[start:] >= cutoff(denoising_end)).sum())
+    if end <= start:
+        raise ValueError(f"no sampling step lies between denoising_start={denoising_start} and "
+                         f"denoising_end={denoising_end} with {num_steps} steps")
+    return start, end

@@ -50,6 +50,18 @@ def _warn_once(message):
     log.warning(message)
 
 
+def plan_options(name):
+    """The option names sampler `name`'s plan takes (configure's keyword arguments)."""
+    return set(inspect.signature(SAMPLERS[name].plan).parameters) - {"settings", "num_steps"}
+
+
+def scheduler_sampler(config):
+    """(sampler name, None) of the scheduler class a scheduler_config.json names: the sampler diffusers would
+    run; ("ddim", None) for a class no sampler reproduces."""
+    by_class = {cls: name for name, cls in SCHEDULER_CLASSES.items()}
+    return by_class.get(config.get("_class_name"), "ddim"), None
+
+
 def configure(name, config, **options):
     """(settings, plan options) of sampler `name` for a model's scheduler_config.json, as diffusers runs
     `StableDiffusionPipeline.from_pretrained(folder)` with `pipe.scheduler = Class.from_config(pipe.scheduler.config)`.
@@ -61,7 +73,7 @@ def configure(name, config, **options):
     """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(sorted(SAMPLERS))}")
-    plan_keys = set(inspect.signature(SAMPLERS[name].plan).parameters) - {"settings", "num_steps"}
+    plan_keys = plan_options(name)
     unknown = sorted(set(options) - plan_keys)
     if unknown:
         raise ValueError(f"sampler {name!r} does not take options {unknown}; it takes {sorted(plan_keys) or 'none'}")

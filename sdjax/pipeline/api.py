@@ -1,0 +1,85 @@
+"""The public classes: `StableDiffusion.load(path)` and `generate(prompt, ...)` -> uint8 images; an SDXL model gives a
+`StableDiffusionXL`, whose `generate` takes SDXL's arguments. The model family is chosen here, once, at load."""
+import jax
+
+from sdjax.models.attention import IMPLEMENTATIONS
+from sdjax.pipeline.conditioning import TextConditioning
+from sdjax.pipeline.conditioning_xl import XLConditioning
+from sdjax.pipeline.core import Pipeline
+from sdjax.pipeline.prompts import prompt_lists
+from sdjax.weights.pretrained import load_pretrained
+
+
+def is_xl(pretrained):
+    """Whether a loaded model is SDXL (base: two text towers; refiner: the second only)."""
+    return "text_encoder_2" in pretrained.modules
+
+
+class StableDiffusion(Pipeline):
+    """Text-to-image, img2img and inpainting with a loaded Stable Diffusion checkpoint; `StableDiffusion(pretrained)`
+    and `StableDiffusion.load` of an SDXL model give a `StableDiffusionXL`."""
+
+    def __new__(cls, pretrained=None):
+        if cls is StableDiffusion and pretrained is not None and is_xl(pretrained):
+            cls = StableDiffusionXL
+        return super().__new__(cls)
+
+    def __init__(self, pretrained):
+        super().__init__(pretrained, (XLConditioning if is_xl(pretrained) else TextConditioning)(pretrained))
+        self.tokenizer = pretrained.tokenizer
+        self.text_encoder = pretrained.modules.get("text_encoder")  # None: the SDXL refiner's
+
+    @classmethod
+    def load(cls, path, dtype="float32", attention="auto", **options):
+        """A pipeline over a diffusers folder or a single-file checkpoint; options as `load_pretrained`'s;
+        attention: one of models.attention.IMPLEMENTATIONS ("auto": the platform's fastest)."""
+        if attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {attention!r}")
+        if attention in ("flash", "cudnn") and jax.default_backend() == "cpu":
+            raise ValueError(f"attention {attention!r} is a GPU/TPU kernel and jax computes on the CPU here; "
+                             "use 'auto', 'chunked' or 'xla'")
+        sd = cls(load_pretrained(path, dtype=dtype, **options))  # an SDXL model: a StableDiffusionXL
+        sd.attention = attention
+        return sd
+
+    def encode_prompts(self, prompts, clip_skip=0, weighting=True):
+        """list of str -> text embeddings [B, K*77, D]: the final-normed output of the text encoder's last layer,
+        or, with clip_skip=k, of the layer k before it (diffusers' clip_skip); K chunks of 77 tokens."""
+        return self.encode_text([prompts], clip_skip, weighting=weighting)
+
+
+class StableDiffusionXL(StableDiffusion):
+    """SDXL base or refiner; `StableDiffusion.load` / `StableDiffusion(pretrained)` give one for an SDXL model."""
+
+    @property
+    def options(self):
+        """The pipeline flags of model_index.json (force_zeros_for_empty_prompt, requires_aesthetics_score)."""
+        return self.conditioning.options
+
+    def encode_prompts(self, prompts, prompts_2=None, clip_skip=0, weighting=True):
+        """(text [B, K*77, D1 + D2], pooled [B, P]) of `clip_skip` (`clip_text.sdxl_text`); prompts_2 (default:
+        prompts) go to the second tower. The refiner has only that one, and it reads `prompts`, as diffusers."""
+        return self.encode_text([prompts, prompts if prompts_2 is None else prompts_2], clip_skip, weighting=weighting)
+
+    def generate(self, prompt, negative_prompt=None, *, prompt_2=None, negative_prompt_2=None, guidance_scale=5.0,
+                 num_images_per_prompt=1, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                 negative_original_size=None, negative_crops_coords_top_left=None, negative_target_size=None,
+                 aesthetic_score=6.0, negative_aesthetic_score=2.5, **kwargs):
+        """`StableDiffusion.generate` with SDXL's conditioning (diffusers' names and defaults).
+
+        prompt_2 / negative_prompt_2: the second tower's (default: prompt / negative_prompt). Without a
+        negative prompt, a model with force_zeros_for_empty_prompt (SDXL base) guides away from zero text.
+        original_size / target_size (height, width; default: the output size) and crops_coords_top_left:
+        the micro-conditioning; the refiner (requires_aesthetics_score) takes aesthetic_score instead of the
+        target size. The negative_* forms default to the positive ones, except the refiner's negative crop,
+        (0, 0), as diffusers. img2img's strength defaults to 0.3, inpainting's to 0.9999, as diffusers.
+        """
+        per = num_images_per_prompt
+        prompts_2, negatives_2 = prompt_lists(prompt_2 or prompt, negative_prompt_2 or negative_prompt, per)
+        extra = self.conditioning.extra(
+            prompts_2, negatives_2, negative_prompt, aesthetic_score, negative_aesthetic_score,
+            original_size=original_size, target_size=target_size, negative_original_size=negative_original_size,
+            negative_target_size=negative_target_size, crops_coords_top_left=crops_coords_top_left,
+            negative_crops_coords_top_left=negative_crops_coords_top_left)
+        return super().generate(prompt, negative_prompt, guidance_scale=guidance_scale, num_images_per_prompt=per,
+                                conditioning=extra, **kwargs)
