@@ -5,17 +5,20 @@ import inspect
 import logging
 
 from sdjax.diffusion import schedules
+from sdjax.diffusion.consistency_samplers import CONSISTENCY_SAMPLERS
 from sdjax.diffusion.k_samplers import K_SAMPLERS
+from sdjax.diffusion.multistep_samplers import MULTISTEP_SAMPLERS
 from sdjax.diffusion.timestep_samplers import TIMESTEP_SAMPLERS
 
 log = logging.getLogger("sdjax")
 
-SAMPLERS = {**TIMESTEP_SAMPLERS, **K_SAMPLERS}
+SAMPLERS = {**TIMESTEP_SAMPLERS, **K_SAMPLERS, **MULTISTEP_SAMPLERS, **CONSISTENCY_SAMPLERS}
 # The diffusers scheduler class each sampler reproduces.
 SCHEDULER_CLASSES = {
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler", "lms": "LMSDiscreteScheduler",
+    "lcm": "LCMScheduler", "tcd": "TCDScheduler",
 }
 # diffusers' defaults of each scheduler class where they differ from schedules.DEFAULTS: they apply to
 # keys a model's scheduler_config.json leaves out (SD 1.5's has no timestep_spacing, for one).
@@ -24,7 +27,10 @@ CLASS_DEFAULTS = {
     "pndm": {"set_alpha_to_one": False, "skip_prk_steps": False},
     "euler": {"timestep_spacing": "linspace"}, "euler_a": {"timestep_spacing": "linspace"},
     "heun": {"timestep_spacing": "linspace", "beta_start": 0.00085, "beta_end": 0.012},
-    "dpmpp_2m": {"timestep_spacing": "linspace"},
+    "dpmpp_2m": {"timestep_spacing": "linspace"}, "unipc": {"timestep_spacing": "linspace"},
+    "lms": {"timestep_spacing": "linspace"},
+    "lcm": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
+    "tcd": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
 }
 # Keys of each class that change its result and that the sampler implements at one value only (its
 # class default unless noted). Keys a sampler's plan takes as options (use_karras_sigmas, ...) are honoured.
@@ -40,6 +46,11 @@ FIXED_KEYS = {
                  "thresholding": False, "lower_order_final": True, "euler_at_final": False,
                  "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
                  "use_flow_sigmas": False, "variance_type": None, "use_dynamic_shifting": False},
+    "unipc": {"thresholding": False, "solver_p": None, "use_flow_sigmas": False, "use_dynamic_shifting": False,
+              "sigma_min": None, "sigma_max": None},
+    "lms": {},
+    "lcm": {"thresholding": False},
+    "tcd": {},  # TCDScheduler.step reads neither clip_sample nor thresholding
 }
 # What diffusers' StableDiffusionPipeline sets on its own scheduler when the config is outdated.
 _PIPELINE_FIXES = {"steps_offset": 1, "clip_sample": False}
