@@ -38,6 +38,11 @@ def reference_scheduler(name, config, num_steps, **options):
     return scheduler
 
 
+def settings_of(name, config):
+    """Our settings of a config dict for `name`'s class (its defaults for the keys left out)."""
+    return schedules.scheduler_settings(config, CLASS_DEFAULTS[name])
+
+
 def nan_at_zero_sigma(name, options):
     """Whether diffusers' UniPC returns NaN at the last step (a zero final sigma): bh1 multiplies a zero
     correction by B(h) = -inf, predict_x0=False 0 by e^inf. Ours takes the limit there: the predicted x0."""
@@ -88,11 +93,6 @@ def compare(name, config, num_steps, seed=0, start=0, **options):
     return float(diff.max()), float((diff / np.maximum(scale, 1)).max())
 
 
-def settings_of(name, config):
-    """Our settings of a config dict for `name`'s class (its defaults for the keys left out)."""
-    return schedules.scheduler_settings(config, CLASS_DEFAULTS[name])
-
-
 def trajectory(name, config, num_steps, **options):
     """Our trajectory [S, ...] from the standard start."""
     plan = SAMPLERS[name].plan(settings_of(name, config), num_steps, **options)
@@ -123,7 +123,8 @@ def test_unipc_orders(solver_order, solver_type, num_steps=12):
     dict(final_sigmas_type="sigma_min"),
     dict(disable_corrector=[0, 1, 5]),
     dict(solver_type="midpoint"),  # a DPM-Solver config's solver_type: diffusers runs bh2
-], ids=["eps_space", "eps_space_sigma_min", "eps_space_bh1_3", "no_lower_order_final", "sigma_min", "disable_corrector", "midpoint"])
+], ids=["eps_space", "eps_space_sigma_min", "eps_space_bh1_3", "no_lower_order_final", "sigma_min",
+        "disable_corrector", "midpoint"])
 @pytest.mark.parametrize("num_steps", [4, 25])
 def test_unipc_options(options, num_steps):
     config = dict(SD, prediction_type="v_prediction") if options.get("predict_x0") is False else SD
@@ -285,6 +286,7 @@ def test_errors():
         ("unipc", dict(lower_order_final=False, final_sigmas_type="sigma_min", use_beta_sigmas=True),
          "lower_order_final"),
         ("unipc", dict(final_sigmas_type="max"), "final_sigmas_type"),
+        ("unipc", dict(disable_corrector=[0.5]), "disable_corrector"),
         ("lms", dict(use_karras_sigmas=True, use_beta_sigmas=True), "use_karras_sigmas"),
         ("tcd", dict(eta=1.5), "eta"), ("lcm", dict(strength=0), "strength"),
         ("lcm", dict(original_inference_steps=2000), "original_inference_steps"),

@@ -51,7 +51,7 @@ def lcm_plan(settings, num_steps, original_inference_steps=50, timestep_scaling=
 
 
 def lcm_step(state, out, step, noise, **predict_options):
-    """x <- sqrt(abar_prev) (c_skip x + c_out x0) + sqrt(1 - abar_prev) noise; the last iteration returns the estimate."""
+    """x <- sqrt(abar_prev) (c_skip x + c_out x0) + sqrt(1 - abar_prev) noise; the last iteration: the estimate."""
     x = state["x"]
     x0, _ = _predict(out, x, step["abar_t"], **predict_options)
     return {"x": step["keep"] * (step["c_out"] * x0 + step["c_skip"] * x) + step["fresh"] * noise}
@@ -77,7 +77,7 @@ def tcd_plan(settings, num_steps, original_inference_steps=50, eta=0.3, strength
 
 
 def tcd_step(state, out, step, noise, *, prediction_type):
-    """x <- sqrt(abar_prev / abar_s) x_s + sqrt(1 - abar_prev / abar_s) noise, x_s = sqrt(abar_s) x0 + sqrt(1-abar_s) eps."""
+    """x <- sqrt(r) x_s + sqrt(1 - r) noise, x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps, r = abar_prev / abar_s."""
     x0, eps = _predict(out, state["x"], step["abar_t"], prediction_type, False, 1.0)
     abar_s = step["abar_s"]
     x_s = abar_s ** 0.5 * x0 + (1 - abar_s) ** 0.5 * eps

@@ -35,7 +35,7 @@ def sigma_ramp(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_s
 
 
 def _convert_coefficients(sigma, prediction_type, predict_x0):
-    """(c_skip, c_out) [N] float64: x0 (predict_x0) or eps = c_skip * x + c_out * output at x = alpha x0 + sigma_t eps."""
+    """(c_skip, c_out) [N] float64: x0 (predict_x0) or eps = c_skip x + c_out output at x = alpha x0 + sigma_t eps."""
     alpha = 1 / np.sqrt(sigma * sigma + 1)
     to = schedules.to_x0 if predict_x0 else schedules.to_eps
     zero = np.zeros_like(sigma)  # to_x0 / to_eps may return a constant
@@ -46,7 +46,7 @@ def _convert_coefficients(sigma, prediction_type, predict_x0):
 # ---- UniPC (host) ----
 
 def unipc_sigmas(settings, num_steps, ramp=None, final_sigmas_type="zero"):
-    """UniPCMultistepScheduler schedule: sigmas [N+1] float32 (last 0 or sigma_min) and integer timesteps [N] float32."""
+    """UniPCMultistepScheduler schedule: sigmas [N+1] float32 (last 0 or sigma_min), integer timesteps [N] float32."""
     sigmas, ts = dpm_sigmas(settings, num_steps, final_sigmas_type=final_sigmas_type)  # spacings, as DPM-Solver
     if ramp is None:
         return sigmas, ts
@@ -106,6 +106,8 @@ def unipc_plan(settings, num_steps, solver_order=2, predict_x0=True, solver_type
     solver_type = "bh2" if solver_type in ("midpoint", "heun", "logrho") else solver_type  # as diffusers maps them
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+    if not isinstance(disable_corrector, (list, tuple)) or not all(isinstance(i, int) for i in disable_corrector):
+        raise ValueError(f"disable_corrector must be a list of step indices, got {disable_corrector!r}")
     if final_sigmas_type == "zero" and not lower_order_final and solver_order > 1:
         raise ValueError("lower_order_final=False with solver_order > 1 needs final_sigmas_type='sigma_min': a "
                          "multistep update to a zero sigma diverges (diffusers' UniPCMultistepScheduler returns inf)")
@@ -164,7 +166,7 @@ def unipc_step(state, out, step, noise):
 # ---- LMS ----
 
 def _lms_weights(sigmas, i, order):
-    """[order] float64: integrals over [sigma_i, sigma_{i+1}] of the Lagrange basis on sigma_i, ..., sigma_{i-order+1}."""
+    """[order] float64: integrals over [sigma_i, sigma_{i+1}] of the Lagrange basis on sigma_i ... sigma_{i-order+1}."""
     nodes = sigmas[i - np.arange(order)]
     out = np.zeros(order)
     for j in range(order):
