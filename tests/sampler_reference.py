@@ -8,6 +8,7 @@ schedulers run on NHWC tensors unchanged and no transposes are needed.
     # ref, ours: [S, B, h, w, c] float32 numpy: x after each iteration
 """
 import contextlib
+import functools
 import importlib
 
 import jax
@@ -71,11 +72,11 @@ def run_diffusers(scheduler, x, noises=None, randn_module=None, start=0, step_kw
     return np.stack(out)
 
 
-def run_ours(sampler, plan, x, noises=None):
-    """Our sampler under jit + lax.scan, one fake-model call per iteration -> [S,...] x after each iteration."""
-    step_fn = bind(sampler, plan.options)
-    n = len(plan.timesteps)
-    noises = np.zeros((n,) + x.shape, np.float32) if noises is None else noises[:n]
+@functools.lru_cache(maxsize=None)
+def _runner(sampler, options):
+    """Jitted (x, steps, timesteps, noises) -> [S,...] trajectory of `sampler` with static options (a sorted tuple);
+    one per sampler and options, so cases of equal shapes share a compile."""
+    step_fn = bind(sampler, dict(options))
 
     @jax.jit
     def run(x, steps, timesteps, noises):
@@ -86,5 +87,12 @@ def run_ours(sampler, plan, x, noises=None):
             return state, state["x"]
         return jax.lax.scan(body, sampler.init(x, steps), (steps, timesteps, noises))[1]
 
-    return np.asarray(run(jnp.asarray(x), plan.steps, plan.timesteps, noises))
+    return run
 
+
+def run_ours(sampler, plan, x, noises=None):
+    """Our sampler under jit + lax.scan, one fake-model call per iteration -> [S,...] x after each iteration."""
+    n = len(plan.timesteps)
+    noises = np.zeros((n,) + x.shape, np.float32) if noises is None else noises[:n]
+    run = _runner(sampler, tuple(sorted(plan.options.items())))
+    return np.asarray(run(jnp.asarray(x), plan.steps, plan.timesteps, noises))

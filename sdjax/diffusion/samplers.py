@@ -5,19 +5,23 @@ import inspect
 import logging
 
 from sdjax.diffusion import schedules
+from sdjax.diffusion.consistency_samplers import CONSISTENCY_SAMPLERS
 from sdjax.diffusion.k_samplers import K_SAMPLERS
 from sdjax.diffusion.midpoint_samplers import MIDPOINT_SAMPLERS
+from sdjax.diffusion.multistep_samplers import MULTISTEP_SAMPLERS
 from sdjax.diffusion.timestep_samplers import TIMESTEP_SAMPLERS
 
 log = logging.getLogger("sdjax")
 
-SAMPLERS = {**TIMESTEP_SAMPLERS, **K_SAMPLERS, **MIDPOINT_SAMPLERS}
+SAMPLERS = {**TIMESTEP_SAMPLERS, **K_SAMPLERS, **MIDPOINT_SAMPLERS, **MULTISTEP_SAMPLERS, **CONSISTENCY_SAMPLERS}
 # The diffusers scheduler class each sampler reproduces.
 SCHEDULER_CLASSES = {
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler", "dpm2": "KDPM2DiscreteScheduler",
     "dpm2_a": "KDPM2AncestralDiscreteScheduler", "dpmpp_sde": "DPMSolverSDEScheduler",
+    "unipc": "UniPCMultistepScheduler", "lms": "LMSDiscreteScheduler",
+    "lcm": "LCMScheduler", "tcd": "TCDScheduler",
 }
 # diffusers' defaults of each scheduler class where they differ from schedules.DEFAULTS: they apply to
 # keys a model's scheduler_config.json leaves out (SD 1.5's has no timestep_spacing, for one).
@@ -26,9 +30,12 @@ CLASS_DEFAULTS = {
     "pndm": {"set_alpha_to_one": False, "skip_prk_steps": False},
     "euler": {"timestep_spacing": "linspace"}, "euler_a": {"timestep_spacing": "linspace"},
     "heun": {"timestep_spacing": "linspace", "beta_start": 0.00085, "beta_end": 0.012},
-    "dpmpp_2m": {"timestep_spacing": "linspace"},
     **{name: {"timestep_spacing": "linspace", "beta_start": 0.00085, "beta_end": 0.012}
        for name in ("dpm2", "dpm2_a", "dpmpp_sde")},
+    "dpmpp_2m": {"timestep_spacing": "linspace"}, "unipc": {"timestep_spacing": "linspace"},
+    "lms": {"timestep_spacing": "linspace"},
+    "lcm": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
+    "tcd": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
 }
 # Keys of each class that change its result and that the sampler implements at one value only (its
 # class default unless noted). Keys a sampler's plan takes as options (use_karras_sigmas, ...) are honoured.
@@ -47,6 +54,11 @@ FIXED_KEYS = {
     "dpm2": {}, "dpm2_a": {},
     # Our Brownian noise comes from the images' keys (one path per image); a torchsde seed's bits are not reproduced.
     "dpmpp_sde": {"noise_sampler_seed": None},
+    "unipc": {"thresholding": False, "solver_p": None, "use_flow_sigmas": False, "use_dynamic_shifting": False,
+              "sigma_min": None, "sigma_max": None},
+    "lms": {},
+    "lcm": {"thresholding": False},
+    "tcd": {},  # TCDScheduler.step reads neither clip_sample nor thresholding
 }
 # What diffusers' StableDiffusionPipeline sets on its own scheduler when the config is outdated.
 _PIPELINE_FIXES = {"steps_offset": 1, "clip_sample": False}
