@@ -76,3 +76,21 @@ def test_second_run_loads_the_sampling_loop_from_the_cache(torch_folder, tmp_pat
     assert sorted(os.listdir(out)) == ["0000-seed0.png", "0001-seed0.png"]
     np.testing.assert_array_equal(np.asarray(Image.open(out / "0000-seed0.png")),
                                   np.asarray(Image.open(out / "0001-seed0.png")))
+
+
+def test_sampler_help_and_no_import_noise(torch_folder):
+    """--sampler help lists every sampler with its diffusers class; a run where transformers finds no PyTorch prints
+    nothing but its own lines (transformers' advice is silenced; shown: a plain `import transformers` prints it)."""
+    from sdjax.diffusion.samplers import SAMPLERS, SCHEDULER_CLASSES
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    listed = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--sampler", "help"], check=True,
+                            capture_output=True, text=True).stdout
+    assert all(f"{name} " in listed and SCHEDULER_CLASSES[name] in listed for name in SAMPLERS)
+    no_torch = "import sys, runpy; sys.modules['torch'] = None; "
+    cli = no_torch + (f"sys.argv = ['sample.py', '--model', {torch_folder[1]!r}, '--prompt', 'x', '--steps', '0']; "
+                      f"runpy.run_path({os.path.join(root, 'sample.py')!r}, run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True)
+    assert run.returncode != 0 and "num_steps must be" in run.stderr
+    assert "PyTorch" not in run.stderr + run.stdout
+    plain = subprocess.run([sys.executable, "-c", no_torch + "import transformers"], capture_output=True, text=True)
+    assert "PyTorch was not found" in plain.stderr

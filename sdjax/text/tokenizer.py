@@ -2,7 +2,10 @@
 import os
 
 import numpy as np
-import transformers
+
+# transformers without PyTorch says so at import ("PyTorch was not found..."): sdjax needs its tokenizers only
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import transformers  # noqa: E402
 
 # Either a `tokenizers` file (what transformers >= 5 saves) or the classic BPE pair.
 REQUIRED_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
