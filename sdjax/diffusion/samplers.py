@@ -5,17 +5,20 @@ import inspect
 import logging
 
 from sdjax.diffusion import schedules
+from sdjax.diffusion.dpm_solver import DPM_SAMPLERS
 from sdjax.diffusion.k_samplers import K_SAMPLERS
 from sdjax.diffusion.timestep_samplers import TIMESTEP_SAMPLERS
 
 log = logging.getLogger("sdjax")
 
-SAMPLERS = {**TIMESTEP_SAMPLERS, **K_SAMPLERS}
+SAMPLERS = {**TIMESTEP_SAMPLERS, **K_SAMPLERS, **DPM_SAMPLERS}
 # The diffusers scheduler class each sampler reproduces.
 SCHEDULER_CLASSES = {
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler", "dpmpp_3m": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde": "DPMSolverMultistepScheduler", "dpmpp_3m_sde": "DPMSolverMultistepScheduler",
+    "dpmpp_2s": "DPMSolverSinglestepScheduler", "deis": "DEISMultistepScheduler",
 }
 # diffusers' defaults of each scheduler class where they differ from schedules.DEFAULTS: they apply to
 # keys a model's scheduler_config.json leaves out (SD 1.5's has no timestep_spacing, for one).
@@ -24,7 +27,8 @@ CLASS_DEFAULTS = {
     "pndm": {"set_alpha_to_one": False, "skip_prk_steps": False},
     "euler": {"timestep_spacing": "linspace"}, "euler_a": {"timestep_spacing": "linspace"},
     "heun": {"timestep_spacing": "linspace", "beta_start": 0.00085, "beta_end": 0.012},
-    "dpmpp_2m": {"timestep_spacing": "linspace"},
+    **{name: {"timestep_spacing": "linspace"} for name in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde",
+                                                           "dpmpp_2s", "deis")},
 }
 # Keys of each class that change its result and that the sampler implements at one value only (its
 # class default unless noted). Keys a sampler's plan takes as options (use_karras_sigmas, ...) are honoured.
@@ -32,14 +36,18 @@ FIXED_KEYS = {
     "ddim": {"thresholding": False},
     "ddpm": {"thresholding": False, "variance_type": "fixed_small"},
     "pndm": {"skip_prk_steps": True},  # PLMS only (False, the class default, begins with Runge-Kutta steps)
-    "euler": {"interpolation_type": "linear", "use_exponential_sigmas": False, "use_beta_sigmas": False,
-              "sigma_min": None, "sigma_max": None, "timestep_type": "discrete", "final_sigmas_type": "zero"},
+    "euler": {"interpolation_type": "linear", "timestep_type": "discrete"},
     "euler_a": {},
-    "heun": {"use_exponential_sigmas": False, "use_beta_sigmas": False},
-    "dpmpp_2m": {"solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
-                 "thresholding": False, "lower_order_final": True, "euler_at_final": False,
-                 "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-                 "use_flow_sigmas": False, "variance_type": None, "use_dynamic_shifting": False},
+    "heun": {},
+    # the names fix algorithm_type and solver_order (dpmsolver / sde-dpmsolver, deprecated in diffusers, are not run)
+    **{name: {"algorithm_type": algorithm, "solver_order": order, "thresholding": False, "variance_type": None,
+              "use_flow_sigmas": False, "use_dynamic_shifting": False}
+       for name, (algorithm, order) in {"dpmpp_2m": ("dpmsolver++", 2), "dpmpp_3m": ("dpmsolver++", 3),
+                                        "dpmpp_2m_sde": ("sde-dpmsolver++", 2),
+                                        "dpmpp_3m_sde": ("sde-dpmsolver++", 3)}.items()},
+    "dpmpp_2s": {"algorithm_type": "dpmsolver++", "thresholding": False, "variance_type": None,
+                 "use_flow_sigmas": False, "use_dynamic_shifting": False},
+    "deis": {"thresholding": False, "use_flow_sigmas": False, "use_dynamic_shifting": False},
 }
 # What diffusers' StableDiffusionPipeline sets on its own scheduler when the config is outdated.
 _PIPELINE_FIXES = {"steps_offset": 1, "clip_sample": False}
@@ -76,3 +84,26 @@ def configure(name, config, **options):
                        f"diffusers' {SCHEDULER_CLASSES[name]}")
     from_config = {k: config[k] for k in plan_keys if config.get(k) is not None}
     return settings, {**from_config, **options}
+
+
+def _dpm_multistep(config):
+    """The DPMSolverMultistepScheduler sampler of a config: by algorithm_type (sde or not) and solver_order (2 or 3)."""
+    sde = str(config.get("algorithm_type", "dpmsolver++")).startswith("sde")
+    return f"dpmpp_{3 if config.get('solver_order', 2) >= 3 else 2}m{'_sde' if sde else ''}"
+
+
+# scheduler class -> (config -> sampler name), for classes that several samplers reproduce
+SCHEDULER_CHOOSERS = {"DPMSolverMultistepScheduler": _dpm_multistep}
+
+
+def scheduler_sampler(config):
+    """(sampler name, plan options) that diffusers runs for a scheduler_config.json dict, by its `_class_name`;
+    None for a class no sampler reproduces. Keys the sampler does not implement warn as in `configure`."""
+    cls = config.get("_class_name")
+    if cls in SCHEDULER_CHOOSERS:
+        name = SCHEDULER_CHOOSERS[cls](config)
+    else:
+        name = next((n for n, c in SCHEDULER_CLASSES.items() if c == cls), None)
+        if name is None:
+            return None
+    return name, configure(name, config)[1]
