@@ -28,11 +28,21 @@ SOLVER_TYPE_ALIASES = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint
 
 # ---- schedules (host, numpy) ----
 
+def lu_sigmas(sigma_min, sigma_max, num_steps):
+    """[num_steps] float64 noise levels evenly spaced in lambda = -log sigma (Lu et al. 2022; diffusers'
+    use_lu_lambdas), from the float32 logs of the end points as diffusers takes them."""
+    lo, hi = float(np.log(np.float32(sigma_min))), float(np.log(np.float32(sigma_max)))
+    return np.exp(hi + np.linspace(0, 1, num_steps) * (lo - hi))
+
+
+RAMPS = {**schedules.SIGMA_RAMPS, "lu": lu_sigmas}
+
+
 def solver_sigmas(settings, num_steps, spacing, ramp=None, round_ramp=True, lambda_min_clipped=-math.inf):
     """These classes' set_timesteps without the final sigma: sigmas [N] float64 and integer timesteps [N] int64.
 
     spacing: linspace / leading / trailing, up to the last timestep whose lambda is >= lambda_min_clipped;
-    ramp: a schedules.SIGMA_RAMPS name over the whole training range (then timesteps from the ramp's sigmas,
+    ramp: a RAMPS name over the whole training range (then timesteps from the ramp's sigmas,
     rounded if round_ramp, else truncated as diffusers' int64 cast does)."""
     n = settings["num_train_timesteps"]
     if not 1 <= num_steps <= n:
@@ -49,7 +59,7 @@ def solver_sigmas(settings, num_steps, spacing, ramp=None, round_ramp=True, lamb
         raise ValueError(f"timestep_spacing must be linspace, leading or trailing, got {spacing!r}")
     if ramp is None:
         return np.interp(ts, np.arange(n), train), ts.astype(np.int64)
-    sigmas = schedules.SIGMA_RAMPS[ramp](train[0], train[-1], num_steps)
+    sigmas = RAMPS[ramp](train[0], train[-1], num_steps)
     ts = schedules.sigma_to_t(sigmas, train)
     return sigmas, (ts.round() if round_ramp else ts).astype(np.int64)
 
@@ -188,9 +198,8 @@ def multistep_plan(settings, num_steps, algorithm_type, solver_order, solver_typ
     """DPMSolverMultistepScheduler(algorithm_type = dpmsolver++ or sde-dpmsolver++, solver_order 1-3): N iterations."""
     solver_type, last = _solver_type(solver_type), _final_sigma(settings, final_sigmas_type)
     ramp = schedules.sigma_ramp(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
-    lu = use_lu_lambdas and ramp != "karras"  # diffusers: karras, then lu, then exponential, then beta
-    ramp = "exponential" if lu else ramp      # Lu's lambdas are evenly spaced in log sigma, their timesteps rounded
-    rounded = (ramp == "karras" or lu) and settings["beta_schedule"] != "squaredcos_cap_v2"
+    ramp = "lu" if use_lu_lambdas and ramp != "karras" else ramp  # diffusers: karras, lu, exponential, beta
+    rounded = ramp in ("karras", "lu") and settings["beta_schedule"] != "squaredcos_cap_v2"
     sigmas, ts = solver_sigmas(settings, num_steps, settings["timestep_spacing"], ramp, rounded, lambda_min_clipped)
     sig = np.append(sigmas, last).astype(np.float32).astype(np.float64)
     order = _lower_order_end(np.full(len(ts), solver_order), lower_order_final)
