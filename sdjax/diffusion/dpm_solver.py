@@ -11,7 +11,9 @@ where k + 1 is the iteration's order: the plan's order (lower near the end, sing
 to the number of outputs since sampling began (state "n", so an img2img slice warms up again as diffusers'
 fresh scheduler does). base is x itself, or for singlestep solvers the x where the current 2- or 3-stage step
 began. The plan computes ratio, w and noise_scale per iteration and order on the host in float64 from the
-same float32 sigmas diffusers uses, writing out its formulas in terms of the m's.
+same float32 sigmas diffusers uses, writing out its formulas in terms of the m's. (diffusers computes them in
+float32: DEIS's third-order weights, differences of Lagrange integrals, lose ~1e-2 there over 25 beta-ramp steps;
+tests/test_dpm_samplers.py compares those with diffusers' coefficients in float64.)
 """
 import math
 
@@ -126,15 +128,16 @@ def _multistep_weights(algorithm_type, solver_type, sig):
     return np.stack([c["ratio"]] * 3, 1), np.stack([c["noise"]] * 3, 1), w
 
 
-def _singlestep_weights(algorithm_type, solver_type, sig):
-    """ratio, noise_scale [N,3], w [N,3,3] of DPMSolverSinglestep's updates from the stage's start (i, i-1, i-2)."""
+def _singlestep_weights(solver_type, sig):
+    """ratio, noise_scale [N,3], w [N,3,3] of DPMSolverSinglestep's (dpmsolver++) updates from the stage's start
+    (i, i-1, i-2)."""
     lam, n = -np.log(sig), len(sig) - 1
     i = np.arange(n)
     ratio, noise, w = np.zeros((n, 3)), np.zeros((n, 3)), np.zeros((n, 3, 3))
     for k in range(3):
         b = np.maximum(i - k, 0)
         h = lam[i + 1] - lam[b]
-        c = _coefficients(algorithm_type, sig[i + 1], sig[b], h)
+        c = _coefficients("dpmsolver++", sig[i + 1], sig[b], h)
         ratio[:, k], noise[:, k], c0, heun = c["ratio"], c["noise"], c["c0"], c["heun"]
         if k == 0:
             w[:, 0, 0] = c0
@@ -251,7 +254,7 @@ def singlestep_plan(settings, num_steps, solver_order=2, solver_type="midpoint",
     if final_sigmas_type == "zero":
         order[-1] = 1
     with np.errstate(all="ignore"):
-        weights = _singlestep_weights("dpmsolver++", solver_type, sig)
+        weights = _singlestep_weights(solver_type, sig)
     return _solver_plan(settings, ts, sig, order, weights, True, singlestep=True, stochastic=False)
 
 
