@@ -190,11 +190,10 @@ def test_scheduler_keys_are_honoured_or_named(caplog):
         _, euler = samplers.configure("euler", dict(config, interpolation_type="log_linear"))
     assert options == {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}
     assert given["use_karras_sigmas"] is False  # an explicit option wins over the config
-    assert euler == {"use_karras_sigmas": True}
+    assert euler == {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}
     warned = [r.message for r in caplog.records]
     assert sum("algorithm_type='sde-dpmsolver++'" in m for m in warned) == 1  # once, not per call
     assert any("interpolation_type='log_linear'" in m and "'euler'" in m for m in warned)
-    assert any("final_sigmas_type='sigma_min'" in m and "'euler'" in m for m in warned)
     with pytest.raises(ValueError, match="does not take options"):
         samplers.configure("euler_a", config, use_karras_sigmas=True)
 

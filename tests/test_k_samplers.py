@@ -1,4 +1,4 @@
-"""Euler, Euler a, Heun and DPM-Solver++(2M) trajectories against diffusers' schedulers (same fake model and noise)."""
+"""Euler, Euler a, Heun and DPM-Solver++(2M) (more of its family in test_dpm_samplers.py) trajectories against diffusers' schedulers (same fake model and noise)."""
 import numpy as np
 import pytest
 import torch
@@ -38,8 +38,8 @@ def compare(name, config, num_steps, seed=0, **options):
     """(max abs diff, max diff relative to the largest |x| so far) over the text-to-image trajectory."""
     scheduler = reference_scheduler(name, config, num_steps, **options)
     plan = SAMPLERS[name].plan(schedules.scheduler_settings(config), num_steps, **options)
-    # Karras timesteps come from log-sigma interpolation, sensitive to the last bits of alphas_cumprod
-    exact = not options.get("use_karras_sigmas")
+    # a ramp's timesteps come from log-sigma interpolation, sensitive to the last bits of alphas_cumprod
+    exact = not any(options.get(f"use_{ramp}_sigmas") for ramp in schedules.SIGMA_RAMPS)
     np.testing.assert_allclose(plan.timesteps, scheduler.timesteps.numpy(), rtol=0, atol=0 if exact else 2e-3)
     np.testing.assert_allclose(plan.init_noise_sigma, float(scheduler.init_noise_sigma), rtol=2e-6)
     x, noises = test_inputs(seed, len(plan.timesteps))
@@ -73,6 +73,21 @@ def test_spacings(name, num_steps, spacing):
 def test_karras(name, num_steps, spacing):
     config = dict(SD_CONFIG, timestep_spacing=spacing)
     assert compare(name, config, num_steps, use_karras_sigmas=True)[0] <= TOL
+
+
+@pytest.mark.parametrize("num_steps", [1, 4, 25])
+@pytest.mark.parametrize("ramp", ["exponential", "beta"])
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_exponential_and_beta_sigmas(name, ramp, num_steps):
+    assert compare(name, SD_CONFIG, num_steps, **{f"use_{ramp}_sigmas": True})[0] <= TOL
+
+
+@pytest.mark.parametrize("options", [dict(final_sigmas_type="sigma_min"),
+                                     dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0),
+                                     dict(use_beta_sigmas=True, sigma_min=0.05, final_sigmas_type="sigma_min")],
+                         ids=["sigma_min_final", "karras_range", "beta_range"])
+def test_euler_options(options):
+    assert compare("euler", dict(SD_CONFIG, prediction_type="v_prediction"), 6, **options)[0] <= TOL
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -155,3 +170,5 @@ def test_errors():
         SAMPLERS["euler"].plan(schedules.scheduler_settings(SD_CONFIG), 0)
     with pytest.raises(TypeError):
         SAMPLERS["euler_a"].plan(schedules.scheduler_settings(SD_CONFIG), 4, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="only one of"):
+        SAMPLERS["heun"].plan(schedules.scheduler_settings(SD_CONFIG), 4, use_karras_sigmas=True, use_beta_sigmas=True)

@@ -1,17 +1,16 @@
-"""Sigma-based samplers (k-diffusion style): Euler, Euler ancestral, Heun, DPM-Solver++(2M).
+"""Sigma-based samplers (k-diffusion style): Euler, Euler ancestral, Heun.
 
-Plans reproduce diffusers' EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete and DPMSolverMultistep
-(dpmsolver++, order 2) schedulers iteration for iteration. Euler, Euler a and Heun keep x in the
-variance-exploding scale x = x0 + sigma * eps (the U-Net sees x / sqrt(sigma^2 + 1)); DPM-Solver++ keeps
-diffusers' scale x = alpha * x0 + sigma_t * eps with alpha = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha.
-Each iteration turns the model output into x0 = c_skip * x + c_out * output with coefficients the plan
-computes from the prediction type, so `step` needs no options (Heun's clip_sample aside).
+Plans reproduce diffusers' EulerDiscrete, EulerAncestralDiscrete and HeunDiscrete schedulers iteration for
+iteration. They keep x in the variance-exploding scale x = x0 + sigma * eps (the U-Net sees
+x / sqrt(sigma^2 + 1)). Each iteration turns the model output into x0 = c_skip * x + c_out * output with
+coefficients the plan computes from the prediction type, so `step` needs no options (Heun's clip_sample aside).
+The DPM-Solver family (dpm_solver.py) shares train_sigmas, x0_coefficients and _plan.
 """
 import jax.numpy as jnp
 import numpy as np
 
 from sdjax.diffusion import schedules
-from sdjax.diffusion.plan import Plan, Sampler, x_itself, x_only
+from sdjax.diffusion.plan import Plan, Sampler, x_only
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
@@ -26,38 +25,25 @@ def train_sigmas(settings):
     return schedules.sigmas_from_alphas(acp)
 
 
-def k_sigmas(settings, num_steps, use_karras_sigmas=False):
-    """Euler/Heun schedule: sigmas [N+1] float32 (descending, last 0) and timesteps [N] float32."""
+def k_sigmas(settings, num_steps, ramp=None, final_sigmas_type="zero", sigma_min=None, sigma_max=None):
+    """Euler/Heun schedule: sigmas [N+1] float32 (descending, last 0 or sigma_min) and timesteps [N] float32.
+
+    ramp: a schedules.SIGMA_RAMPS name or None; it runs from sigma_max down to sigma_min, by default the spaced
+    schedule's own end points, and its timesteps are the fractional ones of its sigmas."""
+    if final_sigmas_type not in FINAL_SIGMAS_TYPES:
+        raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
     train = train_sigmas(settings)
     ts = schedules.spaced_timesteps(settings, num_steps).astype(np.float32)
     if settings["timestep_spacing"] == "linspace":  # these schedulers do not round linspace timesteps
         ts = np.linspace(0, settings["num_train_timesteps"] - 1, num_steps, dtype=np.float32)[::-1].copy()
     sigmas = np.interp(ts, np.arange(len(train)), train)
-    if use_karras_sigmas:  # Karras ramp between the spaced schedule's own end points
-        sigmas = schedules.karras_sigmas(sigmas[-1], sigmas[0], num_steps)
+    if ramp is not None:
+        lo = sigmas[-1] if sigma_min is None else sigma_min
+        hi = sigmas[0] if sigma_max is None else sigma_max
+        sigmas = schedules.SIGMA_RAMPS[ramp](lo, hi, num_steps)
         ts = schedules.sigma_to_t(sigmas, train).astype(np.float32)
-    return np.append(sigmas, 0.0).astype(np.float32), ts
-
-
-def dpm_sigmas(settings, num_steps, use_karras_sigmas=False, final_sigmas_type="zero"):
-    """DPMSolverMultistep schedule: sigmas [N+1] float32 (last 0 or sigma_min) and integer timesteps [N] float32."""
-    if final_sigmas_type not in FINAL_SIGMAS_TYPES:
-        raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
-    n, spacing, train = settings["num_train_timesteps"], settings["timestep_spacing"], train_sigmas(settings)
-    ts = schedules.spaced_timesteps(settings, num_steps)  # trailing; also validates num_steps and spacing
-    if spacing == "linspace":  # N+1 points with the last (t=0) dropped
-        ts = np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
-    elif spacing == "leading":
-        ts = (np.arange(num_steps + 1) * (n // (num_steps + 1))).round()[::-1][:-1].astype(np.int64)
-        ts = ts + settings["steps_offset"]
-    if use_karras_sigmas:  # Karras ramp over the whole training range
-        sigmas = schedules.karras_sigmas(train[0], train[-1], num_steps)
-        ts = schedules.sigma_to_t(sigmas, train)
-        ts = ts if settings["beta_schedule"] == "squaredcos_cap_v2" else ts.round()
-    else:
-        sigmas = np.interp(ts, np.arange(n), train)
     last = train[0] if final_sigmas_type == "sigma_min" else 0.0
-    return np.append(sigmas, last).astype(np.float32), ts.astype(np.int64).astype(np.float32)
+    return np.append(sigmas, last).astype(np.float32), ts
 
 
 def k_init_noise_sigma(settings, sigmas):
@@ -77,8 +63,8 @@ def x0_coefficients(sigma, prediction_type):
 
 
 def _plan(timesteps, noise_b, init_noise_sigma, order=1, noise_a=None, options=None, **steps):
-    """Plan with float32 per-iteration arrays (bools kept) plus "index"."""
-    steps = {k: v if v.dtype == bool else v.astype(np.float32) for k, v in steps.items()}
+    """Plan with float32 per-iteration arrays (bools and integers kept) plus "index"."""
+    steps = {k: v if v.dtype.kind in "bi" else v.astype(np.float32) for k, v in steps.items()}
     steps["index"] = np.arange(len(timesteps), dtype=np.int32)
     noise_a = np.ones_like(noise_b) if noise_a is None else noise_a
     return Plan(timesteps=timesteps.astype(np.float32), steps=steps, noise_a=noise_a.astype(np.float32),
@@ -95,9 +81,11 @@ def _euler_scalings(sigma, prediction_type):
 
 # ---- plans ----
 
-def euler_plan(settings, num_steps, use_karras_sigmas=False):
+def euler_plan(settings, num_steps, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+               final_sigmas_type="zero", sigma_min=None, sigma_max=None):
     """EulerDiscreteScheduler (s_churn = 0): N iterations."""
-    sigmas, ts = k_sigmas(settings, num_steps, use_karras_sigmas)
+    ramp = schedules.sigma_ramp(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+    sigmas, ts = k_sigmas(settings, num_steps, ramp, final_sigmas_type, sigma_min, sigma_max)
     s, s_next = sigmas[:-1], sigmas[1:]
     return _plan(ts, s, k_init_noise_sigma(settings, sigmas), dt=s_next - s,
                  **_euler_scalings(s, settings["prediction_type"]))
@@ -113,11 +101,12 @@ def euler_a_plan(settings, num_steps):
                  **_euler_scalings(sigmas[:-1], settings["prediction_type"]))
 
 
-def heun_plan(settings, num_steps, use_karras_sigmas=False):
+def heun_plan(settings, num_steps, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False):
     """HeunDiscreteScheduler: 2N-1 iterations alternating an Euler predictor and a trapezoid corrector."""
     if settings["rescale_betas_zero_snr"]:
         raise ValueError("heun does not support rescale_betas_zero_snr (diffusers' HeunDiscreteScheduler lacks it)")
-    sigmas, ts = k_sigmas(settings, num_steps, use_karras_sigmas)
+    ramp = schedules.sigma_ramp(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+    sigmas, ts = k_sigmas(settings, num_steps, ramp)
     si = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])  # [2N]: s0 s1 s1 s2 s2 ... 0
     ts = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])
     dt = np.diff(si)
@@ -127,26 +116,6 @@ def heun_plan(settings, num_steps, use_karras_sigmas=False):
                    clip_sample_range=float(settings["clip_sample_range"]))
     return _plan(ts, si[:-1], k_init_noise_sigma(settings, sigmas), order=2, options=options, dt=dt, first=first,
                  **_euler_scalings(si[:-1], settings["prediction_type"]))
-
-
-def dpmpp_2m_plan(settings, num_steps, use_karras_sigmas=False, final_sigmas_type="zero"):
-    """DPMSolverMultistepScheduler(dpmsolver++, solver_order=2, lower_order_final=True): N iterations."""
-    sigmas, ts = dpm_sigmas(settings, num_steps, use_karras_sigmas, final_sigmas_type)
-    s = sigmas.astype(np.float64)
-    alpha = 1 / np.sqrt(s * s + 1)
-    with np.errstate(divide="ignore"):
-        lam = -np.log(s)  # log(alpha / sigma_t); +inf at sigma = 0
-    h = lam[1:] - lam[:-1]
-    h_prev = np.concatenate([h[:1], h[:-1]])  # placeholder at i = 0, which is always first order
-    # first order on the last step with a zero final sigma, or with few steps (diffusers' lower_order_final)
-    second = np.ones(num_steps, bool)
-    second[-1] = not (final_sigmas_type == "zero" or num_steps < 15)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        half_inv_r = np.where(second, 0.5 * h / h_prev, 0.0)
-    c_skip, c_out = x0_coefficients(s[:-1], settings["prediction_type"])
-    return _plan(ts, s[:-1] * alpha[:-1], 1.0, noise_a=alpha[:-1],
-                 c_skip=c_skip / alpha[:-1], c_out=c_out, second=second, half_inv_r=half_inv_r,
-                 ratio=s[1:] * alpha[1:] / (s[:-1] * alpha[:-1]), b=alpha[1:] * (1 - s[1:] / s[:-1]))
 
 
 # ---- state updates (inside jit / lax.scan) ----
@@ -192,23 +161,8 @@ def heun_step(state, out, step, noise, clip_sample=False, clip_sample_range=1.0)
             "x_prev": jnp.where(first, x, state["x_prev"]), "d_prev": jnp.where(first, d, state["d_prev"])}
 
 
-def dpmpp_init(x, steps):
-    """State {"x", "x0_prev" (previous iteration's x0), "has_prev" (a previous x0 exists since sampling began)}."""
-    return {"x": x, "x0_prev": jnp.zeros_like(x), "has_prev": jnp.array(False)}
-
-
-def dpmpp_2m_step(state, out, step, noise):
-    """x <- (sigma_t'/sigma_t) x + alpha'(1 - e^-h) D, D = x0 (+ (x0 - x0_prev) / (2 r) when second order)."""
-    x = state["x"]
-    x0 = _denoised(x, out, step)
-    second = state["has_prev"] & step["second"]
-    d = x0 + jnp.where(second, step["half_inv_r"] * (x0 - state["x0_prev"]), 0.0)
-    return {"x": step["ratio"] * x + step["b"] * d, "x0_prev": x0, "has_prev": jnp.array(True)}
-
-
 K_SAMPLERS = {
     "euler": Sampler(euler_plan, x_only, _scaled_input, euler_step),
     "euler_a": Sampler(euler_a_plan, x_only, _scaled_input, euler_a_step),
     "heun": Sampler(heun_plan, heun_init, _scaled_input, heun_step),
-    "dpmpp_2m": Sampler(dpmpp_2m_plan, dpmpp_init, x_itself, dpmpp_2m_step),
 }

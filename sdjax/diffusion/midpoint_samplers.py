@@ -20,18 +20,7 @@ from sdjax.diffusion.k_samplers import (_denoised, _plan, _scaled_input, k_init_
                                         x0_coefficients)
 from sdjax.diffusion.plan import Sampler, iteration_noise
 
-RAMP_OPTIONS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential", "use_beta_sigmas": "beta"}
-
-
 # ---- schedules (host, numpy) ----
-
-def sigma_ramp(**flags):
-    """The SIGMA_RAMPS name chosen by use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas, or None."""
-    chosen = sorted(k for k, v in flags.items() if v)
-    if len(chosen) > 1:
-        raise ValueError(f"only one of {', '.join(RAMP_OPTIONS)} may be set, got {chosen}")
-    return RAMP_OPTIONS[chosen[0]] if chosen else None
-
 
 def _check(settings, name):
     """ValueError for what these diffusers classes lack: zero-SNR betas, prediction_type 'sample'."""
@@ -89,7 +78,7 @@ def _lerp_log(a, b):
 def dpm2_plan(settings, num_steps, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False):
     """KDPM2DiscreteScheduler: Euler to the log-midpoint sqrt(sigma sigma'), then from sigma with its slope."""
     _check(settings, "dpm2")
-    ramp = sigma_ramp(use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
+    ramp = schedules.sigma_ramp(use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
                       use_beta_sigmas=use_beta_sigmas)
     s, ts = step_sigmas(settings, num_steps, ramp, round_karras=True)
     sigmas = np.append(s, 0.0).astype(np.float32)  # [N+1]
@@ -106,7 +95,7 @@ def dpm2_a_plan(settings, num_steps, use_karras_sigmas=False, use_exponential_si
     Computed in float32 as diffusers does. Its midpoint sqrt(sigma sigma_down) is sigma' itself up to rounding
     (sigma_down = sigma'^2 / sigma), so the second model call sees (about) the next step's noise level."""
     _check(settings, "dpm2_a")
-    ramp = sigma_ramp(use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
+    ramp = schedules.sigma_ramp(use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
                       use_beta_sigmas=use_beta_sigmas)
     s, ts = step_sigmas(settings, num_steps, ramp, round_karras=True)
     sigmas = np.append(s, 0.0).astype(np.float32)  # [N+1]
@@ -130,7 +119,7 @@ def dpmpp_sde_plan(settings, num_steps, use_karras_sigmas=False, use_exponential
     """DPMSolverSDEScheduler (eta = 1, s_noise = 1): two ancestral DPM-Solver-1 stages per step, via the
     log-midpoint; the Brownian noise coefficients (noise_self, noise_prev) for `sde_noise`."""
     _check(settings, "dpmpp_sde")
-    ramp = sigma_ramp(use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
+    ramp = schedules.sigma_ramp(use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
                       use_beta_sigmas=use_beta_sigmas)
     s, ts = step_sigmas(settings, num_steps, ramp, float64_linspace=True)
     t = -np.log(s)

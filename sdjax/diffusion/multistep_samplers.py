@@ -16,22 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.diffusion import schedules
-from sdjax.diffusion.k_samplers import (_euler_scalings, _plan, _scaled_input, dpm_sigmas, k_init_noise_sigma,
-                                        k_sigmas, train_sigmas)
+from sdjax.diffusion.dpm_solver import final_sigma, solver_sigmas
+from sdjax.diffusion.k_samplers import _euler_scalings, _plan, _scaled_input, k_init_noise_sigma, k_sigmas, train_sigmas
 from sdjax.diffusion.plan import Sampler, x_itself
 
 SOLVER_TYPES = ("bh1", "bh2")
 LMS_ORDER = 4  # LMSDiscreteScheduler.step's default `order`, which diffusers' pipelines leave as it is
-
-
-def sigma_ramp(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False):
-    """The name in schedules.SIGMA_RAMPS that diffusers' use_*_sigmas flags select, or None."""
-    chosen = [name for name, on in (("karras", use_karras_sigmas), ("exponential", use_exponential_sigmas),
-                                    ("beta", use_beta_sigmas)) if on]
-    if len(chosen) > 1:
-        raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas may be set, "
-                         f"got {', '.join(f'use_{name}_sigmas' for name in chosen)}")
-    return chosen[0] if chosen else None
 
 
 def _convert_coefficients(sigma, prediction_type, predict_x0):
@@ -46,16 +36,12 @@ def _convert_coefficients(sigma, prediction_type, predict_x0):
 # ---- UniPC (host) ----
 
 def unipc_sigmas(settings, num_steps, ramp=None, final_sigmas_type="zero"):
-    """UniPCMultistepScheduler schedule: sigmas [N+1] float32 (last 0 or sigma_min), integer timesteps [N] float32."""
-    sigmas, ts = dpm_sigmas(settings, num_steps, final_sigmas_type=final_sigmas_type)  # spacings, as DPM-Solver
-    if ramp is None:
-        return sigmas, ts
-    train = train_sigmas(settings)
-    ramped = schedules.SIGMA_RAMPS[ramp](train[0], train[-1], num_steps)  # over the whole training range
-    ts = schedules.sigma_to_t(ramped, train)
-    ts = ts.round() if ramp == "karras" else np.trunc(ts)  # the others are cast to int64 unrounded
-    last = ramped[-1] if final_sigmas_type == "sigma_min" else 0.0
-    return np.append(ramped, last).astype(np.float32), ts.astype(np.float32)
+    """UniPCMultistepScheduler schedule: sigmas [N+1] float32 (last 0 or sigma_min), integer timesteps [N] float32:
+    DPM-Solver's spacings; a ramp over the whole training range, its timesteps truncated but Karras' rounded."""
+    sigmas, ts = solver_sigmas(settings, num_steps, settings["timestep_spacing"], ramp, round_ramp=ramp == "karras")
+    last = final_sigma(settings, final_sigmas_type)
+    last = sigmas[-1] if ramp is not None and final_sigmas_type == "sigma_min" else last
+    return np.append(sigmas, last).astype(np.float32), ts.astype(np.float32)
 
 
 def _unipc_update(alpha, sig, j0, jt, order, predict_x0, solver_type, corrector):
@@ -111,7 +97,7 @@ def unipc_plan(settings, num_steps, solver_order=2, predict_x0=True, solver_type
     if final_sigmas_type == "zero" and not lower_order_final and solver_order > 1:
         raise ValueError("lower_order_final=False with solver_order > 1 needs final_sigmas_type='sigma_min': a "
                          "multistep update to a zero sigma diverges (diffusers' UniPCMultistepScheduler returns inf)")
-    ramp = sigma_ramp(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+    ramp = schedules.sigma_ramp(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
     if ramp and final_sigmas_type == "sigma_min" and not lower_order_final and solver_order > 1:
         raise ValueError(f"use_{ramp}_sigmas with final_sigmas_type='sigma_min' ends on a step of zero length, which "
                          f"a multistep update divides by: it needs lower_order_final=True (diffusers returns NaN)")
@@ -182,7 +168,7 @@ def lms_plan(settings, num_steps, use_karras_sigmas=False, use_exponential_sigma
     """LMSDiscreteScheduler, step(order=4): N iterations."""
     if settings["rescale_betas_zero_snr"]:
         raise ValueError("lms does not support rescale_betas_zero_snr (diffusers' LMSDiscreteScheduler lacks it)")
-    ramp = sigma_ramp(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+    ramp = schedules.sigma_ramp(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
     sigmas, ts = k_sigmas(settings, num_steps)
     if ramp is not None:  # between the spaced schedule's own end points
         ramped = schedules.SIGMA_RAMPS[ramp](sigmas[-2], sigmas[0], num_steps)

@@ -6,6 +6,7 @@ import logging
 
 from sdjax.diffusion import schedules
 from sdjax.diffusion.consistency_samplers import CONSISTENCY_SAMPLERS
+from sdjax.diffusion.dpm_solver import DPM_SAMPLERS
 from sdjax.diffusion.k_samplers import K_SAMPLERS
 from sdjax.diffusion.midpoint_samplers import MIDPOINT_SAMPLERS
 from sdjax.diffusion.multistep_samplers import MULTISTEP_SAMPLERS
@@ -13,14 +14,17 @@ from sdjax.diffusion.timestep_samplers import TIMESTEP_SAMPLERS
 
 log = logging.getLogger("sdjax")
 
-SAMPLERS = {**TIMESTEP_SAMPLERS, **K_SAMPLERS, **MIDPOINT_SAMPLERS, **MULTISTEP_SAMPLERS, **CONSISTENCY_SAMPLERS}
+SAMPLERS = {**TIMESTEP_SAMPLERS, **K_SAMPLERS, **DPM_SAMPLERS, **MIDPOINT_SAMPLERS, **MULTISTEP_SAMPLERS,
+            **CONSISTENCY_SAMPLERS}
 # The diffusers scheduler class each sampler reproduces.
 SCHEDULER_CLASSES = {
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler", "dpm2": "KDPM2DiscreteScheduler",
-    "dpm2_a": "KDPM2AncestralDiscreteScheduler", "dpmpp_sde": "DPMSolverSDEScheduler",
-    "unipc": "UniPCMultistepScheduler", "lms": "LMSDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler", "dpmpp_3m": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde": "DPMSolverMultistepScheduler", "dpmpp_3m_sde": "DPMSolverMultistepScheduler",
+    "dpmpp_2s": "DPMSolverSinglestepScheduler", "deis": "DEISMultistepScheduler",
+    "dpm2": "KDPM2DiscreteScheduler", "dpm2_a": "KDPM2AncestralDiscreteScheduler",
+    "dpmpp_sde": "DPMSolverSDEScheduler", "unipc": "UniPCMultistepScheduler", "lms": "LMSDiscreteScheduler",
     "lcm": "LCMScheduler", "tcd": "TCDScheduler",
 }
 # diffusers' defaults of each scheduler class where they differ from schedules.DEFAULTS: they apply to
@@ -30,10 +34,11 @@ CLASS_DEFAULTS = {
     "pndm": {"set_alpha_to_one": False, "skip_prk_steps": False},
     "euler": {"timestep_spacing": "linspace"}, "euler_a": {"timestep_spacing": "linspace"},
     "heun": {"timestep_spacing": "linspace", "beta_start": 0.00085, "beta_end": 0.012},
+    **{name: {"timestep_spacing": "linspace"} for name in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde",
+                                                           "dpmpp_2s", "deis")},
     **{name: {"timestep_spacing": "linspace", "beta_start": 0.00085, "beta_end": 0.012}
        for name in ("dpm2", "dpm2_a", "dpmpp_sde")},
-    "dpmpp_2m": {"timestep_spacing": "linspace"}, "unipc": {"timestep_spacing": "linspace"},
-    "lms": {"timestep_spacing": "linspace"},
+    "unipc": {"timestep_spacing": "linspace"}, "lms": {"timestep_spacing": "linspace"},
     "lcm": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
     "tcd": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
 }
@@ -43,14 +48,18 @@ FIXED_KEYS = {
     "ddim": {"thresholding": False},
     "ddpm": {"thresholding": False, "variance_type": "fixed_small"},
     "pndm": {"skip_prk_steps": True},  # PLMS only (False, the class default, begins with Runge-Kutta steps)
-    "euler": {"interpolation_type": "linear", "use_exponential_sigmas": False, "use_beta_sigmas": False,
-              "sigma_min": None, "sigma_max": None, "timestep_type": "discrete", "final_sigmas_type": "zero"},
+    "euler": {"interpolation_type": "linear", "timestep_type": "discrete"},
     "euler_a": {},
-    "heun": {"use_exponential_sigmas": False, "use_beta_sigmas": False},
-    "dpmpp_2m": {"solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
-                 "thresholding": False, "lower_order_final": True, "euler_at_final": False,
-                 "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-                 "use_flow_sigmas": False, "variance_type": None, "use_dynamic_shifting": False},
+    "heun": {},
+    # the names fix algorithm_type and solver_order (dpmsolver / sde-dpmsolver, deprecated in diffusers, are not run)
+    **{name: {"algorithm_type": algorithm, "solver_order": order, "thresholding": False, "variance_type": None,
+              "use_flow_sigmas": False, "use_dynamic_shifting": False}
+       for name, (algorithm, order) in {"dpmpp_2m": ("dpmsolver++", 2), "dpmpp_3m": ("dpmsolver++", 3),
+                                        "dpmpp_2m_sde": ("sde-dpmsolver++", 2),
+                                        "dpmpp_3m_sde": ("sde-dpmsolver++", 3)}.items()},
+    "dpmpp_2s": {"algorithm_type": "dpmsolver++", "thresholding": False, "variance_type": None,
+                 "use_flow_sigmas": False, "use_dynamic_shifting": False},
+    "deis": {"thresholding": False, "use_flow_sigmas": False, "use_dynamic_shifting": False},
     "dpm2": {}, "dpm2_a": {},
     # Our Brownian noise comes from the images' keys (one path per image); a torchsde seed's bits are not reproduced.
     "dpmpp_sde": {"noise_sampler_seed": None},
@@ -72,13 +81,6 @@ def _warn_once(message):
 def plan_options(name):
     """The option names sampler `name`'s plan takes (configure's keyword arguments)."""
     return set(inspect.signature(SAMPLERS[name].plan).parameters) - {"settings", "num_steps"}
-
-
-def scheduler_sampler(config):
-    """(sampler name, None) of the scheduler class a scheduler_config.json names: the sampler diffusers would
-    run; ("ddim", None) for a class no sampler reproduces."""
-    by_class = {cls: name for name, cls in SCHEDULER_CLASSES.items()}
-    return by_class.get(config.get("_class_name"), "ddim"), None
 
 
 def configure(name, config, **options):
@@ -107,3 +109,26 @@ def configure(name, config, **options):
                        f"diffusers' {SCHEDULER_CLASSES[name]}")
     from_config = {k: config[k] for k in plan_keys if config.get(k) is not None}
     return settings, {**from_config, **options}
+
+
+def _dpm_multistep(config):
+    """The DPMSolverMultistepScheduler sampler of a config: by algorithm_type (sde or not) and solver_order (2 or 3)."""
+    sde = str(config.get("algorithm_type", "dpmsolver++")).startswith("sde")
+    return f"dpmpp_{3 if config.get('solver_order', 2) >= 3 else 2}m{'_sde' if sde else ''}"
+
+
+# scheduler class -> (config -> sampler name), for classes that several samplers reproduce
+SCHEDULER_CHOOSERS = {"DPMSolverMultistepScheduler": _dpm_multistep}
+
+
+def scheduler_sampler(config):
+    """(sampler name, plan options) that diffusers runs for a scheduler_config.json dict, by its `_class_name`;
+    None for a class no sampler reproduces. Keys the sampler does not implement warn as in `configure`."""
+    cls = config.get("_class_name")
+    if cls in SCHEDULER_CHOOSERS:
+        name = SCHEDULER_CHOOSERS[cls](config)
+    else:
+        name = next((n for n, c in SCHEDULER_CLASSES.items() if c == cls), None)
+        if name is None:
+            return None
+    return name, configure(name, config)[1]

@@ -152,6 +152,15 @@ def beta_sigmas(sigma_min, sigma_max, num_steps, alpha=0.6, beta=0.6):
 SIGMA_RAMPS = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}
 
 
+def sigma_ramp(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False):
+    """The SIGMA_RAMPS name that diffusers' use_*_sigmas flags ask for, or None; at most one may be set."""
+    asked = [name for name, on in zip(SIGMA_RAMPS, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)) if on]
+    if len(asked) > 1:
+        raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas may be set, "
+                         f"got {', '.join(f'use_{n}_sigmas' for n in asked)}")
+    return asked[0] if asked else None
+
+
 def sigma_to_t(sigma, train_sigmas):
     """Fractional timesteps of noise levels `sigma` [N], by linear interpolation of log sigma over the
     training schedule's `train_sigmas` [T] (ascending); clamped to [0, T-1]."""
