@@ -50,7 +50,7 @@ def test_weighted_prompt_is_the_closed_form(sd, tokenizer):
     unweighted = np.asarray(sd.encode_text([["a red circle BREAK blue square"]], weighting=True))
     got = np.asarray(sd.encode_prompts([text]))
     want = weight_states(unweighted, weights.reshape(1, -1))
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)  # float32 rounding in and out of jit
     assert np.abs(got - unweighted).max() > 1e-2 and plain.shape[1] == 77
 
 

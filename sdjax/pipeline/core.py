@@ -2,6 +2,7 @@
 and `generate` from prompts (a family's conditioning) to images. The public classes are in api.py."""
 import dataclasses
 import functools
+import logging
 import threading
 import time
 
@@ -19,6 +20,7 @@ from sdjax.models.conv import loop_constant_kernels
 from sdjax.pipeline import denoiser as denoiser_lib, image_inputs, noise_streams, prompts as prompts_lib
 from sdjax.pipeline.executables import ExecutableCache
 
+log = logging.getLogger("sdjax")
 # Sampling iterations per compiled call: progress is shown between calls. Measured on this CPU (README,
 # bench/sampling_chunks.py): one iteration per call costs < 1 % per step over the whole loop in one call.
 CHUNK = 1
@@ -84,8 +86,14 @@ class Pipeline:
         return getattr(self._calls, "compiled", {})
 
     def default_sampler(self):
-        """The sampler diffusers would run with this model's scheduler_config.json."""
-        return samplers_lib.scheduler_sampler(self.scheduler_config)[0]
+        """The sampler diffusers would run with this model's scheduler_config.json (a class no sampler reproduces:
+        "ddim", with a warning)."""
+        chosen = samplers_lib.scheduler_sampler(self.scheduler_config)
+        if chosen is None:
+            log.warning("the model's scheduler %s is not one sdjax reproduces: sampling with 'ddim' (choose one with "
+                        "sampler=)", self.scheduler_config.get("_class_name"))
+            return "ddim"
+        return chosen[0]
 
     # ---- compiled pieces ----
 
