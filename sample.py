@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default=None,
                    help="sampler name (default: the model's own scheduler, as diffusers); 'help' lists them")
     p.add_argument("--clip-skip", type=int, default=0, help="condition on the text encoder's layer this many before the last")
+    p.add_argument("--sigmas", choices=["karras", "exponential", "beta"], default=None,
+                   help="the noise levels' ramp, for the samplers that offer it (UIs' 'DPM++ 2M Karras': "
+                        "--sampler dpmpp_2m --sigmas karras)")
     p.add_argument("--eta", type=finite_float, default=0.0, help="eta of the samplers that take one (DDIM, TCD)")
     p.add_argument("--no-prompt-weighting", action="store_true",
                    help="read prompts literally: no (word:1.3) emphasis or BREAK (diffusers' behaviour)")
@@ -81,9 +84,10 @@ def report(sd, steps, n, part):
 
 def sampler_help():
     """The samplers, each with the diffusers scheduler it reproduces."""
-    from sdjax.diffusion.samplers import SAMPLERS, SCHEDULER_CLASSES
+    from sdjax.diffusion.samplers import SAMPLERS, SCHEDULER_CLASSES, plan_options
+    ramps = lambda name: "  --sigmas" if "use_karras_sigmas" in plan_options(name) else ""  # noqa: E731
     return "samplers (--sampler NAME; default: the model's own scheduler):\n" + "\n".join(
-        f"  {name:14s} {SCHEDULER_CLASSES[name]}" for name in sorted(SAMPLERS))
+        f"  {name:14s} {SCHEDULER_CLASSES[name]:34s}{ramps(name)}".rstrip() for name in sorted(SAMPLERS))
 
 
 def next_number(folder):
@@ -142,6 +146,8 @@ def run(args):
               height=args.height, width=args.width, eta=args.eta, mask=mask, strength=args.strength,
               clip_skip=args.clip_skip, num_images_per_prompt=args.num_images,
               prompt_weighting=not args.no_prompt_weighting, **extra)
+    if args.sigmas:
+        kw[f"use_{args.sigmas}_sigmas"] = True
     if args.guidance is not None:
         kw["guidance_scale"] = args.guidance
     if args.refiner:  # the base's latents at --refiner-start; the base leaves memory before the refiner loads
@@ -159,7 +165,7 @@ def run(args):
     paths, first = [], next_number(args.out)  # never overwrite: numbers continue after the folder's highest
     for i, img in enumerate(images):
         meta = {"prompt": prompts[i // args.num_images], "negative_prompt": args.negative_prompt or "",
-                "seed": args.seed + i, "sampler": sampler, "steps": args.steps,
+                "seed": args.seed + i, "sampler": sampler + (f" {args.sigmas}" if args.sigmas else ""), "steps": args.steps,
                 "guidance": guidance, "model": os.path.basename(os.path.normpath(model)), "software": "sdjax"}
         if xl:
             meta.update(prompt_2=args.prompt_2 or "", negative_prompt_2=args.negative_prompt_2 or "")

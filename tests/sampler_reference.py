@@ -96,3 +96,25 @@ def run_ours(sampler, plan, x, noises=None):
     noises = np.zeros((n,) + x.shape, np.float32) if noises is None else noises[:n]
     run = _runner(sampler, tuple(sorted(plan.options.items())))
     return np.asarray(run(jnp.asarray(x), plan.steps, plan.timesteps, noises))
+
+
+def assert_noise_levels(scheduler, plan):
+    """The plan's noise levels are the scheduler's add_noise at each of its timesteps (begin index set to the
+    iteration, as pipelines do: the timesteps of two-stage samplers repeat)."""
+    assert len(plan.timesteps) == len(scheduler.timesteps) and plan.order == scheduler.order
+    x0, eps = test_inputs(1, 1)
+    for i, t in enumerate(scheduler.timesteps):
+        scheduler.set_begin_index(i)
+        ref = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(eps[0]), t[None]).numpy()
+        np.testing.assert_allclose(plan.noise_a[i] * x0 + plan.noise_b[i] * eps[0], ref, rtol=1e-6, atol=1e-6)
+
+
+def img2img_start(scheduler, plan, start, seed=2):
+    """(x, noises) of diffusers' img2img from iteration `start` (set_begin_index, as pipelines do): x is the image
+    noised to the sliced `plan`'s first level, checked against the scheduler's add_noise at timesteps[start]."""
+    scheduler.set_begin_index(start)
+    x0, noises = test_inputs(seed, len(plan.timesteps) + 1)
+    x_ref = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(noises[-1]), scheduler.timesteps[start:start + 1])
+    x = plan.noise_a[0] * x0 + plan.noise_b[0] * noises[-1]
+    np.testing.assert_allclose(x, x_ref.numpy(), rtol=0, atol=1e-5)
+    return x, noises

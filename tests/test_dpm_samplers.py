@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, PNDMScheduler
 
-from sampler_reference import SD_CONFIG, run_diffusers, run_ours, test_inputs
+from sampler_reference import SD_CONFIG, assert_noise_levels, run_diffusers, run_ours, test_inputs
 from sdjax.diffusion import samplers, schedules
 from sdjax.diffusion.dpm_solver import singlestep_orders
 from sdjax.diffusion.plan import slice_plan
@@ -167,11 +167,7 @@ def test_singlestep_order_lists():
 def test_noise_levels_match_add_noise(name):
     scheduler = reference_scheduler(name, SD_CONFIG, 10)
     plan = samplers.SAMPLERS[name].plan(schedules.scheduler_settings(SD_CONFIG), 10)
-    x0, eps = test_inputs(1, 1)
-    for i, t in enumerate(scheduler.timesteps):
-        scheduler.set_begin_index(i)
-        ref = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(eps[0]), t[None]).numpy()
-        np.testing.assert_allclose(plan.noise_a[i] * x0 + plan.noise_b[i] * eps[0], ref, rtol=1e-6, atol=1e-6)
+    assert_noise_levels(scheduler, plan)
 
 
 @pytest.mark.parametrize("strength", [0.35, 0.75])  # starts at iteration 7 / 3: mid-stage for 2S, warm-up again

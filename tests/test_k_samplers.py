@@ -5,7 +5,7 @@ import torch
 from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                        HeunDiscreteScheduler)
 
-from sampler_reference import SD_CONFIG, run_diffusers, run_ours, test_inputs
+from sampler_reference import SD_CONFIG, assert_noise_levels, img2img_start, run_diffusers, run_ours, test_inputs
 from sdjax.diffusion import schedules
 from sdjax.diffusion.plan import slice_plan
 from sdjax.diffusion.samplers import SAMPLERS
@@ -125,12 +125,7 @@ def test_noise_levels_match_add_noise(name, config):
         pytest.skip("HeunDiscreteScheduler has no zero-SNR option")
     scheduler = reference_scheduler(name, config, 10)
     plan = SAMPLERS[name].plan(schedules.scheduler_settings(config), 10)
-    assert len(plan.timesteps) == len(scheduler.timesteps) and plan.order == scheduler.order
-    x0, eps = test_inputs(1, 1)
-    for i, t in enumerate(scheduler.timesteps):
-        scheduler.set_begin_index(i)  # as pipelines do; Heun's timesteps repeat
-        ref = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(eps[0]), t[None]).numpy()
-        np.testing.assert_allclose(plan.noise_a[i] * x0 + plan.noise_b[i] * eps[0], ref, rtol=1e-6, atol=1e-6)
+    assert_noise_levels(scheduler, plan)
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.75, 0.95])
@@ -140,14 +135,9 @@ def test_img2img_slice(name, strength):
     num_steps = 10
     scheduler = reference_scheduler(name, SD_CONFIG, num_steps)
     start = (num_steps - int(num_steps * strength)) * scheduler.order
-    scheduler.set_begin_index(start)
     plan = slice_plan(SAMPLERS[name].plan(schedules.scheduler_settings(SD_CONFIG), num_steps), start)
     np.testing.assert_array_equal(plan.timesteps, scheduler.timesteps[start:].numpy())
-    x0, noises = test_inputs(2, len(plan.timesteps) + 1)
-    first_t = scheduler.timesteps[start:start + 1]
-    x_ref = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(noises[-1]), first_t)
-    x = plan.noise_a[0] * x0 + plan.noise_b[0] * noises[-1]
-    np.testing.assert_allclose(x, x_ref.numpy(), rtol=0, atol=1e-5)
+    x, noises = img2img_start(scheduler, plan, start)
     ref = run_diffusers(scheduler, x, noises, REFERENCES[name][1], start=start)
     assert np.abs(run_ours(SAMPLERS[name], plan, x, noises) - ref).max() <= TOL
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import DPMSolverSDEScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, PNDMScheduler
 
-from sampler_reference import SD_CONFIG, run_diffusers, run_ours, test_inputs
+from sampler_reference import SD_CONFIG, assert_noise_levels, img2img_start, run_diffusers, run_ours, test_inputs
 from sdjax.diffusion import samplers, schedules
 from sdjax.diffusion.plan import slice_plan
 from sdjax.diffusion.samplers import SAMPLERS
@@ -131,12 +131,8 @@ def test_class_defaults_and_cosine(name):
 def test_noise_levels_match_add_noise(name):
     scheduler = reference_scheduler(name, SD_CONFIG, 10)
     plan = SAMPLERS[name].plan(schedules.scheduler_settings(SD_CONFIG), 10)
-    assert len(plan.timesteps) == len(scheduler.timesteps) == 19
-    x0, eps = test_inputs(1, 1)
-    for i, t in enumerate(scheduler.timesteps):
-        scheduler.set_begin_index(i)  # as pipelines do; the timesteps of a step's two stages may repeat
-        ref = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(eps[0]), t[None]).numpy()
-        np.testing.assert_allclose(plan.noise_a[i] * x0 + plan.noise_b[i] * eps[0], ref, rtol=1e-6, atol=1e-6)
+    assert len(plan.timesteps) == 19  # two stages a step, one Euler step last
+    assert_noise_levels(scheduler, plan)
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.75])
@@ -146,14 +142,9 @@ def test_img2img_slice(name, strength):
     num_steps = 10
     scheduler = reference_scheduler(name, SD_CONFIG, num_steps)
     start = (num_steps - int(num_steps * strength)) * scheduler.order
-    scheduler.set_begin_index(start)
     plan = slice_plan(SAMPLERS[name].plan(schedules.scheduler_settings(SD_CONFIG), num_steps), start)
     np.testing.assert_allclose(plan.timesteps, scheduler.timesteps[start:].numpy(), rtol=0, atol=1e-3)
-    x0, noises = test_inputs(2, len(plan.timesteps) + 1)
-    first_t = scheduler.timesteps[start:start + 1]
-    x_ref = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(noises[-1]), first_t)
-    x = plan.noise_a[0] * x0 + plan.noise_b[0] * noises[-1]
-    np.testing.assert_allclose(x, x_ref.numpy(), rtol=0, atol=1e-5)
+    x, noises = img2img_start(scheduler, plan, start)
     ref, noises = reference_run(name, scheduler, x, noises, start=start)
     assert np.abs(run_ours(SAMPLERS[name], plan, x, noises) - ref).max() <= TOL
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import LCMScheduler, LMSDiscreteScheduler, TCDScheduler, UniPCMultistepScheduler
 
-from sampler_reference import SD_CONFIG, run_diffusers, run_ours, test_inputs
+from sampler_reference import SD_CONFIG, assert_noise_levels, run_diffusers, run_ours, test_inputs
 from sdjax.diffusion import schedules
 from sdjax.diffusion.plan import slice_plan
 from sdjax.diffusion.samplers import CLASS_DEFAULTS, SAMPLERS, configure
@@ -234,11 +234,7 @@ def test_noise_levels_match_add_noise(name, config):
         pytest.skip("LMSDiscreteScheduler has no zero-SNR option")
     scheduler = reference_scheduler(name, config, 10)
     plan = SAMPLERS[name].plan(settings_of(name, config), 10)
-    x0, eps = test_inputs(1, 1)
-    for i, t in enumerate(scheduler.timesteps):
-        scheduler.set_begin_index(i)
-        ref = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(eps[0]), t[None]).numpy()
-        np.testing.assert_allclose(plan.noise_a[i] * x0 + plan.noise_b[i] * eps[0], ref, rtol=1e-6, atol=1e-6)
+    assert_noise_levels(scheduler, plan)
 
 
 # An SD 1.5-like scheduler_config.json (no timestep_spacing, PNDM's keys) with each class's own options on top.
