@@ -9,9 +9,11 @@ diffusers = pytest.importorskip("diffusers")
 
 from sdjax.pipeline import StableDiffusion  # noqa: E402
 from sdjax.pipeline import StableDiffusionXL  # noqa: E402
-from test_pipeline import SAMPLERS, STOCHASTIC, _draws, _picture, _scheduler  # noqa: E402
+from test_pipeline import (SAMPLERS, STOCHASTIC, THIRD_ORDER, _brownian_replayed, _draws, _iterations,  # noqa: E402
+                           _picture, _scheduler, _step_noise)
 
-pytestmark = pytest.mark.long_file
+# diffusers' k-diffusion schedulers call numpy on torch tensors, thousands of DeprecationWarnings a run
+pytestmark = [pytest.mark.long_file, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 # mean abs difference of float images in [0, 1]: the differences here are 5e-7 .. 2e-6, and each test shows that
 # its feature moves the images by more than 10 * TOL (prompt_2 moves this tiny model's unguided images by 4e-5)
 TOL = 3e-6
@@ -38,13 +40,10 @@ def refiner(sdxl_folders):
 
 
 def _noise(seed, n, runs, sampler, kinds=("initial",)):
-    """The reference's draws from torch.Generator(seed), in its order: `kinds` first, then one per iteration run
-    (stochastic samplers only)."""
+    """The reference's draws from torch.Generator(seed), in its order: `kinds` first, then the `runs` iterations'
+    (stochastic samplers only, `_step_noise`)."""
     draws = _draws(seed, (n, *LATENT), len(kinds) + runs)
-    noise = dict(zip(kinds, draws))
-    if sampler in STOCHASTIC:
-        noise["steps"] = np.stack(draws[len(kinds):])
-    return noise
+    return {**dict(zip(kinds, draws)), **_step_noise(sampler, draws[len(kinds):], runs)}
 
 
 def _err(a, b):
@@ -62,11 +61,12 @@ def test_load_gives_the_sdxl_pipeline(base, refiner):
 def test_text_to_image_matches_diffusers(base, sdxl_folders, sampler, guidance):
     """prompt_2 goes to the second tower; without a negative prompt, guidance is away from zero text
     (force_zeros_for_empty_prompt)."""
-    steps = 4
-    ref = _reference("StableDiffusionXLPipeline", sdxl_folders["base"], sampler)(
-        prompt=PROMPTS, prompt_2=PROMPTS_2, num_inference_steps=steps, guidance_scale=guidance, height=SIZE,
-        width=SIZE, generator=torch.Generator().manual_seed(3), output_type="np").images
-    noise = _noise(3, 2, len(ref_timesteps(sdxl_folders["base"], sampler, steps)), sampler)
+    steps = 5 if sampler in THIRD_ORDER else 4
+    noise = _noise(3, 2, _iterations(sdxl_folders["base"], sampler, steps), sampler)
+    with _brownian_replayed(sampler, noise):
+        ref = _reference("StableDiffusionXLPipeline", sdxl_folders["base"], sampler)(
+            prompt=PROMPTS, prompt_2=PROMPTS_2, num_inference_steps=steps, guidance_scale=guidance, height=SIZE,
+            width=SIZE, generator=torch.Generator().manual_seed(3), output_type="np").images
     run = lambda **kw: base.generate(PROMPTS, num_steps=steps, sampler=sampler, height=SIZE, width=SIZE,  # noqa: E731
                                      noise=noise, output_type="np", progress=False,
                                      **{"prompt_2": PROMPTS_2, "guidance_scale": guidance, **kw})
