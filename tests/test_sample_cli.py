@@ -90,8 +90,10 @@ def test_sampler_help_and_no_import_noise(torch_folder):
                 "u.find_spec = lambda n, *a: None if n.split('.')[0] == 'torch' else f(n, *a); ")
     cli = no_torch + (f"sys.argv = ['sample.py', '--model', {torch_folder[1]!r}, '--prompt', 'x', '--steps', '0']; "
                       f"runpy.run_path({os.path.join(root, 'sample.py')!r}, run_name='__main__')")
-    run = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}  # as a user's shell
+    run = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, env=env)
     assert run.returncode != 0 and "num_steps must be" in run.stderr
     assert "PyTorch" not in run.stderr + run.stdout
-    plain = subprocess.run([sys.executable, "-c", no_torch + "import transformers"], capture_output=True, text=True)
+    plain = subprocess.run([sys.executable, "-c", no_torch + "import transformers"], capture_output=True, text=True,
+                           env=env)
     assert "PyTorch was not found" in plain.stderr

@@ -17,6 +17,7 @@ import pathlib
 import threading
 import time
 
+import flax
 import jax
 from jax import export
 
@@ -81,7 +82,8 @@ class ExecutableCache:
         if folder is None:
             return jax.jit(fn).lower(*args).compile()
         key = hashlib.sha256(repr((self.identity, sig[:3], str(sig[3]), [_describe(x) for x in jax.tree.leaves(args)],
-                                   jax.__version__, jax.default_backend(), _source_hash())).encode()).hexdigest()
+                                   jax.__version__, flax.__version__, jax.default_backend(),
+                                   _source_hash())).encode()).hexdigest()
         path = os.path.join(folder, f"{name}-{key[:32]}.jaxexport")
         data = None
         if os.path.exists(path):
