@@ -5,8 +5,8 @@ between calls).
     python bench/sample_compile.py [--models demo,sd15] [--steps 20] [--repeats 3]
 
 demo: the bundled model at 64²; sd15: the SD 1.5 architecture with random weights (written once to
-/tmp/sd15_random by bench/load_sd15.py) at 256². `--chunks` runs the same executable with 1, 2, 5 iterations
-per call and the whole loop in one call; PYTHONPATH=<an older checkout> measures that checkout's per-step time
+/tmp/sd15_random by bench/load_sd15.py) at 256². The per-step times run the same executable with the pipeline's
+own number of iterations per call (adaptive), 1, 5, and the whole loop in one call; PYTHONPATH=<an older checkout> measures that checkout's per-step time
 (its `generate` with a fixed sampler) for a before/after comparison.
 """
 import argparse
@@ -63,7 +63,7 @@ def per_step(model, steps, repeats, chunks):
                                              for _ in range(repeats)]))}
     from sdjax.pipeline import core
     out = {}
-    for chunk in (1, 2, 5, steps):
+    for chunk in (None, 1, 5, steps):  # None: the pipeline's own choice
         core.CHUNK = chunk
         out[chunk] = float(np.median([run() is not None and sd.last_timings["sample"] / steps for _ in range(repeats)]))
     return out
@@ -85,5 +85,5 @@ if __name__ == "__main__":
             print(f"{model}: sample.py compile {c1:.1f} s then {c2:.1f} s ({c2 / c1:.0%}); sampling {s1:.2f} / "
                   f"{s2:.2f} s; wall {w1:.1f} / {w2:.1f} s")
         for chunk, seconds in per_step(model, a.steps, a.repeats, chunks).items():
-            print(f"{model} {SIZES[model]}²: {seconds * 1e3:.1f} ms/step, "
-                  f"{chunk if chunk != a.steps else 'all'} iteration(s) per call")
+            calls = {None: "adaptive", a.steps: "all"}.get(chunk, chunk)
+            print(f"{model} {SIZES[model]}²: {seconds * 1e3:.1f} ms/step, {calls} iteration(s) per call")

@@ -186,3 +186,18 @@ def test_training_conditions_as_sampling(base):
             for o, k in zip(micro["original_size"], micro["crop_top_left"])]
     np.testing.assert_array_equal(got["time_ids"], np.stack(want))
     np.testing.assert_array_equal(want[1], [20, 16, 2, 0, SIZE, SIZE])
+
+
+def test_default_strengths_are_diffusers():
+    """generate's strength without one: each family's as diffusers' pipelines default it (test_pipeline.py runs the
+    SD inpainting default against the pipeline)."""
+    import inspect
+
+    import diffusers
+    from sdjax.pipeline.conditioning import TextConditioning
+    from sdjax.pipeline.conditioning_xl import XLConditioning
+    default = lambda cls: inspect.signature(getattr(diffusers, cls).__call__).parameters["strength"].default  # noqa: E731
+    assert XLConditioning.default_strength == {"img2img": default("StableDiffusionXLImg2ImgPipeline"),
+                                               "inpaint": default("StableDiffusionXLInpaintPipeline")}
+    assert TextConditioning.default_strength == {"img2img": default("StableDiffusionImg2ImgPipeline"),
+                                                 "inpaint": default("StableDiffusionInpaintPipeline")}

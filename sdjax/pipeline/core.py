@@ -22,9 +22,17 @@ from sdjax.pipeline.arguments import validate
 from sdjax.pipeline.executables import ExecutableCache
 
 log = logging.getLogger("sdjax")
-# Sampling iterations per compiled call: progress is shown between calls. One iteration per call costs what the
-# whole loop in one call does, within this CPU's noise (README, bench/sample_compile.py).
-CHUNK = 1
+# The most a call's overhead may add to its iterations' time: the loop runs in calls of as many iterations as keep
+# it below this (one when calls cost little beyond their iterations, as on accelerators), progress shown between
+# calls. None of it changes a bit of the result (README, bench/sample_compile.py).
+MAX_OVERHEAD = 0.01
+CHUNK = None  # a fixed number of iterations per call instead (bench/sample_compile.py)
+
+
+def chunk_size(overhead, iteration):
+    """Iterations per call of the loop for which `overhead` (seconds a call costs beyond its iterations) stays under
+    MAX_OVERHEAD of a call's time, an iteration taking `iteration` seconds."""
+    return max(1, int(np.ceil(overhead / (MAX_OVERHEAD * max(iteration, 1e-9)))))
 
 
 def start_state(steps, batch, first, *, sampler):
@@ -223,28 +231,46 @@ class Pipeline:
         return images if output_type == "np" else (images * 255).round().astype(np.uint8)
 
     def _sample(self, plan, batch, start, end, first, scale, rescale, sampler, progress):
-        """The final latents of the loop over iterations [start, end), run CHUNK iterations per call of one
-        compiled executable (progress shown between calls, when `progress` is a description)."""
+        """The final latents of the loop over iterations [start, end), run in calls of one compiled executable, a
+        number of iterations each (`chunk_size`); progress is shown between calls (when `progress` is a
+        description), the next call already queued."""
         options = tuple(sorted(plan.options.items()))
-        init = self._compile("sample", start_state, plan.steps, batch, np.asarray(first, np.float32), sampler=sampler)
-        state = init(plan.steps, batch, np.asarray(first, np.float32))
-        args = lambda lo, hi: (self.params["unet"], plan.steps, plan.timesteps, batch, state, np.int32(lo),  # noqa: E731
-                               np.int32(hi), np.float32(scale), np.float32(rescale))
+        replicated = NamedSharding(self.mesh, P())
+        steps, timesteps, first, scale, rescale = jax.device_put(  # once, not at every call
+            (plan.steps, plan.timesteps, np.asarray(first, np.float32), np.float32(scale), np.float32(rescale)),
+            replicated)
+        init = self._compile("sample", start_state, steps, batch, first, sampler=sampler)
+        state = init(steps, batch, first)
+        args = lambda lo, hi: (self.params["unet"], steps, timesteps, batch, state, np.int32(lo), np.int32(hi),  # noqa: E731
+                               scale, rescale)
         loop = self._compile("sample", functools.partial(run_iterations, self.unet), *args(start, end),
                              sampler=sampler, options=options, rescaled=bool(rescale),
                              groups=self.mesh.devices.size if self.per_image else None)
         bar = tqdm(total=end - start, desc=progress, disable=progress is None, leave=False)
         t0 = time.perf_counter()
+        # what a call costs beyond its iterations (dispatch; on CPU the convolution kernels' Winograd transforms,
+        # hoisted out of the loop, once a call): from a call of one iteration and one of two, each timed alone
+        lo, times, chunk = start, [], CHUNK or 1
+        while lo < end and len(times) < 2 and CHUNK is None:
+            t = time.perf_counter()
+            hi = min(lo + len(times) + 1, end)
+            state = jax.block_until_ready(loop(*args(lo, hi)))
+            times.append(time.perf_counter() - t)
+            bar.update(hi - lo)
+            lo = hi
+        if len(times) == 2:
+            iteration = max(times[1] - times[0], 1e-9)
+            chunk = chunk_size(max(times[0] - iteration, 0.0), iteration)
         done = None  # the call in flight and its iteration count: the bar moves when it is ready
-        for lo in range(start, end, CHUNK):
-            hi = min(lo + CHUNK, end)
+        for lo in range(lo, end, chunk):
+            hi = min(lo + chunk, end)
             state = loop(*args(lo, hi))
             if done is not None:
                 jax.block_until_ready(done[0])
                 bar.update(done[1])
             done = (state, hi - lo)
         jax.block_until_ready(state)
-        bar.update(done[1])
+        bar.update(done[1] if done else 0)
         bar.close()
         self._calls.timings["sample"] = time.perf_counter() - t0
         return state["x"]

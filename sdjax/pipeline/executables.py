@@ -29,6 +29,8 @@ log = logging.getLogger("sdjax")
 _CUSTOM_CALLS = ("tpu_custom_call", "triton_kernel_call", "mosaic_gpu", "mosaic_gpu_v2", "__gpu$xla.gpu.triton",
                  "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__cudnn$fmhaScaleBiasSoftmax",
                  "__cudnn$fmhaScaleBiasSoftmaxBackward", "__cudnn$fmhaSoftmaxDropout", "cu_threefry2x32")
+# jax settings that change a traced program (train.py sets the matmul precision)
+_CONFIG = ("jax_default_matmul_precision", "jax_enable_x64", "jax_numpy_rank_promotion")
 _DISABLED = [export.DisabledSafetyCheck.custom_call(name) for name in _CUSTOM_CALLS]
 
 
@@ -82,8 +84,8 @@ class ExecutableCache:
         if folder is None:
             return jax.jit(fn).lower(*args).compile()
         key = hashlib.sha256(repr((self.identity, sig[:3], str(sig[3]), [_describe(x) for x in jax.tree.leaves(args)],
-                                   jax.__version__, flax.__version__, jax.default_backend(),
-                                   _source_hash())).encode()).hexdigest()
+                                   jax.__version__, flax.__version__, jax.default_backend(), _source_hash(),
+                                   [getattr(jax.config, k) for k in _CONFIG])).encode()).hexdigest()
         path = os.path.join(folder, f"{name}-{key[:32]}.jaxexport")
         data = None
         if os.path.exists(path):
