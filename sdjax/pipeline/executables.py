@@ -87,20 +87,26 @@ class ExecutableCache:
                                    jax.__version__, flax.__version__, jax.default_backend(), _source_hash(),
                                    [getattr(jax.config, k) for k in _CONFIG])).encode()).hexdigest()
         path = os.path.join(folder, f"{name}-{key[:32]}.jaxexport")
-        data = None
         if os.path.exists(path):
-            with open(path, "rb") as f:
-                data = f.read()
-        else:
             try:
-                data = export.export(jax.jit(fn), disabled_checks=_DISABLED)(*args).serialize()
-            except Exception as e:  # noqa: BLE001 (anything export does not support: compile as usual)
-                log.debug("%s: not exported (%s); compiled directly", name, e)
-                return jax.jit(fn).lower(*args).compile()
-            os.makedirs(folder, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)  # whole or not at all, also with several processes writing
-        # the program as later runs will compile it, so that XLA's cache serves them
+                with open(path, "rb") as f:
+                    return self._compile_exported(f.read(), args)
+            except Exception as e:  # noqa: BLE001 (an unreadable artifact is made anew)
+                log.warning("%s: the kept program %s could not be used (%s); tracing anew", name, path, e)
+        try:
+            data = export.export(jax.jit(fn), disabled_checks=_DISABLED)(*args).serialize()
+        except Exception as e:  # noqa: BLE001 (anything export does not support: compile as usual)
+            log.debug("%s: not exported (%s); compiled directly", name, e)
+            return jax.jit(fn).lower(*args).compile()
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # whole or not at all, also with several processes writing
+        return self._compile_exported(data, args)
+
+    @staticmethod
+    def _compile_exported(data, args):
+        """A serialized export compiled for `args`: the program as every run compiles it, so that XLA's cache
+        serves the later ones."""
         return jax.jit(export.deserialize(bytearray(data)).call).lower(*args).compile()
