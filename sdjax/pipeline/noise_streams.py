@@ -4,23 +4,24 @@ import jax.numpy as jnp
 import numpy as np
 
 SEEDS = 2 ** 32  # seeds are 0 .. 2^32 - 1, as UIs write them
-NOISE_KINDS = ("initial", "steps", "image", "masked_image")
+# Every stream of draws of an image has its number here, never reused: the stream's key is
+# fold_in(jax.random.key(seed), number); a stream drawn once per iteration (the steps', a sampler's Brownian path)
+# folds the iteration index into that key. Keys made along different paths of fold_in are independent; split is
+# not used (with jax's partitionable threefry, split(k)[i] is fold_in(k, i), which made the posterior keys equal
+# to the step keys of iterations 0 and 1 before; "initial" and "steps" kept their keys, and text-to-image its bits).
+STREAMS = {"initial": 0, "steps": 1, "image": 2, "masked_image": 3}
+NOISE_KINDS = tuple(STREAMS)
 
 
 def image_keys(seed, n):
-    """Keys of images seed..seed+n-1 by purpose: {kind: [n] keys} for kind in NOISE_KINDS (modulo 2^32).
+    """Keys of images seed..seed+n-1 by stream: {kind: [n] keys} for kind in NOISE_KINDS (seeds modulo 2^32).
 
     initial: the starting noise; steps: the per-iteration noise (folded with the iteration); image /
-    masked_image: the VAE posterior samples of img2img and inpainting. Seed s gives jax.random.key(s).
+    masked_image: the VAE posterior samples of img2img and inpainting. Seed s is jax.random.key(s)'s.
     """
     seeds = jnp.asarray((np.arange(n, dtype=np.uint64) + np.uint64(seed)) % SEEDS, jnp.uint32)
-
-    def per_image(s):
-        root = jax.random.key(s)
-        initial, steps = jax.random.split(root)
-        image, masked = jax.random.split(jax.random.fold_in(root, 1))
-        return dict(initial=initial, steps=steps, image=image, masked_image=masked)
-    return jax.vmap(per_image)(seeds)
+    root = jax.vmap(jax.random.key)(seeds)
+    return {kind: jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(root) for kind, i in STREAMS.items()}
 
 
 def check(given, shape, iterations, f):
