@@ -165,7 +165,8 @@ def run(args):
     paths, first = [], next_number(args.out)  # never overwrite: numbers continue after the folder's highest
     for i, img in enumerate(images):
         meta = {"prompt": prompts[i // args.num_images], "negative_prompt": args.negative_prompt or "",
-                "seed": args.seed + i, "sampler": sampler + (f" {args.sigmas}" if args.sigmas else ""), "steps": args.steps,
+                "seed": args.seed + i, "sampler": " ".join(filter(None, (sampler, args.sigmas))),
+                "steps": args.steps,
                 "guidance": guidance, "model": os.path.basename(os.path.normpath(model)), "software": "sdjax"}
         if xl:
             meta.update(prompt_2=args.prompt_2 or "", negative_prompt_2=args.negative_prompt_2 or "")
@@ -173,7 +174,8 @@ def run(args):
             meta.update(refiner=os.path.basename(os.path.normpath(args.refiner)), refiner_start=args.refiner_start)
         paths.append(save_png(img, os.path.join(args.out, f"{first + i:04d}-seed{args.seed + i}.png"), meta))
     if args.grid:
-        paths.append(save_png(make_grid(images), os.path.join(args.out, f"grid-{first:04d}.png"), {"prompts": " | ".join(prompts)}))
+        paths.append(save_png(make_grid(images), os.path.join(args.out, f"grid-{first:04d}.png"),
+                              {"prompts": " | ".join(prompts)}))
     print("\n".join(paths))
 
 

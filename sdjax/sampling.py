@@ -72,10 +72,3 @@ def run(denoiser, sampler, options, steps, timesteps, state, conditioning, keys,
 
     return jax.lax.fori_loop(lo, hi, body, state)
 
-
-def sample(denoiser, sampler, options, steps, timesteps, x, conditioning, keys, *, start=0, end=None, **kw):
-    """Run a sampler from iteration `start` to `end` (None: the last) in one piece: the final latents
-    [B,h,w,c] (float32, in the sampler's scale). x: the starting latents; the rest as `run`."""
-    end = len(timesteps) if end is None else end
-    state = sampler.init(x, steps)
-    return run(denoiser, sampler, options, steps, timesteps, state, conditioning, keys, start, end, **kw)["x"]

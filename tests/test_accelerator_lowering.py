@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from configs.models import tiny
-from sdjax import sampling
-from sdjax.pipeline import denoiser
 from sdjax.diffusion import samplers, schedules
 from sdjax.models import attention, registry
+from sdjax.pipeline import core, denoiser
 
 KERNEL = {"tpu": "tpu_custom_call", "cuda": "triton"}  # Pallas flash attention's custom call, per platform
 
@@ -32,14 +31,16 @@ def _guided(module):
 
 
 def _sampler_loop(module):
+    """The pipeline's loop function (core.run_iterations) over a whole 3-step plan."""
     plan = samplers.SAMPLERS["dpmpp_2m"].plan(schedules.scheduler_settings(dict(beta_schedule="scaled_linear")), 3)
 
     def fn(p, x, c, u):
         text = lambda s: {"encoder_hidden_states": s}  # noqa: E731
-        keys = jax.random.split(jax.random.key(0), x.shape[0])
-        return sampling.sample(denoiser.guided(denoiser.unet_call(module, p), 7.5), samplers.SAMPLERS["dpmpp_2m"],
-                               plan.options, plan.steps, plan.timesteps, x.astype(jnp.float32),
-                               {"cond": text(c), "uncond": text(u)}, keys)
+        batch = dict(cond=text(c), uncond=text(u), keys=jax.random.split(jax.random.key(0), x.shape[0]))
+        state = samplers.SAMPLERS["dpmpp_2m"].init(x.astype(jnp.float32), plan.steps)
+        return core.run_iterations(module, p, plan.steps, plan.timesteps, batch, state, 0, 3, 7.5, 0.0,
+                                   sampler="dpmpp_2m", options=tuple(sorted(plan.options.items())), rescaled=False,
+                                   groups=None)["x"]
     return fn
 
 

@@ -1,4 +1,5 @@
 """Stable Diffusion 1.x/2.x's conditioning: one text tower's last states (clip_skip: an earlier layer's)."""
+from sdjax.pipeline.prompts import pad_rows
 
 
 class TextConditioning:
@@ -21,7 +22,7 @@ class TextConditioning:
         needs; uncond None without guidance. `pipe`: the core.Pipeline that encodes."""
         if extra is not None:
             raise TypeError(f"conditioning is for model families with more than text; this is {type(pipe).__name__}")
-        padded = lambda items: items + items[-1:] * pad  # noqa: E731
+        padded = lambda items: pad_rows(items, pad)  # noqa: E731
         chunks = pipe.chunks([prompts] + ([negatives] if cfg else []), weighting)
         cond = {"encoder_hidden_states": pipe.encode_text([padded(prompts)], clip_skip, chunks, weighting)}
         if not cfg:

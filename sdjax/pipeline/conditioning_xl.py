@@ -8,12 +8,11 @@ import numpy as np
 
 from sdjax.errors import UnsupportedConfig
 from sdjax.pipeline.conditioning import TextConditioning
+from sdjax.pipeline.prompts import pad_rows
 
 log = logging.getLogger("sdjax")
 TOWERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 OPTION_DEFAULTS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}  # diffusers' defaults
-SIZES = ("original_size", "target_size", "negative_original_size", "negative_target_size", "crops_coords_top_left",
-         "negative_crops_coords_top_left")
 
 
 def pair(value, name):
@@ -76,7 +75,7 @@ class XLConditioning(TextConditioning):
         if len(c["prompts_2"]) != len(prompts) or len(c["negatives_2"]) != len(negatives):
             raise ValueError(f"prompt_2 / negative_prompt_2 give {len(c['prompts_2'])} / {len(c['negatives_2'])} "
                              f"prompts for {len(prompts)} images")
-        padded = lambda items: items + items[-1:] * pad  # noqa: E731
+        padded = lambda items: pad_rows(items, pad)  # noqa: E731
         b = len(prompts) + pad
         rows = lambda ids: np.broadcast_to(ids, (b, len(ids)))  # noqa: E731
         texts = [prompts, c["prompts_2"]] + ([negatives, c["negatives_2"]] if cfg and not c["zero_negatives"] else [])

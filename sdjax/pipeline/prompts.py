@@ -32,6 +32,11 @@ def prompt_lists(prompt, negative_prompt, per_prompt):
     return repeat(given), repeat(negatives)
 
 
+def pad_rows(items, pad):
+    """A list of per-image prompts with `pad` copies of its last appended (the batch padded to the device count)."""
+    return items + items[-1:] * pad
+
+
 def token_chunks(tokenizer, texts, length, weighting, chunks=1):
     """(ids int32 [B, K, length], weights float32 [B, K, length]) of `texts`, K = `chunks` or the most any text
     needs (`prompt_weighting.batch_chunks`)."""
