@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--negative-prompt-2", default=None, help="SDXL: the second tower's negative prompt")
     p.add_argument("--refiner", default=None, help="SDXL: a refiner (folder or file) that takes over the base's "
                    "latents at --refiner-start")
-    p.add_argument("--refiner-start", type=finite_float, default=0.8,
+    p.add_argument("--refiner-start", type=finite_float, default=None,
                    help="SDXL: the fraction of the noise the base removes before the refiner continues (0.8)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=finite_float, default=None, help="guidance scale (default 7.5; SDXL 5.0)")
@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--sigmas", choices=["karras", "exponential", "beta"], default=None,
                    help="the noise levels' ramp, for the samplers that offer it (UIs' 'DPM++ 2M Karras': "
                         "--sampler dpmpp_2m --sigmas karras)")
-    p.add_argument("--eta", type=finite_float, default=0.0, help="eta of the samplers that take one (DDIM, TCD)")
+    p.add_argument("--eta", type=finite_float, default=None, help="eta in [0, 1] of the samplers that take one "
+                   "(ddim, tcd; default 0, as diffusers' pipelines)")
     p.add_argument("--no-prompt-weighting", action="store_true",
                    help="read prompts literally: no (word:1.3) emphasis or BREAK (diffusers' behaviour)")
     p.add_argument("--seed", type=int, default=0, help="image i of the run uses seed + i")
@@ -123,10 +124,20 @@ def run(args):
                                 " (the bundled demo model is not in this install; pass --model PATH)"))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out} is a file; give a folder for the images")
+    cache = args.compilation_cache
+    if cache and cache != "off" and os.path.exists(cache) and not os.path.isdir(cache):
+        raise FileExistsError(f"--compilation-cache {cache} is a file; give a folder (or 'off')")
+    if args.refiner_start is not None and not args.refiner:
+        raise ValueError("--refiner-start is for --refiner: give the refiner model too")
+    if args.strength is not None and not args.init_image:
+        raise ValueError("--strength is for img2img and inpainting: give --init-image")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
 
     from sdjax.images import make_grid, open_image, save_png
+    from sdjax.diffusion.samplers import SAMPLERS, plan_options
     from sdjax.pipeline import StableDiffusion, StableDiffusionXL
-    compile_cache.enable(args.compilation_cache)
+    compile_cache.enable(cache)
 
     image = open_image(args.init_image, "--init-image") if args.init_image else None  # before the slow load
     mask = open_image(args.mask, "--mask") if args.mask else None
@@ -142,22 +153,28 @@ def run(args):
         raise ValueError("--prompt-2, --negative-prompt-2 and --refiner are for SDXL models; "
                          f"{model} is Stable Diffusion 1.x/2.x")
     sampler = args.sampler or sd.default_sampler()
+    takes_eta = sorted(name for name in SAMPLERS if "eta" in plan_options(name))
+    if args.eta and sampler not in takes_eta:
+        raise ValueError(f"--eta is for the samplers {', '.join(takes_eta)}; {sampler} takes none")
     kw = dict(negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=sampler, seed=args.seed,
-              height=args.height, width=args.width, eta=args.eta, mask=mask, strength=args.strength,
+              height=args.height, width=args.width, mask=mask, strength=args.strength,
               clip_skip=args.clip_skip, num_images_per_prompt=args.num_images,
               prompt_weighting=not args.no_prompt_weighting, **extra)
     if args.sigmas:
         kw[f"use_{args.sigmas}_sigmas"] = True
+    if args.eta is not None:
+        kw["eta"] = args.eta
     if args.guidance is not None:
         kw["guidance_scale"] = args.guidance
     if args.refiner:  # the base's latents at --refiner-start; the base leaves memory before the refiner loads
-        latents = sd.generate(prompts, image=image, denoising_end=args.refiner_start, output_type="latent", **kw)
+        start = 0.8 if args.refiner_start is None else args.refiner_start
+        latents = sd.generate(prompts, image=image, denoising_end=start, output_type="latent", **kw)
         report(sd, args.steps, len(latents), "base")
         del sd
         t0 = time.perf_counter()
         sd = StableDiffusion.load(args.refiner, **{**load, "config_name": None})
         print(f"loaded the refiner {args.refiner} in {time.perf_counter() - t0:.1f} s")
-        images = sd.generate(prompts, image=latents, denoising_start=args.refiner_start, **kw)
+        images = sd.generate(prompts, image=latents, denoising_start=start, **kw)
     else:
         images = sd.generate(prompts, image=image, **kw)
     report(sd, args.steps, len(images), "refiner" if args.refiner else "")
@@ -171,7 +188,7 @@ def run(args):
         if xl:
             meta.update(prompt_2=args.prompt_2 or "", negative_prompt_2=args.negative_prompt_2 or "")
         if args.refiner:
-            meta.update(refiner=os.path.basename(os.path.normpath(args.refiner)), refiner_start=args.refiner_start)
+            meta.update(refiner=os.path.basename(os.path.normpath(args.refiner)), refiner_start=start)
         paths.append(save_png(img, os.path.join(args.out, f"{first + i:04d}-seed{args.seed + i}.png"), meta))
     if args.grid:
         paths.append(save_png(make_grid(images), os.path.join(args.out, f"grid-{first:04d}.png"),

@@ -35,14 +35,14 @@ def main(argv):
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
     import jax
     compile_cache.enable()
-    if config.precision.get("matmul"):
-        jax.config.update("jax_default_matmul_precision", config.precision.matmul)
     if _CPU_COLLECTIVES.value:
         jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
-    from sdjax.train import distributed, loop
+    from sdjax.train import config as config_lib, distributed, loop
     from sdjax.train.export import export
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
+        if config_lib.matmul_precision(config):
+            jax.config.update("jax_default_matmul_precision", config.precision.matmul)
         loop.train(_CONFIG.value, _WORKDIR.value)
         if _EXPORT.value:  # every process takes part in the restore; process 0 writes
             export(_WORKDIR.value, _EXPORT.value)

@@ -90,25 +90,78 @@ def test_sample_bad_images_and_out(tmp_path, torch_folder, capsys):
     assert f"--init-image: {cut} cannot be decoded" in sample_error([*model, "--init-image", str(cut)], capsys)
 
 
-def test_sample_refuses_non_finite_numbers(torch_folder, capsys):
-    for flag in ("--guidance", "--eta", "--strength"):
-        for value in ("nan", "inf", "-inf"):
-            with pytest.raises(SystemExit) as e:
-                sample.main(["--model", torch_folder[1], "--prompt", "a", f"{flag}={value}"])
-            assert e.value.code == 2
-            err = capsys.readouterr().err
-            assert f"sample.py: error: argument {flag}: must be a finite number, got '{value}'" in err and "Traceback" not in err
-    # the library refuses them too, before anything is compiled
+# Bad input to sample.py and the message it ends with: (argv after --prompt a --model <tiny SD folder>, the
+# message). Exit 2 rows are argparse's own "sample.py: error: argument ...: ..." line (after the usage line).
+SAMPLE_BAD_INPUT = [
+    (["--steps", "0"], "num_steps must be an integer >= 1, got 0"),
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--steps", "1001"], "num_steps must be in [1, 1000], got 1001"),
+    (["--num-images", "0"], "--num-images must be >= 1, got 0"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2^32 - 1] for 1 image(s), got -1"),
+    (["--seed", "4294967296"], "seed must be an integer in [0, 2^32 - 1] for 1 image(s), got 4294967296"),
+    (["--seed", "4294967295", "--num-images", "2"], "seed must be an integer in [0, 2^32 - 2] for 2 image(s)"),
+    (["--height", "31"], "height and width must be positive multiples of 2, got 31x"),
+    (["--width", "-8"], "height and width must be positive multiples of 2, got "),
+    (["--clip-skip", "99"], "clip_skip must be an integer in [0, 1], got 99"),
+    (["--clip-skip", "-1"], "clip_skip must be an integer in [0, 1], got -1"),
+    (["--sampler", "nope"], "unknown sampler 'nope'; valid: ddim, ddpm, deis,"),
+    (["--sigmas", "karras", "--sampler", "ddim"], "sampler 'ddim' does not take options ['use_karras_sigmas']; "
+                                                   "it takes ['eta']"),
+    (["--sigmas", "karras", "--sampler", "lcm"], "sampler 'lcm' does not take options ['use_karras_sigmas']"),
+    (["--sigmas", "nope"], "argument --sigmas: invalid choice: 'nope' (choose from 'karras', 'exponential', 'beta')"),
+    (["--eta", "-1", "--sampler", "ddim"], "eta must be in [0, 1], got -1.0"),
+    (["--eta", "2", "--sampler", "tcd"], "eta must be in [0, 1], got 2.0"),
+    (["--eta", "0.5", "--sampler", "euler"], "--eta is for the samplers ddim, tcd; euler takes none"),
+    (["--strength", "0.5"], "--strength is for img2img and inpainting: give --init-image"),
+    (["--refiner-start", "0.7"], "--refiner-start is for --refiner: give the refiner model too"),
+    (["--refiner", "."], "--prompt-2, --negative-prompt-2 and --refiner are for SDXL models"),
+    (["--prompt-2", "b"], "--prompt-2, --negative-prompt-2 and --refiner are for SDXL models"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    (["--attention", "nope"], "argument --attention: invalid choice: 'nope'"),
+    (["--attention", "flash"], "attention 'flash' is a GPU/TPU kernel and jax computes on the CPU here"),
+    (["--attention", "cudnn"], "attention 'cudnn' is a GPU/TPU kernel and jax computes on the CPU here"),
+    (["--config-name", "sd21"], "config_name applies to single-file checkpoints"),
+    (["--raw-weights"], "use_ema applies to single-file checkpoints"),
+    (["--vae", "/nope"], "weights file not found: /nope"),
+    (["--compilation-cache", "README.md"], "--compilation-cache README.md is a file; give a folder (or 'off')"),
+    *[([f"{flag}={value}"], f"argument {flag}: must be a finite number, got '{value}'")
+      for flag in ("--guidance", "--eta", "--strength", "--refiner-start") for value in ("nan", "inf", "-inf")],
+]
+
+
+def cli_message(main, argv, capsys):
+    """(exit code, the one line main(argv) ends with): SystemExit's message, or argparse's error line."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if isinstance(e.value.code, str):
+        assert "\n" not in e.value.code, e.value.code
+        return 1, e.value.code
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and lines[-1].startswith(f"{main.__module__}.py: error: "), err
+    return 2, lines[-1]
+
+
+@pytest.mark.parametrize("argv,message", SAMPLE_BAD_INPUT, ids=[" ".join(a) for a, _ in SAMPLE_BAD_INPUT])
+def test_sample_bad_input_table(argv, message, tmp_path, torch_folder, capsys):
+    (tmp_path / "README.md").write_text("a file, not a folder")
+    code, line = cli_message(sample.main, ["--model", torch_folder[1], "--prompt", "a", *argv], capsys)
+    assert message in line and line.startswith("sample.py: "), line
+    assert not os.path.exists(tmp_path / "outputs")
+
+
+def test_library_refuses_what_the_cli_does(torch_folder):
+    """The same checks guard StableDiffusion.generate, before anything is compiled."""
     sd = StableDiffusion.load(torch_folder[1])
     for name in ("guidance_scale", "guidance_rescale", "eta", "strength"):
         with pytest.raises(ValueError, match=f"{name} must be a finite number, got nan"):
             sd.generate("a", num_steps=2, progress=False, **{name: float("nan")})
+    with pytest.raises(ValueError, match="num_images_per_prompt must be an integer >= 1, got 0"):
+        sd.generate("a", num_steps=2, progress=False, num_images_per_prompt=0)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\], got 1.5"):
+        sd.generate("a", num_steps=2, progress=False, sampler="ddim", eta=1.5)
     assert sd.compile_count == 0
-    with pytest.raises(SystemExit, match="unknown sampler"):  # library ValueErrors reach the CLI's one line
-        sample.main(["--model", torch_folder[1], "--prompt", "a", "--sampler", "nope"])
-    for kernel in ("flash", "cudnn"):  # accelerator kernels forced on a CPU: said before loading, not at lowering
-        msg = sample_error(["--model", torch_folder[1], "--attention", kernel], capsys)
-        assert f"attention {kernel!r} is a GPU/TPU kernel" in msg
 
 
 def train_error(tmp_path, overrides, capsys, monkeypatch):
@@ -126,16 +179,50 @@ def train_error(tmp_path, overrides, capsys, monkeypatch):
     return _one_line_exit("train.py", train.main, ["train.py"], capsys)
 
 
-def test_train_bad_config_and_data(tmp_path, capsys, monkeypatch):
-    fails = lambda **overrides: train_error(tmp_path, overrides, capsys, monkeypatch)  # noqa: E731
-    msg = fails(**{"data.source": "folder", "data.path": str(tmp_path / "missing")})
-    assert "needs a folder of images" in msg and str(tmp_path / "missing") in msg
-    msg = fails(**{"data.source": "jsonl", "data.path": str(tmp_path / "x.jsonl")})
-    assert "x.jsonl" in msg
-    msg = fails(**{"batch_size": 3, "optimizer.grad_accum_steps": 2})
-    assert "grad_accum_steps=2 must divide batch_size=3" in msg
-    msg = fails(pretrained=str(tmp_path / "no_model"))
-    assert "no_model" in msg
+# Bad training configs (`--config.key=value` overrides of configs/train/tiny.py) and train.py's one line.
+TRAIN_BAD_CONFIG = [
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"total_steps": 0}, "total_steps must be >= 1, got 0"),
+    ({"seed": -1}, "seed must be an integer in [0, 2^32), got -1"),
+    ({"batch_size": 3, "optimizer.grad_accum_steps": 2}, "grad_accum_steps=2 must divide batch_size=3"),
+    ({"optimizer.schedule": "nope"}, "optimizer.schedule must be one of ('cosine', 'constant'), got 'nope'"),
+    ({"optimizer.learning_rate": -1.0}, "optimizer.learning_rate must be > 0, got -1.0"),
+    ({"optimizer.warmup_steps": -1}, "optimizer.warmup_steps must be >= 0, got -1"),
+    ({"optimizer.decay_steps": -5}, "optimizer.decay_steps must be >= 0, got -5"),
+    ({"optimizer.weight_decay": -1.0}, "optimizer.weight_decay must be >= 0, got -1.0"),
+    ({"optimizer.grad_clip_norm": -1.0}, "optimizer.grad_clip_norm must be >= 0, got -1.0"),
+    ({"optimizer.b1": 1.5}, "optimizer.b1 must be in [0, 1), got 1.5"),
+    ({"optimizer.eps": 0.0}, "optimizer.eps must be > 0, got 0.0"),
+    ({"ema_decay": 1.0}, "ema_decay must be in [0, 1), got 1.0"),
+    ({"precision.compute_dtype": "float16"}, "precision.compute_dtype must be one of ['bfloat16', 'float32']"),
+    ({"precision.matmul": "nope"}, "precision.matmul must be one of ('', 'default', 'high', 'highest',"),
+    ({"attention": "nope"}, "attention must be one of ('auto', 'flash', 'chunked', 'xla', 'cudnn'), got 'nope'"),
+    ({"attention": "flash"}, "attention 'flash' is a GPU/TPU kernel and jax computes on the CPU here"),
+    ({"max_bad_steps": 0}, "max_bad_steps must be >= 1, got 0"),
+    ({"keep_checkpoints": 0}, "keep_checkpoints must be >= 1 (or None: keep all), got 0"),
+    ({"log_every": 0}, "checkpoint_every and log_every must be >= 1"),
+    ({"loss.prediction_type": "nope"}, "loss.prediction_type must be one of ('epsilon', 'v_prediction', 'sample')"),
+    ({"loss.caption_dropout": 2.0}, "loss.caption_dropout must be in [0, 1], got 2.0"),
+    ({"loss.latent": "nope"}, "loss.latent must be one of ('sample', 'mean'), got 'nope'"),
+    ({"mesh.fsdp": 3}, "mesh: 3 does not divide the 1 devices"),
+    ({"mesh.data": 5}, "mesh: data x fsdp = 5 x 1 != 1 devices"),
+    ({"sample.every": -1}, "sample.every must be >= 0 (0: never), got -1"),
+    ({"sample.every": 5, "sample.num_steps": 0}, "sample.num_steps must be >= 1, got 0"),
+    ({"sample.every": 5, "sample.prompts": ()}, "sample.prompts must be a non-empty list of strings, got ()"),
+    ({"sample.every": 5, "sample.guidance_scale": float("nan")}, "sample.guidance_scale must be a finite number"),
+    ({"data.source": "nope"}, "data config: source must be one of ('shapes', 'folder', 'jsonl', 'csv',"),
+    ({"data.source": "folder", "data.path": "{tmp}/missing"}, "needs a folder of images"),
+    ({"data.source": "jsonl", "data.path": "{tmp}/x.jsonl"}, "{tmp}/x.jsonl"),
+    ({"pretrained": "{tmp}/no_model"}, "{tmp}/no_model"),
+    ({"tokenizer": "{tmp}/nope"}, "CLIP tokenizer: {tmp}/nope holds neither tokenizer.json nor vocab.json"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", TRAIN_BAD_CONFIG, ids=[str(o) for o, _ in TRAIN_BAD_CONFIG])
+def test_train_bad_config_table(overrides, message, tmp_path, capsys, monkeypatch):
+    overrides = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in overrides.items()}
+    line = train_error(tmp_path, overrides, capsys, monkeypatch)
+    assert message.format(tmp=tmp_path) in line, line
     assert not os.path.exists(tmp_path / "run")  # each failed before anything was set up
 
 

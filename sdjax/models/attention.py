@@ -31,6 +31,15 @@ FLASH_MULTIPLE = 128             # the flash kernels take sequence lengths that 
 _IMPLEMENTATION = contextvars.ContextVar("attention_implementation", default=("auto", None))
 
 
+def check_name(name, backend):
+    """ValueError unless `name` is one of IMPLEMENTATIONS that runs on `backend` (jax.default_backend())."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {name!r}")
+    if name in ("flash", "cudnn") and backend == "cpu":
+        raise ValueError(f"attention {name!r} is a GPU/TPU kernel and jax computes on the CPU here; "
+                         "use 'auto', 'chunked' or 'xla'")
+
+
 @contextlib.contextmanager
 def implementation(name, mesh=None):
     """Attention traced inside uses `name` (one of IMPLEMENTATIONS; "auto": chosen per platform at lowering);

@@ -2,7 +2,7 @@
 `StableDiffusionXL`, whose `generate` takes SDXL's arguments. The model family is chosen here, once, at load."""
 import jax
 
-from sdjax.models.attention import IMPLEMENTATIONS
+from sdjax.models import attention as attention_lib
 from sdjax.pipeline.conditioning import TextConditioning
 from sdjax.pipeline.conditioning_xl import XLConditioning
 from sdjax.pipeline.core import Pipeline
@@ -33,11 +33,7 @@ class StableDiffusion(Pipeline):
     def load(cls, path, dtype="float32", attention="auto", **options):
         """A pipeline over a diffusers folder or a single-file checkpoint; options as `load_pretrained`'s;
         attention: one of models.attention.IMPLEMENTATIONS ("auto": the platform's fastest)."""
-        if attention not in IMPLEMENTATIONS:
-            raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {attention!r}")
-        if attention in ("flash", "cudnn") and jax.default_backend() == "cpu":
-            raise ValueError(f"attention {attention!r} is a GPU/TPU kernel and jax computes on the CPU here; "
-                             "use 'auto', 'chunked' or 'xla'")
+        attention_lib.check_name(attention, jax.default_backend())
         sd = cls(load_pretrained(path, dtype=dtype, **options))  # an SDXL model: a StableDiffusionXL
         sd.attention = attention
         return sd

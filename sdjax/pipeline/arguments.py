@@ -20,6 +20,8 @@ def validate(pipe, num_steps, sampler, height, width, strength, image, mask, see
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     if sampler not in samplers_lib.SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(sorted(samplers_lib.SAMPLERS))}")
+    if "eta" in samplers_lib.plan_options(sampler) and not 0 <= eta <= 1:  # DDIM's sqrt(1 - abar - std^2) < 0
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
         if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
             raise ValueError(f"{name} must be a fraction in (0, 1), got {value!r}")

@@ -23,6 +23,8 @@ def as_list(x, name):
 
 def prompt_lists(prompt, negative_prompt, per_prompt):
     """(prompts, negative prompts), one per image: each prompt repeated `per_prompt` times."""
+    if not isinstance(per_prompt, int) or per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {per_prompt!r}")
     given = as_list(prompt, "prompt")
     negatives = [""] if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
     negatives = negatives * len(given) if len(negatives) == 1 else negatives

@@ -115,6 +115,9 @@ def load_pretrained(path, dtype="float32", config_name=None, variant=None, use_e
     host = np.dtype(dtype)  # the params: numpy arrays, converted tensor by tensor from the files
     if os.path.isdir(path) and use_ema is not None:
         raise ValueError("use_ema applies to single-file checkpoints; a diffusers folder has one UNet")
+    if os.path.isdir(path) and config_name is not None:
+        raise ValueError(f"config_name applies to single-file checkpoints; the diffusers folder {path} "
+                         "names its architecture in its config.json files")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "model_index.json")) and not os.path.isdir(os.path.join(path, "unet")):
             raise WeightLoadError(f"{path} is not a diffusers folder: no model_index.json and no unet/ inside")
