@@ -25,11 +25,20 @@ _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", None, "multi-process o
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _no_orbax_tracebacks(record):
+    """orbax logs a failed checkpoint write with three tracebacks from its threads; the error's one line
+    stays, and the exit message says what failed (sdjax.train.checkpoint)."""
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+        record.exc_info = record.exc_text = None
+    return True
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("sdjax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
     config = _CONFIG.value
     if config.get("deterministic"):  # before jax starts its backends
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"

@@ -122,7 +122,7 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
         state = jax.jit(plan.init, out_shardings=plan.state_sharding)(
             jax.device_put(trainable, plan.state_sharding.params))
     else:
-        state, data_states = ckpt.restore(_with_shardings(plan.abstract, plan.state_sharding))
+        state, data_states = ckpt.restore_newest(_with_shardings(plan.abstract, plan.state_sharding))
         log.info("resumed from %s at step %d", workdir, int(jax.device_get(state.step)))
         if data_states["process_count"] == pcount:
             data.set_state(data_states["states"][pindex])
@@ -299,7 +299,6 @@ def train(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
         batches.close()
         if single:
             signal.signal(signal.SIGTERM, previous)
-        run.checkpointer.wait()
-        run.checkpointer.close()
         logger.close()
+        run.checkpointer.close()  # waits for the last save: OSError if its write failed
     return run.state
