@@ -19,8 +19,8 @@ from sdjax.models.autoencoder import from_latents, to_latents  # noqa: E402
 from sdjax.pipeline import StableDiffusion  # noqa: E402
 from sdjax.train.ldm import ldm_step  # noqa: E402
 from sdjax.weights.pretrained import load_pretrained, save_pretrained  # noqa: E402
-from test_pipeline import _draws, _picture  # noqa: E402
-from test_pipeline_xl import LATENT, PROMPTS, SIZE, TOL, _err, _noise, _reference  # noqa: E402
+from test_pipeline import _iterations, _picture  # noqa: E402
+from test_pipeline_xl import PROMPTS, PROMPTS_2, SIZE, TOL, _err, _noise, _reference  # noqa: E402
 from train_fakes import ABAR, EMPTY, toy_setup  # noqa: E402
 
 MEAN, STD = [0.4, -0.3, 0.2, -0.6], [0.7, 1.6, 1.1, 0.5]
@@ -55,33 +55,33 @@ def _decoded_without_stats(pipe, latents):
 
 
 def test_text_to_image_matches_diffusers(pipe, stats_folder):
-    """The decode: latents * std / scaling_factor + mean, per channel."""
-    kw = dict(num_steps=3, sampler="ddim", guidance_scale=5.0, height=SIZE, width=SIZE, progress=False)
+    """The decode: latents * std / scaling_factor + mean, per channel. (The run of test_pipeline_xl's
+    test_text_to_image_matches_diffusers[ddim-1.0]: its text and loop programs are compiled once, jax's cache.)"""
+    kw = dict(prompt_2=PROMPTS_2, num_steps=4, sampler="ddim", guidance_scale=1.0, height=SIZE, width=SIZE,
+              noise=_noise(3, 2, _iterations(stats_folder, "ddim", 4), "ddim"), progress=False)
     ref = _reference("StableDiffusionXLPipeline", stats_folder, "ddim")(
-        PROMPTS[0], num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE,
-        generator=torch.Generator().manual_seed(4), output_type="np").images
-    latents = _draws(4, (1, *LATENT), 1)[0]
-    err = _err(pipe.generate(PROMPTS[0], latents=latents, output_type="np", **kw), ref)
-    effect = _err(_decoded_without_stats(pipe, pipe.generate(PROMPTS[0], latents=latents, output_type="latent",
-                                                             **kw)), ref)
+        prompt=PROMPTS, prompt_2=PROMPTS_2, num_inference_steps=4, guidance_scale=1.0, height=SIZE, width=SIZE,
+        generator=torch.Generator().manual_seed(3), output_type="np").images
+    err = _err(pipe.generate(PROMPTS, output_type="np", **kw), ref)
+    effect = _err(_decoded_without_stats(pipe, pipe.generate(PROMPTS, output_type="latent", **kw)), ref)
     print(f"text-to-image with latent stats: mean abs diff {err:.2e}, decoded without them {effect:.2e}")
     assert err <= TOL and effect > 10 * TOL, (err, effect)
 
 
 def test_image_to_image_matches_diffusers(pipe, stats_folder):
     """The encode: (z - mean) * scaling_factor / std, per channel (diffusers' SDXL img2img prepare_latents)."""
-    image, steps, strength = _picture(np.random.default_rng(1)), 5, 0.6
+    image, steps, strength = _picture(np.random.default_rng(1)), 4, 0.5
     ref = _reference("StableDiffusionXLImg2ImgPipeline", stats_folder, "ddim")(
-        PROMPTS[1], image=image, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+        PROMPTS[1], image=image, strength=strength, num_inference_steps=steps, guidance_scale=1.0,
         generator=torch.Generator().manual_seed(4), output_type="np").images
     noise = _noise(4, 1, int(steps * strength), "ddim", kinds=("image", "initial"))
     err = _err(pipe.generate(PROMPTS[1], image=image, strength=strength, num_steps=steps, sampler="ddim",
-                             guidance_scale=5.0, noise=noise, output_type="np", progress=False), ref)
+                             guidance_scale=1.0, noise=noise, output_type="np", progress=False), ref)
     # the effect: the image's latents encoded without the stats (the same posterior draw), denoised the same way
     pixels = jnp.asarray(np.asarray(image, np.float32)[None] / 127.5 - 1)
     plain = to_latents(_plain(pipe), pipe.params["vae"], pixels, jnp.asarray(noise["image"]))
     effect = _err(pipe.generate(PROMPTS[1], image=plain, strength=strength, num_steps=steps, sampler="ddim",
-                                guidance_scale=5.0, noise={"initial": noise["initial"]}, output_type="np",
+                                guidance_scale=1.0, noise={"initial": noise["initial"]}, output_type="np",
                                 progress=False), ref)
     print(f"image-to-image with latent stats: mean abs diff {err:.2e}, encoded without them {effect:.2e}")
     assert err <= TOL and effect > 10 * TOL, (err, effect)
@@ -121,6 +121,6 @@ def test_training_latents_follow_the_stats():
         fn = ldm_step.make_loss_fn({**modules, "vae": vae}, config, jnp.asarray(ABAR), EMPTY, empty_text)
         return float(jax.jit(fn)(trainable, frozen, batch))
     from_images, from_cache = loss(vae, micro), loss(vae, cached)
-    effect = min(abs(loss(modules["vae"], m) - from_images) for m in (micro, cached))
+    effect = abs(loss(modules["vae"], micro) - from_images)
     print(f"loss from images {from_images:.6f}, from the cache {from_cache:.6f}, without the stats: moved {effect:.2e}")
     assert abs(from_cache - from_images) <= 1e-6 * from_images < effect / 100
