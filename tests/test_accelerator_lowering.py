@@ -132,3 +132,43 @@ def test_train_step_has_flash_attention_and_no_cpu_paths(train_step, platform):
     # every U-Net conv's forward and two backward convolutions are XLA's (the first layer has no input
     # gradient); on CPU most are Winograd / im2col matmuls
     assert text.count("stablehlo.convolution") >= 3 * unet_convs - 1 > cpu.count("stablehlo.convolution")
+
+
+CUDNN = "__cudnn$fmha"  # cuDNN's fused attention custom call
+
+
+@pytest.fixture
+def cudnn_here(monkeypatch):
+    """This CPU has no cuDNN, of which jax asks only the version while tracing the kernel: say 9.8, so graphs
+    with it lower for "cuda" (whether cuDNN runs them is checked only on a GPU)."""
+    from jax._src.cudnn import fused_attention_stablehlo
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
+    attention._cudnn_fallback.cache_clear()
+
+
+def test_cudnn_takes_upcast_half_inputs_and_leaves_the_others_to_xla(cudnn_here, caplog):
+    """attention="cudnn" on SD 2.x's upcast_attention: a bfloat16 U-Net's attention goes to the kernel in bfloat16
+    (it computes the softmax in float32 itself), where the float32 upcast made jax refuse it; inputs the kernel
+    does not take (a float32 model, the VAE's 512-wide head) lower to XLA attention, with one log line each."""
+    cfg = tiny.get_config().to_dict()["unet"]
+    cfg = {**cfg, "sample_size": 16, "attention_head_dim": 4, "upcast_attention": True}  # head dims 8 and 16
+    lowered = lambda dtype: _lowered(_guided(registry.build("unet", cfg, dtype=dtype)),  # noqa: E731
+                                     registry.param_shapes("unet", registry.build("unet", cfg)),
+                                     cfg["cross_attention_dim"], "cuda", "cudnn")
+    with caplog.at_level("WARNING", logger="sdjax"):
+        calls = [line.rsplit(" : (", 1)[1].split("->")[0] for line in lowered(jnp.bfloat16).splitlines()
+                 if f"@{CUDNN}" in line]  # the kernel calls' operand types
+        assert len(calls) >= 8 and all("bf16" in c and "f32" not in c for c in calls), calls
+        assert not caplog.records
+        assert CUDNN not in lowered(jnp.float32)
+        q = jax.ShapeDtypeStruct((1, 256, 512), jnp.bfloat16)
+        with attention.implementation("cudnn"):
+            vae_like = jax.jit(lambda q: attention.multi_head_attention(q, q, q, 1, upcast=True)).trace(q)
+        assert CUDNN not in vae_like.lower(lowering_platforms=("cuda",)).as_text()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "fp16/bf16" in messages[0] and "head dim" in messages[1], messages
+    # the fallback computes what XLA attention does (upcast: in float32), here on the CPU
+    x = jax.random.normal(jax.random.key(0), (1, 64, 512), jnp.bfloat16)
+    run = lambda impl: jax.jit(attention.scoped(lambda x: attention.multi_head_attention(x, x, x, 1, upcast=True),  # noqa: E731
+                                                impl))(x)
+    np.testing.assert_array_equal(run("cudnn"), run("xla"))

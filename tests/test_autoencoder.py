@@ -197,6 +197,7 @@ def test_full_size_names_and_shapes():
     ("up_block_types", ["UpDecoderBlock2D"]),
     ("act_fn", "tanh"),
     ("norm_type", "spatial"),
+    ("latents_std", [1.0, 2.0]),  # one number per latent channel (4)
 ])
 def test_from_config_rejects_unsupported(key, value):
     cfg = dict(SD15_VAE, block_out_channels=[128, 256],

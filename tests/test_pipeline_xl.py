@@ -167,17 +167,23 @@ def test_base_to_refiner_hand_off_matches_diffusers(base, refiner, sdxl_folders,
     assert effect is None or effect > 10 * TOL, effect
 
 
+def _training_batch(pre):
+    """Token ids of PROMPTS / PROMPTS_2 and a micro-batch's sizes and crops (the images: zeros)."""
+    from sdjax.text.tokenizer import tokenize
+    ids = {"input_ids": tokenize(pre.tokenizer, PROMPTS)[0], "input_ids_2": tokenize(pre.tokenizer_2, PROMPTS_2)[0]}
+    return {"images": np.zeros((2, SIZE, SIZE, 3), np.float32), "original_size": np.array([[512, 384], [20, 16]]),
+            "crop_top_left": np.array([[16, 0], [2, 0]]), **ids}
+
+
 def test_training_conditions_as_sampling(base):
     """The train step's conditioning (ldm_step.conditioning) of a batch is the text and pooled text the pipeline
     samples with, and the time ids of each example's recorded original size and crop, the training size last."""
     import jax
-    from sdjax.text.tokenizer import tokenize
+    from sdjax.train.ldm import ldm_stage
     from sdjax.train.ldm.ldm_step import conditioning
     pre = base.pretrained
-    ids = {"input_ids": tokenize(pre.tokenizer, PROMPTS)[0], "input_ids_2": tokenize(pre.tokenizer_2, PROMPTS_2)[0]}
-    micro = {"images": np.zeros((2, SIZE, SIZE, 3), np.float32), "original_size": np.array([[512, 384], [20, 16]]),
-             "crop_top_left": np.array([[16, 0], [2, 0]])}
-    got = jax.jit(lambda p, i, m: conditioning(pre.modules, p, i, m))(pre.params, ids, micro)
+    micro, keep = _training_batch(pre), np.zeros(2, bool)
+    got = jax.jit(lambda p, m: conditioning(pre.modules, p, m, keep, ldm_stage.empty_prompt_ids(pre)))(pre.params, micro)
     text, pooled = base.encode_prompts(PROMPTS, PROMPTS_2)
     np.testing.assert_allclose(got["encoder_hidden_states"], text, atol=1e-6)
     np.testing.assert_allclose(got["text_embeds"], pooled, atol=1e-6)
@@ -186,6 +192,37 @@ def test_training_conditions_as_sampling(base):
             for o, k in zip(micro["original_size"], micro["crop_top_left"])]
     np.testing.assert_array_equal(got["time_ids"], np.stack(want))
     np.testing.assert_array_equal(want[1], [20, 16, 2, 0, SIZE, SIZE])
+
+
+def test_dropped_captions_train_on_the_unconditional_branch_of_sampling(base):
+    """Caption dropout conditions a dropped caption on what sampling's unconditional branch (without a negative
+    prompt) is: zero text and pooled text for the base (force_zeros_for_empty_prompt, test_text_to_image_matches_
+    diffusers), the empty prompt's encoding where model_index.json sets the flag false; from token ids and from
+    the latent cache alike. The time ids stay the example's."""
+    import dataclasses
+
+    import jax
+    from sdjax.train.ldm import ldm_stage
+    from sdjax.train.ldm.ldm_step import conditioning
+    pre, drop = base.pretrained, np.array([True, False])
+    micro, empty_ids = _training_batch(pre), ldm_stage.empty_prompt_ids(pre)
+    text, pooled = base.encode_prompts(PROMPTS, PROMPTS_2)
+    empty = dict(zip(("encoder_hidden_states", "text_embeds"), base.encode_prompts([""], [""])))
+    cached = {"latent_mean": np.zeros((2, *LATENT), np.float32), "encoder_hidden_states": text, "text_embeds": pooled,
+              **{k: micro[k] for k in ("original_size", "crop_top_left")}}
+    unflagged = dataclasses.replace(pre, options={**pre.options, "force_zeros_for_empty_prompt": False})
+    assert ldm_stage.zero_dropped(pre) and not ldm_stage.zero_dropped(unflagged)
+    for model in (pre, unflagged):
+        zeros = ldm_stage.zero_dropped(model)
+        fn = jax.jit(lambda p, m, e: conditioning(pre.modules, p, m, drop, empty_ids, e, zeros))
+        for batch in (micro, cached):
+            got = fn(pre.params, batch, {k: v[0] for k, v in empty.items()})
+            for key, kept in (("encoder_hidden_states", text), ("text_embeds", pooled)):
+                dropped = np.zeros_like(kept[0]) if zeros else empty[key][0]
+                np.testing.assert_allclose(got[key][0], dropped, atol=1e-6, err_msg=f"{key} zeros={zeros}")
+                np.testing.assert_allclose(got[key][1], kept[1], atol=1e-6, err_msg=key)
+            np.testing.assert_array_equal(got["time_ids"][0][:4], [512, 384, 16, 0])
+    assert np.abs(empty["encoder_hidden_states"]).mean() > 0.1  # the empty prompt's text is far from zeros
 
 
 def test_default_strengths_are_diffusers():

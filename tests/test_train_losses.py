@@ -22,9 +22,10 @@ def toy():
     return toy_setup()
 
 
-def reference_loss(modules, params, micro, cfg):
+def reference_loss(modules, params, micro, cfg, zero_dropped=False):
     """The loss recomputed in float64 from the same draws, noising and targets by diffusers (DDPMScheduler's
-    add_noise and get_velocity, training_utils.compute_snr), min-SNR weights as its train_text_to_image."""
+    add_noise and get_velocity, training_utils.compute_snr), min-SNR weights as its train_text_to_image; dropped
+    captions' text the empty caption's or (zero_dropped) zeros."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
     c = cfg.loss
@@ -34,6 +35,8 @@ def reference_loss(modules, params, micro, cfg):
     z = np.asarray(post.mean, np.float64) * 0.5
     ids = np.where(np.asarray(d["drop"])[:, None], EMPTY["input_ids"][None], micro["input_ids"])
     ctx = modules["text_encoder"].apply({"params": params["text_encoder"]}, ids)["last_hidden_state"]
+    if zero_dropped:
+        ctx = np.where(np.asarray(d["drop"])[:, None, None], 0.0, ctx)
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     np.testing.assert_allclose(ddpm.alphas_cumprod.numpy(), ABAR, rtol=1e-6)  # the fakes' table is SD's
     tz, te, tt = torch.from_numpy(z), torch.from_numpy(eps), torch.from_numpy(t)
@@ -64,15 +67,23 @@ def test_loss_and_gradient_match_closed_form(toy, prediction_type, gamma):
 
 
 def test_caption_dropout_and_posterior_sample(toy):
+    """Dropped captions on the empty caption's text or on zeros (zero_dropped: SDXL's force_zeros_for_empty_prompt;
+    tests/test_pipeline_xl.py checks the conditioning of each); a posterior draw."""
     modules, params, micro = toy
-    for dropout, latent in ((1.0, "mean"), (0.5, "sample")):
+    frozen = {k: params[k] for k in ("vae", "text_encoder")}
+    losses_of = {}
+    for dropout, latent, zeros in ((1.0, "mean", False), (1.0, "mean", True), (0.5, "mean", True),
+                                   (0.5, "sample", False)):
         cfg = loss_config(dropout=dropout, latent=latent)
-        loss_fn = make_loss_fn(modules, cfg, jnp.asarray(ABAR), EMPTY)
-        got = loss_fn({"unet": params["unet"]}, {k: params[k] for k in ("vae", "text_encoder")}, micro)
-        if latent == "mean":  # every caption replaced by the empty one
-            assert abs(float(got) - reference_loss(modules, params, micro, cfg)[0]) <= 1e-5 * float(got)
+        loss_fn = make_loss_fn(modules, cfg, jnp.asarray(ABAR), EMPTY, zero_dropped=zeros)
+        got = float(loss_fn({"unet": params["unet"]}, frozen, micro))
+        want = reference_loss(modules, params, micro, cfg, zeros)[0]
+        losses_of[dropout, zeros] = got
+        if latent == "mean":  # every (or about half the) caption(s) replaced by the empty one or zeros
+            assert abs(got - want) <= 1e-5 * got, (dropout, zeros, got, want)
         else:  # a posterior draw moves the latents, so the loss differs from the mean's
-            assert abs(float(got) - reference_loss(modules, params, micro, cfg)[0]) > 1e-6
+            assert abs(got - want) > 1e-6
+    assert abs(losses_of[1.0, True] - losses_of[1.0, False]) > 100 * 1e-5 * losses_of[1.0, False]
 
 
 def test_min_snr_weights_closed_form():

@@ -73,7 +73,10 @@ class ToyVAE(nn.Module):
     """encode: images [B, H, W, 3] -> posterior over [B, H/2, W/2, 4] (a strided conv)."""
     scaling_factor: float = 0.5
     shift_factor: float | None = None
+    latents_mean: tuple | None = None
+    latents_std: tuple | None = None
     force_upcast: bool = False
+    block_out_channels: tuple = (8, 8)  # as AutoencoderKL's: the downsampling factor 2
 
     @nn.compact
     def encode(self, images):

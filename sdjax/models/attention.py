@@ -10,7 +10,8 @@ forced with `implementation(name)` around tracing:
   on TPU). The kernels accumulate scores in float32, which is SD 2.x's `upcast_attention`.
 - "chunked" on CPU: XLA materialises every head's score matrix at once, which is memory-bound (6x slower
   than PyTorch at 4096 tokens), so attention runs head by head over query chunks that fit in cache.
-- "xla": `jax.nn.dot_product_attention` as XLA ops; "cudnn": its cuDNN kernel (needs a GPU to trace).
+- "xla": `jax.nn.dot_product_attention` as XLA ops; "cudnn": its cuDNN kernel (needs a GPU to trace), for the
+  inputs the kernel takes, XLA for the others (`cudnn_attention`).
 
 Over a mesh (`implementation(name, mesh)`), a batch split over the mesh's devices is attended by each
 device on its own rows (`jax.shard_map`): XLA cannot partition a kernel's custom call, nor see through the
@@ -18,6 +19,8 @@ chunked path's loop over batch x heads, and would otherwise gather the whole bat
 """
 import contextlib
 import contextvars
+import functools
+import logging
 import math
 
 import jax
@@ -29,6 +32,7 @@ CHUNK_BYTES = 16 * 2 ** 20       # CPU: bytes of scores per query chunk otherwis
 IMPLEMENTATIONS = ("auto", "flash", "chunked", "xla", "cudnn")
 FLASH_MULTIPLE = 128             # the flash kernels take sequence lengths that are multiples of this
 _IMPLEMENTATION = contextvars.ContextVar("attention_implementation", default=("auto", None))
+log = logging.getLogger("sdjax")
 
 
 def check_name(name, backend):
@@ -75,7 +79,8 @@ def multi_head_attention(q, k, v, num_heads, *, causal=False, upcast=False):
     q, k, v = split(q), split(k), split(v)
     impl, mesh = _IMPLEMENTATION.get()
     flash_shapes = lq % FLASH_MULTIPLE == 0 and k.shape[1] % FLASH_MULTIPLE == 0
-    if upcast and not (impl in ("auto", "flash") and flash_shapes):  # the kernels accumulate in float32 anyway
+    # the kernels accumulate in float32 anyway (cuDNN's fallback upcasts by itself)
+    if upcast and not (impl in ("auto", "flash") and flash_shapes or impl == "cudnn"):
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")  # noqa: E731
     chunked = lambda q, k, v: chunked_attention(q, k, v, causal=causal)  # noqa: E731
@@ -87,13 +92,35 @@ def multi_head_attention(q, k, v, num_heads, *, causal=False, upcast=False):
     elif impl == "flash":
         attend = lambda q, k, v: jax.lax.platform_dependent(q, k, v, cuda=gpu, default=tpu)  # noqa: E731
     elif impl == "cudnn":
-        attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")  # noqa: E731
+        attend = lambda q, k, v: cudnn_attention(q, k, v, causal, upcast)  # noqa: E731
     else:
         attend = {"chunked": chunked, "xla": xla}[impl]
     if mesh is not None and b % mesh.size == 0:  # each device attends its own rows
         rows = P(tuple(mesh.axis_names))
         attend = jax.shard_map(attend, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows, check_vma=False)
     return attend(q, k, v).reshape(b, lq, d).astype(dtype)
+
+
+def cudnn_attention(q, k, v, causal=False, upcast=False):
+    """cuDNN's fused kernel (jax.nn.dot_product_attention), [B, T, H, Dh] layout, for the inputs it takes:
+    bfloat16/float16, head dims it supports (at most 128, a multiple of 8, before Hopper). Half inputs go as
+    they are, `upcast` or not: the kernel computes scores and softmax in float32 and multiplies the
+    probabilities with V in the inputs' dtype, which is what SD 2.x's upcast_attention does in diffusers, so
+    casting them to float32 would only make the kernel refuse them. Other inputs (float32: a model computing in
+    float32, whose numerics a silent cast to half would change by ~1e-2; the VAE's 512-wide head) go to XLA
+    attention, in float32 with `upcast`, with one log line per reason."""
+    try:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    except NotImplementedError as e:  # jax's check of the dtypes and shapes, raised while tracing
+        _cudnn_fallback(str(e))
+    if upcast:
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+
+@functools.cache
+def _cudnn_fallback(reason):
+    log.warning("attention='cudnn': %s; XLA attention for these inputs", reason)
 
 
 def _pad_head_dim(x, to):

@@ -3,8 +3,9 @@
 Parameter names follow the diffusers module tree (`encoder.down_blocks.0.resnets.0.conv1`,
 `decoder.mid_block.attentions.0.to_q`, `quant_conv`, ...) so weights convert mechanically.
 Images and latents are NHWC; images in [-1, 1]. The module's latents are unscaled; `to_latents` /
-`from_latents` are the one place where `scaling_factor` / `shift_factor` (and `force_upcast`) are applied,
-for the diffusion model's (scaled) latent space.
+`from_latents` (and `scaled_latents`, for the latent cache's posteriors) are the one place where
+`scaling_factor` / `shift_factor` or the per-channel `latents_mean` / `latents_std` (and `force_upcast`) are
+applied, for the diffusion model's (scaled) latent space.
 """
 from typing import Any, Optional, Sequence
 
@@ -275,6 +276,11 @@ class AutoencoderKL(nn.Module):
             if len(types) != n or any(t != want for t in types):
                 raise model_config.unsupported("AutoencoderKL", key, list(types),
                                                f"{n} x {want!r} (one per block_out_channels entry)")
+        for key in ("latents_mean", "latents_std"):
+            stats = getattr(self, key)
+            if stats is not None and len(stats) != self.latent_channels:
+                raise model_config.unsupported("AutoencoderKL", key, list(stats),
+                                               f"{self.latent_channels} numbers (one per latent channel)")
         model_config.check_activation("AutoencoderKL", "act_fn", self.act_fn.lower())
 
     def setup(self):
@@ -324,23 +330,35 @@ def serving(vae):
     return vae.clone(dtype=jnp.float32) if vae.force_upcast and jnp.dtype(vae.dtype) == jnp.float16 else vae
 
 
+def latent_affine(vae):
+    """(offset, spread) of the diffusion model's latent space: latents = (z - offset) * scaling_factor / spread.
+    Per channel [c] from `latents_mean` / `latents_std` where both are set (Playground-style SDXL VAEs: diffusers'
+    SDXL pipelines use them only together), else shift_factor (or 0) and 1."""
+    if vae.latents_mean is not None and vae.latents_std is not None:
+        return jnp.asarray(vae.latents_mean, jnp.float32), jnp.asarray(vae.latents_std, jnp.float32)
+    return vae.shift_factor or 0.0, 1.0
+
+
 def to_latents(vae, params, images, noise=None):
     """images [B, H, W, 3] in [-1, 1] -> the diffusion model's latents [B, h, w, c] (float32):
-    (z - shift_factor) * scaling_factor, z the posterior mean, or with unit `noise` [B, h, w, c] the
-    posterior sample mean + std * noise."""
+    (z - offset) * scaling_factor / spread (`latent_affine`), z the posterior mean, or with unit `noise`
+    [B, h, w, c] the posterior sample mean + std * noise."""
     post = serving(vae).apply({"params": params}, images, method="encode")
     return scaled_latents(vae, post.mean, post.std, noise)
 
 
 def scaled_latents(vae, mean, std, noise=None):
     """The diffusion model's latents of a posterior (`mean`, `std`: the encoder's, as the latent cache keeps
-    them): (z - shift_factor) * scaling_factor, z the mean or, with unit `noise`, mean + std * noise."""
+    them): (z - offset) * scaling_factor / spread (`latent_affine`), z the mean or, with unit `noise`,
+    mean + std * noise."""
     z = mean if noise is None else mean + std * noise.astype(mean.dtype)
-    return (z - (vae.shift_factor or 0.0)) * vae.scaling_factor
+    offset, spread = latent_affine(vae)
+    return (z - offset) * vae.scaling_factor / spread
 
 
 def from_latents(vae, params, latents):
     """The diffusion model's latents [B, h, w, c] -> images [B, H, W, 3] in about [-1, 1] (the dtype
-    `serving(vae)` computes in)."""
-    z = latents / vae.scaling_factor + (vae.shift_factor or 0.0)
+    `serving(vae)` computes in): z = latents * spread / scaling_factor + offset (`latent_affine`)."""
+    offset, spread = latent_affine(vae)
+    z = latents * spread / vae.scaling_factor + offset
     return serving(vae).apply({"params": params}, z, method="decode")

@@ -19,6 +19,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 _VAE_ARCHITECTURE = ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
                      "latent_channels", "norm_num_groups", "act_fn", "mid_block_add_attention",
                      "use_quant_conv", "use_post_quant_conv")
+# the keys that define the diffusion model's latent space (autoencoder.latent_affine): the model's are kept
+_LATENT_SPACE = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 log = logging.getLogger("sdjax")
 
 
@@ -83,8 +85,8 @@ def load_single_file(path, config_name=None, use_ema=None, dtype=np.float32):
 def load_vae(path, module, dtype=np.float32):
     """Params for the VAE `module` from a diffusers VAE folder or a single file (diffusers or ldm names).
 
-    The model's VAE config (scaling_factor etc.) is kept; a folder's config.json must agree
-    on the architecture, and a file's tensors on the shapes.
+    The model's VAE config (its latent space: scaling_factor, latents_mean, ...) is kept; a folder's
+    config.json must agree on the architecture, and a file's tensors on the shapes.
     """
     if os.path.isdir(path):
         folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
@@ -94,9 +96,9 @@ def load_vae(path, module, dtype=np.float32):
                  for k in _VAE_ARCHITECTURE if config[k] != mine[k]]
         if wrong:
             raise WeightLoadError(f"VAE {folder} does not fit the model's VAE: {'; '.join(wrong)}")
-        if config["scaling_factor"] != mine["scaling_factor"]:
-            log.warning("VAE %s: scaling_factor %s, keeping the model's %s", folder,
-                        config["scaling_factor"], mine["scaling_factor"])
+        for key in _LATENT_SPACE:
+            if config[key] != mine[key]:
+                log.warning("VAE %s: %s %s, keeping the model's %s", folder, key, config[key], mine[key])
         tensors = diffusers.read_component_tensors(folder, "vae")
     else:
         tensors = single_file.split_vae(single_file.read_checkpoint(path))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from sdjax.diffusion import schedules
 from sdjax.diffusion.schedules import PREDICTION_TYPES
 from sdjax.models import registry
+from sdjax.pipeline.conditioning_xl import OPTION_DEFAULTS
 from sdjax.text.clip_vocab import write_clip_tokenizer
 from sdjax.errors import UnsupportedConfig
 from sdjax.text.tokenizer import batch_tokenizers, load_tokenizer, tokenize
@@ -91,6 +92,13 @@ def empty_prompt_ids(pre):
     return {key: tokenize(tokenizer, [""])[0][0] for key, tokenizer in batch_tokenizers(pre).items()}
 
 
+def zero_dropped(pre):
+    """Whether dropped captions train on zero text (text and pooled): an SDXL model whose pipeline flag
+    force_zeros_for_empty_prompt (diffusers' default: true; the base's model_index.json) makes its sampling's
+    unconditional branch zeros, as SDXL's original training zeroed dropped captions. Otherwise the empty caption."""
+    return "text_encoder_2" in pre.modules and {**OPTION_DEFAULTS, **pre.options}["force_zeros_for_empty_prompt"]
+
+
 def batch_shapes(pre, batch_size, image_size):
     """The train step's batch (what the input pipeline gives) as ShapeDtypeStructs."""
     shape = lambda *dims, dtype=jnp.int32: jax.ShapeDtypeStruct(dims, dtype)  # noqa: E731
@@ -111,7 +119,7 @@ def make_train_step(pre, config, tx, schedule, mesh=None):
     if cached:
         from sdjax.data import cache
     return ldm_step.make_train_step(pre.modules, config, tx, schedule, abar, empty_prompt_ids(pre), mesh,
-                                    cache.empty_text(config.data.path) if cached else None)
+                                    cache.empty_text(config.data.path) if cached else None, zero_dropped(pre))
 
 
 def export(config, params, out_dir):

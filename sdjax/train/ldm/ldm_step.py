@@ -46,21 +46,39 @@ def with_time_ids(cond, micro, size):
     return {**cond, "time_ids": time_ids}
 
 
-def conditioning(modules, p, ids, micro):
-    """The U-Net's conditioning keyword arguments from token ids and (SDXL) the micro-batch's sizes and crops."""
-    return with_time_ids(text_conditioning(modules, p, ids), micro, micro["images"].shape[1:3])
+def conditioning(modules, p, micro, drop, empty_ids, empty_text=None, zero_dropped=False):
+    """The U-Net's conditioning keyword arguments of a micro-batch (`make_loss_fn`'s), the captions where `drop`
+    [b] bool is set dropped: replaced by the empty caption (its ids through the towers; from the latent cache, its
+    cached text `empty_text`) or, `zero_dropped`, by zero text and pooled text. SDXL: with the time ids of each
+    example's size and crop, the training size (the images', or the cached latents' times the VAE's factor) last."""
+    cached = "latent_mean" in micro
+    if cached:
+        text = {k: micro[k] for k in empty_text}
+        factor = 2 ** (len(modules["vae"].block_out_channels) - 1)  # the image size the latents are of
+        size = tuple(n * factor for n in micro["latent_mean"].shape[1:3])
+    else:  # dropped captions' ids become the empty caption's, unless their text is zeroed below
+        ids = {k: micro[k] if zero_dropped else losses.drop_captions(drop, micro[k], empty)
+               for k, empty in empty_ids.items()}
+        text, size = text_conditioning(modules, p, ids), micro["images"].shape[1:3]
+    if zero_dropped:
+        text = _dropped(drop, text, dict.fromkeys(text, 0.0))
+    elif cached:
+        text = _dropped(drop, text, empty_text)
+    return with_time_ids(text, micro, size)
 
 
-def _dropped(drop, cached, empty):
-    """Cached text conditioning with dropped captions' rows replaced by the empty caption's."""
-    return {k: jnp.where(drop.reshape(-1, *[1] * (v.ndim - 1)), empty[k], v) for k, v in cached.items()}
+def _dropped(drop, text, empty):
+    """Text conditioning with the rows where `drop` [b] bool replaced by `empty`'s (arrays, or numbers)."""
+    return {k: jnp.where(drop.reshape(-1, *[1] * (v.ndim - 1)), empty[k], v) for k, v in text.items()}
 
 
-def make_loss_fn(modules, config, abar_table, empty_ids, empty_text=None):
+def make_loss_fn(modules, config, abar_table, empty_ids, empty_text=None, zero_dropped=False):
     """loss(trainable, frozen, micro) -> scalar; micro: {"images" [b,H,W,3], "input_ids" [b,L] (SDXL: also
     "input_ids_2", "original_size", "crop_top_left" [b,2]), "key" [b,2]}; empty_ids: {ids key: the empty
     caption's ids [L]}. From the latent cache (sdjax.data.cache), micro has "latent_mean" / "latent_std"
-    [b,h,w,c] and the text conditioning in place of images and ids, and empty_text is the empty caption's."""
+    [b,h,w,c] and the text conditioning in place of images and ids, and empty_text is the empty caption's.
+    zero_dropped: dropped captions condition on zero text and pooled text instead of the empty caption's (an
+    SDXL model with force_zeros_for_empty_prompt samples its unconditional branch from zeros)."""
     loss_cfg = config.loss
     unet, vae = modules["unet"], modules["vae"]
     num_t = abar_table.shape[0]
@@ -73,13 +91,9 @@ def make_loss_fn(modules, config, abar_table, empty_ids, empty_text=None):
         if cached:
             noise = d["posterior"] if loss_cfg.latent == "sample" else None
             z = scaled_latents(vae, micro["latent_mean"], micro["latent_std"], noise)
-            text = _dropped(d["drop"], {k: micro[k] for k in empty_text}, empty_text)
-            factor = 2 ** (len(vae.block_out_channels) - 1)  # the image size the latents are of
-            cond = with_time_ids(text, micro, (shape[0] * factor, shape[1] * factor))
         else:
             z = latents(vae, p["vae"], micro["images"], d["posterior"], loss_cfg.latent == "sample")
-            ids = {k: losses.drop_captions(d["drop"], micro[k], empty) for k, empty in empty_ids.items()}
-            cond = conditioning(modules, p, ids, micro)
+        cond = conditioning(modules, p, micro, d["drop"], empty_ids, empty_text, zero_dropped)
         abar = abar_table[d["t"]]
         alpha, sigma = (losses.per_example(jnp.sqrt(a), z) for a in (abar, 1 - abar))
         x_t = schedules.add_noise(z, d["eps"], alpha, sigma)
@@ -106,16 +120,19 @@ def accumulate(grad_fn, params, frozen, batch, k, constrain):
     return jax.tree.map(lambda x: x / k, (loss, grads))
 
 
-def make_train_step(modules, config, tx, schedule, abar_table, empty_ids, mesh=None, empty_text=None):
+def make_train_step(modules, config, tx, schedule, abar_table, empty_ids, mesh=None, empty_text=None,
+                    zero_dropped=False):
     """train_step(state, frozen, batch) -> (state, metrics).
 
     frozen: {component: params} not trained (vae, text encoders unless trained); batch: the input pipeline's
-    (`ldm_stage.batch_shapes`). A step whose loss or gradients are not finite leaves params,
-    optimizer and EMA as they were and counts itself in bad_steps / total_bad_steps.
+    (`ldm_stage.batch_shapes`); empty_ids, empty_text, zero_dropped: what caption dropout puts in
+    (`make_loss_fn`). A step whose loss or gradients are not finite leaves params, optimizer and EMA as they
+    were and counts itself in bad_steps / total_bad_steps.
     """
     empty_ids = {k: jnp.asarray(v) for k, v in empty_ids.items()}
     empty_text = None if empty_text is None else {k: jnp.asarray(v) for k, v in empty_text.items()}
-    grad_fn = jax.value_and_grad(make_loss_fn(modules, config, jnp.asarray(abar_table), empty_ids, empty_text))
+    grad_fn = jax.value_and_grad(make_loss_fn(modules, config, jnp.asarray(abar_table), empty_ids, empty_text,
+                                              zero_dropped))
     k = config.optimizer.grad_accum_steps
     constrain = ((lambda m: jax.lax.with_sharding_constraint(m, NamedSharding(mesh, BATCH)))
                  if mesh is not None else (lambda m: m))
