@@ -105,21 +105,28 @@ def test_two_processes_agree_with_one_and_one_continues_them(tmp_path, cache):
         np.testing.assert_array_equal(a, b)
 
 
-def train_py(workdir, cache, *overrides, devices=1, config="configs/train/tiny.py"):
-    return run([os.path.join(ROOT, "train.py"), f"--config={config}", f"--workdir={workdir}",
-                *[f"--config.{o}" for o in overrides]], cache, devices)
+def train_py(workdir, cache, *overrides, devices=1, config="configs/train/tiny.py", flags=(), check=True):
+    """train.py's output; check=False: (its exit code, output)."""
+    out = run([os.path.join(ROOT, "train.py"), f"--config={config}", f"--workdir={workdir}",
+               *[f"--config.{o}" for o in overrides], *flags], cache, devices, check=check)
+    return out if check else (out.communicate(timeout=600)[0], out.returncode)[::-1]
 
 
 def test_resume_through_train_py_is_bit_identical(tmp_path, cache):
     """4 steps straight == 2 steps, stop, resume to 4: bit-identical params, EMA and losses. The model is the
     tiny SDXL one (the SD 1.x runs are the other tests'): two text towers, and the micro-conditioning from each
-    example's size and crop, which the data state restores."""
+    example's size and crop, which the data state restores. Resuming with another seed is refused (the longer
+    total_steps is let through), unless --allow_config_change, which metrics.jsonl records."""
     common = (f"data.data_dir={tmp_path / 'tfds'}", "data.shapes.num_train=256", "data.shapes.num_test=8",
               "data.shapes.num_heldout=8", "batch_size=4", "log_every=1", "checkpoint_every=2",
               "optimizer.warmup_steps=2", "optimizer.decay_steps=4")
     xl = dict(config="configs/train/tiny.py:sdxl")
     train_py(tmp_path / "straight", cache, "total_steps=4", *common, **xl)
     train_py(tmp_path / "cut", cache, "total_steps=2", *common, **xl)
+    stored = (tmp_path / "cut" / "config.json").read_text()
+    code, out = train_py(tmp_path / "cut", cache, "total_steps=4", "seed=1", *common, **xl, check=False)
+    assert code == 1 and "changes to what defines the run: seed 0 -> 1;" in out, out[-2000:]
+    assert (tmp_path / "cut" / "config.json").read_text() == stored
     train_py(tmp_path / "cut", cache, "total_steps=4", *common, **xl)
     np.testing.assert_array_equal(losses(tmp_path / "cut"), losses(tmp_path / "straight"))
     for ema in (False, True):
@@ -133,6 +140,11 @@ def test_resume_through_train_py_is_bit_identical(tmp_path, cache):
     for a, b in zip(jax.tree.leaves(pre.params["unet"]), jax.tree.leaves(load_params(tmp_path / "cut")["unet"])):
         np.testing.assert_array_equal(a, b)
     assert pre.scheduler["prediction_type"] == "epsilon" and pre.modules["vae"].scaling_factor == 2.0
+    # --allow_config_change goes on with the other seed: a row of metrics.jsonl says so, config.json has it
+    train_py(tmp_path / "cut", cache, "total_steps=4", "seed=1", *common, **xl, flags=["--allow_config_change"])
+    with open(tmp_path / "cut" / "metrics.jsonl") as f:
+        assert json.loads(f.readlines()[-1]) == {"step": 4, "config_change": {"seed": [0, 1]}}
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["seed"] == 1
 
 
 @pytest.mark.slow
