@@ -169,11 +169,9 @@ class _Window:
 
 
 def sample_images(pipe, run, step, logger):
-    """Generate the config's sample prompts with the current EMA params and log them (process 0)."""
-    params = multihost_utils.process_allgather({**run.frozen, **run.state.ema_params}, tiled=True)
-    if jax.process_index() != 0:
-        return
-    pipe.params = jax.device_put(params, jax.sharding.NamedSharding(pipe.mesh, jax.sharding.PartitionSpec()))
+    """Generate the config's sample prompts with the current EMA params, as they are sharded over the run's mesh
+    (no gathered copy), and log them. Every process takes part; process 0 logs."""
+    pipe.params = {**run.frozen, **run.state.ema_params}
     c = run.config.sample
     images = pipe.generate(list(c.prompts), num_steps=c.num_steps, guidance_scale=c.guidance_scale,
                            seed=c.seed, progress=False)
@@ -251,9 +249,10 @@ def train(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
         logger.record(int(jax.device_get(run.state.step)), config_change=run.config_changes)
     sampling = bool(config.get("sample")) and config.sample.every > 0
     pipe = None
-    if sampling and jax.process_index() == 0:
+    if sampling:
         from sdjax.pipeline import StableDiffusion
-        pipe = StableDiffusion(run.pretrained)
+        pipe = StableDiffusion(dataclasses.replace(run.pretrained, params={**run.frozen, **run.state.ema_params}),
+                               run.mesh)
     term = {"seen": False}
     single = jax.process_count() == 1  # several processes: jax's preemption notifier handles SIGTERM
     previous = signal.signal(signal.SIGTERM, lambda *_: term.update(seen=True)) if single else None
