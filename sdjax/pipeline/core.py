@@ -89,7 +89,7 @@ class Pipeline:
             self.params = jax.device_put(pretrained.params, NamedSharding(self.mesh, P()))
         else:  # the caller's mesh and the params as laid out on it (a training run's shards): no copy is made;
             self.mesh, self.params = mesh, pretrained.params  # with several processes, all of them call generate
-        self.rows = P(self.mesh.axis_names)  # a batch is split over every device
+        self._rows = P(self.mesh.axis_names)  # a batch is split over every device
         self.pretrained = dataclasses.replace(pretrained, params=self.params)  # the host copies can go
         # image by image (denoiser.map_images): an image's bits do not depend on its batch. On CPU that costs
         # little (an image is a large matmul already); accelerators keep whole batches
@@ -150,8 +150,8 @@ class Pipeline:
         return lambda p, *xs, **static: denoiser_lib.map_images(functools.partial(fn, p, **static), groups, *xs)
 
     def _shard(self, x):
-        """Put a batch-leading array on all local devices along the batch axis."""
-        return _put(x, NamedSharding(self.mesh, self.rows))
+        """Put a batch-leading array on the mesh's devices, split along the batch axis."""
+        return _put(x, NamedSharding(self.mesh, self._rows))
 
     def chunks(self, text_lists, weighting=True):
         """The token chunks the longest prompt of `text_lists` (lists of prompts) needs (each tower alike)."""
@@ -309,7 +309,7 @@ class Pipeline:
             batch["blend"] = sampling.Blend.from_plan(plan, batch["image_latents"], batch["noise"], batch.pop("mask"),
                                                       end)
         if "steps" in noise:
-            batch["step_noise"] = _put(noise["steps"], NamedSharding(self.mesh, P(None, *self.rows)))
+            batch["step_noise"] = _put(noise["steps"], NamedSharding(self.mesh, P(None, *self._rows)))
         return batch
 
     def _image_inputs(self, image, mask, height, width, b, noise, sample_posterior):
