@@ -3,8 +3,9 @@
     python train.py --config=configs/train/tiny.py --workdir=/tmp/run [--config.total_steps=500 ...]
     python train.py ... --coordinator=host0:1234 --num_processes=2 --process_id=0   # one per host
 
-A run resumes from the latest checkpoint in --workdir; SIGTERM saves and exits; --export_dir
-writes a diffusers folder of the EMA weights at the end (usable as `sample.py --model`).
+A run resumes from the latest checkpoint in --workdir (a changed config: refused where the change defines the
+run, unless --allow_config_change); SIGTERM saves and exits; --export_dir writes a diffusers folder of the EMA
+weights at the end (usable as `sample.py --model`), replacing an earlier export there (--overwrite: any folder).
 """
 import logging
 import os
@@ -18,6 +19,11 @@ from sdjax import compile_cache, host_memory
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/train/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here")
 _EXPORT = flags.DEFINE_string("export_dir", None, "after training, write a diffusers folder here")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "--export_dir may replace a non-empty folder that is not an "
+                               "earlier export")
+_ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume even with changes to what defines the run "
+                                  "(model, data, seed, batch size, optimizer, loss, precision); recorded in "
+                                  "metrics.jsonl")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "multi-host: address:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -47,14 +53,16 @@ def main(argv):
     if _CPU_COLLECTIVES.value:
         jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
     from sdjax.train import config as config_lib, distributed, loop
-    from sdjax.train.export import export
+    from sdjax.train.export import check_export_dir, export
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         if config_lib.matmul_precision(config):
             jax.config.update("jax_default_matmul_precision", config.precision.matmul)
-        loop.train(_CONFIG.value, _WORKDIR.value)
+        if _EXPORT.value:  # refused now, not after the training
+            check_export_dir(_EXPORT.value, config, _WORKDIR.value, _OVERWRITE.value)
+        loop.train(config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
         if _EXPORT.value:  # every process takes part in the restore; process 0 writes
-            export(_WORKDIR.value, _EXPORT.value)
+            export(_WORKDIR.value, _EXPORT.value, overwrite=_OVERWRITE.value)
             logging.getLogger("sdjax").info("exported to %s", _EXPORT.value)
     except (ValueError, OSError, loop.TrainingDiverged) as e:  # bad config, data or weights; bugs trace back
         sys.exit(f"train.py: {e}")

@@ -76,7 +76,7 @@ def test_loop_trains_checkpoints_exports(tmp_path):
     assert int(restored.step) == 3
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
     export(str(workdir), str(out))
-    assert sorted(os.listdir(out)) == ["vae"]
+    assert sorted(os.listdir(out)) == ["sdjax_export.json", "vae"]
     assert_exported(out, params["vae"])
 
 

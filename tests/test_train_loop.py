@@ -12,7 +12,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
+import train_worker
+
+from sdjax.pipeline import StableDiffusion
 from sdjax.train.export import export, load_params
 from sdjax.weights.pretrained import load_pretrained
 
@@ -90,12 +94,14 @@ def test_two_processes_agree_with_one_and_one_continues_them(tmp_path, cache):
     """Real data (the input pipeline on synthetic shapes): 2 processes x 2 devices on 127.0.0.1 (gloo), each
     reading its rows of the global batch and the params sharded over both, train 3 steps; 1 process on 1 device
     resumes to step 5, the data re-split where they stopped: the losses and params are those of 1 process on 1
-    device straight through."""
-    tfds, flags = f"--shapes={tmp_path / 'tfds'}", ("--data=2", "--fsdp=2")
+    device straight through. The 2 processes sample at every step together, from the sharded params: the images
+    of step 3 are those of its export sampled here, and no copy of the params stays on a device."""
+    tfds, flags = f"--shapes={tmp_path / 'tfds'}", ("--data=2", "--fsdp=2", "--ema_decay=0")  # EMA: the params
     single = tmp_path / "single"
     worker(single, 5, cache, devices=1, data=1, shapes=tmp_path / "tfds")
-    two_processes(tmp_path / "multi", 3, cache, 2, *flags, tfds, f"--export_dir={tmp_path / 'exported'}")
-    worker(tmp_path / "multi", 5, cache, devices=1, data=1, shapes=tmp_path / "tfds")
+    two_processes(tmp_path / "multi", 3, cache, 2, *flags, tfds, f"--export_dir={tmp_path / 'exported'}",
+                  "--sample_every=1", f"--device_bytes={tmp_path / 'bytes'}")
+    worker(tmp_path / "multi", 5, cache, devices=1, data=1, shapes=tmp_path / "tfds", ema_decay=0)
     np.testing.assert_allclose(losses(tmp_path / "multi"), losses(single), rtol=1e-5)
     assert_params_close(load_params(tmp_path / "multi", ema=False), load_params(single, ema=False))
     # the two processes exported together (no hang): process 0 wrote the EMA U-Net of step 3
@@ -103,23 +109,42 @@ def test_two_processes_agree_with_one_and_one_continues_them(tmp_path, cache):
     for a, b in zip(jax.tree.leaves(exported.params["unet"]),
                     jax.tree.leaves(load_params(tmp_path / "multi", step=3)["unet"])):
         np.testing.assert_array_equal(a, b)
+    # their samples: the export's images, bit for bit (those of step 2 differ by ~14 levels on average)
+    logged = [np.asarray(Image.open(tmp_path / "multi" / "samples" / f"step_000000{i}.png")) for i in (2, 3)]
+    c = train_worker.tiny_config(3).sample
+    images = StableDiffusion(exported).generate(list(c.prompts), num_steps=4, guidance_scale=c.guidance_scale,
+                                                seed=c.seed, progress=False)
+    np.testing.assert_array_equal(logged[1], np.concatenate(list(images), axis=1))
+    assert np.abs(logged[0].astype(int) - logged[1]).mean() > 5
+    # after sampling step 1 (no checkpoint then), a device holds the run's arrays and little else (a gathered
+    # copy of the params would be 100% of "params")
+    for i in range(2):
+        held = json.loads((tmp_path / f"bytes.{i}").read_text())["1"]
+        assert held["live"] - held["run"] < 0.01 * held["params"], held
 
 
-def train_py(workdir, cache, *overrides, devices=1, config="configs/train/tiny.py"):
-    return run([os.path.join(ROOT, "train.py"), f"--config={config}", f"--workdir={workdir}",
-                *[f"--config.{o}" for o in overrides]], cache, devices)
+def train_py(workdir, cache, *overrides, devices=1, config="configs/train/tiny.py", flags=(), check=True):
+    """train.py's output; check=False: (its exit code, output)."""
+    out = run([os.path.join(ROOT, "train.py"), f"--config={config}", f"--workdir={workdir}",
+               *[f"--config.{o}" for o in overrides], *flags], cache, devices, check=check)
+    return out if check else (out.communicate(timeout=600)[0], out.returncode)[::-1]
 
 
 def test_resume_through_train_py_is_bit_identical(tmp_path, cache):
     """4 steps straight == 2 steps, stop, resume to 4: bit-identical params, EMA and losses. The model is the
     tiny SDXL one (the SD 1.x runs are the other tests'): two text towers, and the micro-conditioning from each
-    example's size and crop, which the data state restores."""
+    example's size and crop, which the data state restores. Resuming with another seed is refused (the longer
+    total_steps is let through), unless --allow_config_change, which metrics.jsonl records."""
     common = (f"data.data_dir={tmp_path / 'tfds'}", "data.shapes.num_train=256", "data.shapes.num_test=8",
               "data.shapes.num_heldout=8", "batch_size=4", "log_every=1", "checkpoint_every=2",
               "optimizer.warmup_steps=2", "optimizer.decay_steps=4")
     xl = dict(config="configs/train/tiny.py:sdxl")
     train_py(tmp_path / "straight", cache, "total_steps=4", *common, **xl)
     train_py(tmp_path / "cut", cache, "total_steps=2", *common, **xl)
+    stored = (tmp_path / "cut" / "config.json").read_text()
+    code, out = train_py(tmp_path / "cut", cache, "total_steps=4", "seed=1", *common, **xl, check=False)
+    assert code == 1 and "changes to what defines the run: seed 0 -> 1;" in out, out[-2000:]
+    assert (tmp_path / "cut" / "config.json").read_text() == stored
     train_py(tmp_path / "cut", cache, "total_steps=4", *common, **xl)
     np.testing.assert_array_equal(losses(tmp_path / "cut"), losses(tmp_path / "straight"))
     for ema in (False, True):
@@ -133,6 +158,11 @@ def test_resume_through_train_py_is_bit_identical(tmp_path, cache):
     for a, b in zip(jax.tree.leaves(pre.params["unet"]), jax.tree.leaves(load_params(tmp_path / "cut")["unet"])):
         np.testing.assert_array_equal(a, b)
     assert pre.scheduler["prediction_type"] == "epsilon" and pre.modules["vae"].scaling_factor == 2.0
+    # --allow_config_change goes on with the other seed: a row of metrics.jsonl says so, config.json has it
+    train_py(tmp_path / "cut", cache, "total_steps=4", "seed=1", *common, **xl, flags=["--allow_config_change"])
+    with open(tmp_path / "cut" / "metrics.jsonl") as f:
+        assert json.loads(f.readlines()[-1]) == {"step": 4, "config_change": {"seed": [0, 1]}}
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["seed"] == 1
 
 
 @pytest.mark.slow

@@ -22,6 +22,26 @@ def tiny_config(steps):
     return c
 
 
+def measure_sampling(loop, path):
+    """After each loop.sample_images, write {step: {"live", "run", "params"}} to `path`.{process index}: the bytes
+    of all live arrays and of the run's own (state + frozen) on this process's first device, and the params' whole
+    size."""
+    import json
+    import jax
+    sample, out, device = loop.sample_images, {}, jax.local_devices()[0]
+
+    def on_device(arrays):
+        return sum(s.data.nbytes for a in arrays for s in a.addressable_shards if s.device == device)
+
+    def measured(pipe, run, step, logger):
+        sample(pipe, run, step, logger)
+        out[step] = dict(live=on_device(jax.live_arrays()), run=on_device(jax.tree.leaves((run.state, run.frozen))),
+                         params=sum(x.nbytes for x in jax.tree.leaves({**run.frozen, **run.state.ema_params})))
+        with open(f"{path}.{jax.process_index()}", "w") as f:
+            json.dump(out, f)
+    loop.sample_images = measured
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True)
@@ -34,6 +54,9 @@ def main():
     p.add_argument("--num_processes", type=int)
     p.add_argument("--process_id", type=int)
     p.add_argument("--export_dir", help="after training, export (every process calls it, as train.py does)")
+    p.add_argument("--sample_every", type=int, default=0, help="sample the config's 2 prompts (4 steps) this often")
+    p.add_argument("--ema_decay", type=float, default=0.99)
+    p.add_argument("--device_bytes", help="write here, as JSON, what device 0 holds after each sampling")
     p.add_argument("--shapes", help="train on 64 synthetic shapes built in this tfds folder (the real input "
                                     "pipeline) instead of in-memory data")
     a = p.parse_args()
@@ -45,6 +68,10 @@ def main():
     from train_fakes import fake_data
     c = tiny_config(a.steps)
     c.mesh.data, c.mesh.fsdp, c.optimizer.grad_accum_steps = a.data, a.fsdp, a.grad_accum
+    c.sample.update(every=a.sample_every, num_steps=4)
+    c.ema_decay = a.ema_decay
+    if a.device_bytes:
+        measure_sampling(loop, a.device_bytes)
     if a.shapes:
         c.data.update(source="shapes", data_dir=a.shapes, shapes=dict(num_train=64, num_test=8, num_heldout=8))
     data = loop.pipeline_iterator if a.shapes else fake_data()

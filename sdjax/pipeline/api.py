@@ -17,15 +17,16 @@ def is_xl(pretrained):
 
 class StableDiffusion(Pipeline):
     """Text-to-image, img2img and inpainting with a loaded Stable Diffusion checkpoint; `StableDiffusion(pretrained)`
-    and `StableDiffusion.load` of an SDXL model give a `StableDiffusionXL`."""
+    and `StableDiffusion.load` of an SDXL model give a `StableDiffusionXL`. `StableDiffusion(pretrained, mesh)`: its
+    params already laid out on `mesh` (a training run's shards), used as they are."""
 
-    def __new__(cls, pretrained=None):
+    def __new__(cls, pretrained=None, mesh=None):
         if cls is StableDiffusion and pretrained is not None and is_xl(pretrained):
             cls = StableDiffusionXL
         return super().__new__(cls)
 
-    def __init__(self, pretrained):
-        super().__init__(pretrained, (XLConditioning if is_xl(pretrained) else TextConditioning)(pretrained))
+    def __init__(self, pretrained, mesh=None):
+        super().__init__(pretrained, (XLConditioning if is_xl(pretrained) else TextConditioning)(pretrained), mesh)
         self.tokenizer = pretrained.tokenizer
         self.text_encoder = pretrained.modules.get("text_encoder")  # None: the SDXL refiner's
 

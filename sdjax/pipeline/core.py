@@ -9,6 +9,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -35,6 +36,22 @@ def chunk_size(overhead, iteration):
     return max(1, int(np.ceil(overhead / (MAX_OVERHEAD * max(iteration, 1e-9)))))
 
 
+def _host(x):
+    """A (global) array as numpy: with several processes, every one takes part."""
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
+
+def _put(x, sharding):
+    """x laid out by `sharding`. Over several processes' devices (a training run's mesh), a value of this
+    process's (numpy, or on its devices; the same in every process) is put where each of them holds its part."""
+    if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def start_state(steps, batch, first, *, sampler):
     """Sampler `sampler`'s state where the loop starts: x = first[0] * image latents + first[1] * noise."""
     x = first[1] * batch["noise"]
@@ -59,16 +76,20 @@ def run_iterations(unet, params, steps, timesteps, batch, state, lo, hi, scale, 
 
 class Pipeline:
     """A loaded model (`weights.pretrained.Pretrained`) and its family's `conditioning` (conditioning.py,
-    conditioning_xl.py) on all local devices. Thread-safe: a call keeps its state to itself."""
+    conditioning_xl.py) on all local devices, or on `mesh`. Thread-safe: a call keeps its state to itself."""
 
-    def __init__(self, pretrained, conditioning):
+    def __init__(self, pretrained, conditioning, mesh=None):
         self.unet, self.vae = pretrained.modules["unet"], pretrained.modules["vae"]
         self.conditioning = conditioning
         self.scheduler_config = dict(pretrained.scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.block_out_channels) - 1)
         self.latent_channels = self.vae.latent_channels
-        self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
-        self.params = jax.device_put(pretrained.params, NamedSharding(self.mesh, P()))
+        if mesh is None:  # the local devices, each with the whole model
+            self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
+            self.params = jax.device_put(pretrained.params, NamedSharding(self.mesh, P()))
+        else:  # the caller's mesh and the params as laid out on it (a training run's shards): no copy is made;
+            self.mesh, self.params = mesh, pretrained.params  # with several processes, all of them call generate
+        self._rows = P(self.mesh.axis_names)  # a batch is split over every device
         self.pretrained = dataclasses.replace(pretrained, params=self.params)  # the host copies can go
         # image by image (denoiser.map_images): an image's bits do not depend on its batch. On CPU that costs
         # little (an image is a large matmul already); accelerators keep whole batches
@@ -129,8 +150,8 @@ class Pipeline:
         return lambda p, *xs, **static: denoiser_lib.map_images(functools.partial(fn, p, **static), groups, *xs)
 
     def _shard(self, x):
-        """Put a batch-leading array on all local devices along the batch axis."""
-        return jax.device_put(x, NamedSharding(self.mesh, P("data")))
+        """Put a batch-leading array on the mesh's devices, split along the batch axis."""
+        return _put(x, NamedSharding(self.mesh, self._rows))
 
     def chunks(self, text_lists, weighting=True):
         """The token chunks the longest prompt of `text_lists` (lists of prompts) needs (each tower alike)."""
@@ -226,8 +247,8 @@ class Pipeline:
         out = self._sample(plan, batch, start, end, first, guidance_scale, guidance_rescale, sampler,
                            f"{sampler} x{n}" if progress else None)
         if output_type == "latent":
-            return np.asarray(out)[:n]
-        images = np.asarray(self.decode_latents(out))[:n]
+            return _host(out)[:n]
+        images = _host(self.decode_latents(out))[:n]
         return images if output_type == "np" else (images * 255).round().astype(np.uint8)
 
     def _sample(self, plan, batch, start, end, first, scale, rescale, sampler, progress):
@@ -236,9 +257,9 @@ class Pipeline:
         description), the next call already queued."""
         options = tuple(sorted(plan.options.items()))
         replicated = NamedSharding(self.mesh, P())
-        steps, timesteps, first, scale, rescale = jax.device_put(  # once, not at every call
-            (plan.steps, plan.timesteps, np.asarray(first, np.float32), np.float32(scale), np.float32(rescale)),
-            replicated)
+        steps, timesteps, first, scale, rescale = jax.tree.map(  # once, not at every call
+            lambda x: _put(x, replicated),
+            (plan.steps, plan.timesteps, np.asarray(first, np.float32), np.float32(scale), np.float32(rescale)))
         init = self._compile("sample", start_state, steps, batch, first, sampler=sampler)
         state = init(steps, batch, first)
         args = lambda lo, hi: (self.params["unet"], steps, timesteps, batch, state, np.int32(lo), np.int32(hi),  # noqa: E731
@@ -288,7 +309,7 @@ class Pipeline:
             batch["blend"] = sampling.Blend.from_plan(plan, batch["image_latents"], batch["noise"], batch.pop("mask"),
                                                       end)
         if "steps" in noise:
-            batch["step_noise"] = jax.device_put(noise["steps"], NamedSharding(self.mesh, P(None, "data")))
+            batch["step_noise"] = _put(noise["steps"], NamedSharding(self.mesh, P(None, *self._rows)))
         return batch
 
     def _image_inputs(self, image, mask, height, width, b, noise, sample_posterior):

@@ -1,30 +1,22 @@
-"""From a run's workdir to weights: the trained params pytree, or a diffusers folder for `sample.py --model`."""
+"""From a run's workdir to weights: the trained params pytree, or a diffusers folder for `sample.py --model`.
+
+An export is written whole into a fresh sibling of its folder and renamed into place: an interrupted export
+leaves the folder as it was, and a new one leaves no file of the old (an old `*.fp16.safetensors` would be
+loaded by `variant="fp16"`). Each export holds MARKER; a non-empty folder without it is replaced only when
+asked (overwrite), and never one that is or holds the run's pretrained weights or its checkpoints.
+"""
 import json
 import os
+import shutil
+import uuid
 
 import jax
-import ml_collections
 
-from sdjax.train.checkpoint import Checkpointer
+from sdjax.train.checkpoint import Checkpointer, checkpoint_dir
+from sdjax.train.run_config import read_config
 from sdjax.train.stages import stage_for
 
-CONFIG_FILE = "config.json"
-
-
-def save_config(config, workdir):
-    """Write the run's (resolved) config as JSON; export rebuilds the models from it."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(config.to_json(indent=2))
-
-
-def read_config(workdir):
-    """The ConfigDict a run in `workdir` was started with."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+MARKER = "sdjax_export.json"
 
 
 def load_params(workdir, step=None, ema=True):
@@ -36,12 +28,59 @@ def load_params(workdir, step=None, ema=True):
         ckpt.close()
 
 
-def export(workdir, out_dir, step=None, ema=True):
+def _overlap(a, b):
+    """Whether real paths a and b are one another or one holds the other."""
+    return os.path.commonpath([a, b]) in (a, b)
+
+
+def check_export_dir(out_dir, config, workdir, overwrite=False):
+    """ValueError unless an export of the run in `workdir` (its `config`) may write `out_dir`: not the run's
+    `pretrained` weights or checkpoints (nor a folder holding them or inside them); when it exists, a folder,
+    empty or an earlier export (MARKER), or any folder with overwrite."""
+    out = os.path.realpath(out_dir)
+    for name, path in (("pretrained weights", config.get("pretrained")), ("checkpoints", checkpoint_dir(workdir))):
+        if path and _overlap(out, os.path.realpath(path)):
+            raise ValueError(f"export folder {out_dir}: it overlaps the run's {name} {path}; export elsewhere")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"export folder {out_dir}: a file is there, not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite and not os.path.isfile(os.path.join(out, MARKER)):
+        raise ValueError(f"export folder {out_dir} is not empty and holds no earlier export ({MARKER}): choose "
+                         "another, or replace it with --overwrite (export(..., overwrite=True))")
+
+
+def _write_in_place(out_dir, write):
+    """write(folder) into a fresh sibling of out_dir (same parent: the renames are atomic), then renamed into
+    out_dir's place; on an error out_dir stays as it was and the sibling goes."""
+    out = os.path.realpath(out_dir)
+    parent, name = os.path.split(out)
+    tag = uuid.uuid4().hex[:8]
+    new, old = os.path.join(parent, f".{name}.partial-{tag}"), os.path.join(parent, f".{name}.old-{tag}")
+    os.makedirs(new)
+    try:
+        write(new)
+        if os.path.isdir(out):
+            os.rename(out, old)
+        os.rename(new, out)
+    except BaseException:
+        if os.path.isdir(old) and not os.path.exists(out):
+            os.rename(old, out)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(workdir, out_dir, step=None, ema=True, overwrite=False):
     """Write a diffusers folder with the trained params (+ the frozen ones rebuilt from the config):
-    the whole model for the LDM stage, out_dir/vae for the autoencoder stage. With several processes
-    every one must call it (the checkpoint restore is collective); process 0 writes. Returns out_dir."""
+    the whole model for the LDM stage, out_dir/vae for the autoencoder stage; it replaces out_dir whole
+    (`check_export_dir` says which may be replaced). With several processes every one must call it (the
+    checkpoint restore is collective); process 0 writes. Returns out_dir."""
     config = read_config(workdir)
+    check_export_dir(out_dir, config, workdir, overwrite)
     params = jax.device_get(load_params(workdir, step, ema))
     if jax.process_index() == 0:
-        stage_for(config).export(config, params, out_dir)
+        def write(folder):
+            stage_for(config).export(config, params, folder)
+            with open(os.path.join(folder, MARKER), "w") as f:
+                json.dump({"workdir": os.path.abspath(workdir), "step": step, "ema": ema}, f)
+        _write_in_place(out_dir, write)
     return out_dir

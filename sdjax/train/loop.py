@@ -11,9 +11,8 @@ from jax.experimental import multihost_utils
 
 from sdjax.models import attention
 from sdjax.text.tokenizer import batch_tokenizers
-from sdjax.train import config as config_lib, distributed
+from sdjax.train import config as config_lib, distributed, run_config
 from sdjax.train.checkpoint import Checkpointer
-from sdjax.train.export import save_config
 from sdjax.train.metrics_log import MetricsLogger
 from sdjax.train.sharding import compile_step, global_batch, make_mesh, tree_shardings
 from sdjax.train.stages import stage_for
@@ -61,6 +60,7 @@ class Run:
     step_fn: object
     data: object
     checkpointer: Checkpointer
+    config_changes: dict  # {field: (old, new)}: changes to what defines the run that --allow_config_change let through
 
 
 def _with_shardings(abstract, shardings):
@@ -92,13 +92,15 @@ def plan_step(stage, config, pre, mesh):
     return StepPlan(init, abstract, state_sh, frozen_sh, compile_step(step, mesh, state_sh, frozen_sh))
 
 
-def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained=None):
+def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained=None, allow_config_change=False):
     """Build models, mesh, state (restored from the latest checkpoint in workdir if any) and the jitted step.
 
     pretrained: a Pretrained to train instead of what the config names (tests use toy models).
+    allow_config_change: resume even with changes to what defines the run (sdjax.train.run_config).
     """
     stage = stage_for(config)
     stage.check(config)
+    changed, pending = run_config.check_resume(config, workdir, allow_config_change)  # before anything slow
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices)
     pindex, pcount = jax.process_index(), jax.process_count()
     config_lib.check_batch(config, mesh.size, pcount)
@@ -109,8 +111,9 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
         from sdjax.train.ldm import cache
         cache.check(config.data.path, pre, config)
     config = stage.resolve(config, pre)
+    changed.update(run_config.check_resume(config, workdir, allow_config_change, pending)[0])
     if pindex == 0:
-        save_config(config, workdir)
+        run_config.save_config(config, workdir)
     pre = dataclasses.replace(pre, params=jax.device_get(pre.params))
     plan = plan_step(stage, config, pre, mesh)
     names = stage.trainable_names(config)
@@ -133,7 +136,7 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
         else:
             log.warning("checkpoint was written by %d processes, this run has %d: the data order restarts",
                         data_states["process_count"], pcount)
-    return Run(config, pre, mesh, state, frozen, plan.step_fn, data, ckpt)
+    return Run(config, pre, mesh, state, frozen, plan.step_fn, data, ckpt, changed)
 
 
 def save(run, data_state):
@@ -166,11 +169,9 @@ class _Window:
 
 
 def sample_images(pipe, run, step, logger):
-    """Generate the config's sample prompts with the current EMA params and log them (process 0)."""
-    params = multihost_utils.process_allgather({**run.frozen, **run.state.ema_params}, tiled=True)
-    if jax.process_index() != 0:
-        return
-    pipe.params = jax.device_put(params, jax.sharding.NamedSharding(pipe.mesh, jax.sharding.PartitionSpec()))
+    """Generate the config's sample prompts with the current EMA params, as they are sharded over the run's mesh
+    (no gathered copy), and log them. Every process takes part; process 0 logs."""
+    pipe.params = {**run.frozen, **run.state.ema_params}
     c = run.config.sample
     images = pipe.generate(list(c.prompts), num_steps=c.num_steps, guidance_scale=c.guidance_scale,
                            seed=c.seed, progress=False)
@@ -231,23 +232,27 @@ def _preempted(term, step):
         return False
 
 
-def train(config, workdir, make_data=pipeline_iterator, devices=None, pretrained=None):
+def train(config, workdir, make_data=pipeline_iterator, devices=None, pretrained=None, allow_config_change=False):
     """Train to config.total_steps, resuming from workdir; returns the final TrainState.
 
     The host never waits for the device between steps: the next batch is prepared on a thread while the
     step runs, and metrics stay on the device until a log or checkpoint step fetches them. Checkpoints
     every checkpoint_every steps and at the end; SIGTERM saves and returns early; max_bad_steps
     non-finite steps in a row raise TrainingDiverged at the next log or checkpoint step (the guarded
-    update leaves the state as it was meanwhile; the last checkpoint is kept).
+    update leaves the state as it was meanwhile; the last checkpoint is kept). allow_config_change: see setup;
+    the changes it let through are a row of metrics.jsonl.
     """
-    run = setup(config, workdir, make_data, devices, pretrained)
+    run = setup(config, workdir, make_data, devices, pretrained, allow_config_change)
     config = run.config
     logger = MetricsLogger(workdir, enabled=jax.process_index() == 0)
+    if run.config_changes:
+        logger.record(int(jax.device_get(run.state.step)), config_change=run.config_changes)
     sampling = bool(config.get("sample")) and config.sample.every > 0
     pipe = None
-    if sampling and jax.process_index() == 0:
+    if sampling:
         from sdjax.pipeline import StableDiffusion
-        pipe = StableDiffusion(run.pretrained)
+        pipe = StableDiffusion(dataclasses.replace(run.pretrained, params={**run.frozen, **run.state.ema_params}),
+                               run.mesh)
     term = {"seen": False}
     single = jax.process_count() == 1  # several processes: jax's preemption notifier handles SIGTERM
     previous = signal.signal(signal.SIGTERM, lambda *_: term.update(seen=True)) if single else None

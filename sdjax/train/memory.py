@@ -6,7 +6,9 @@ Compiles the real train step (LDM stage) for `config.target.devices` fake CPU de
 mesh, from shapes alone (no weights read or initialised), and prints what one device holds: state, frozen
 weights and batch (arguments), temporaries, and their sum against `config.target.hbm_gib`. The CPU
 compile stands in for the accelerator's: the same program and shardings, with attention "chunked" (query
-chunks: memory like the flash kernels') in place of the TPU/GPU kernels, which only lower there.
+chunks: memory like the flash kernels') in place of the TPU/GPU kernels, which only lower there. Sampling during
+training (`config.sample`) generates from the run's own shards of the weights: it keeps no copy of them to count
+(tests/test_train_loop.py measures what a device holds after sampling), only its temporaries while it runs.
 """
 import dataclasses
 import math

@@ -10,7 +10,8 @@ log = logging.getLogger("sdjax.train")
 
 
 class MetricsLogger:
-    """write(step, {name: float}) and images(step, uint8 [N, H, W, 3]); silent where enabled=False."""
+    """write(step, {name: float}), record(step, **facts) and images(step, uint8 [N, H, W, 3]); silent where
+    enabled=False."""
 
     def __init__(self, workdir, enabled=True):
         self.workdir, self.enabled = workdir, enabled
@@ -30,6 +31,17 @@ class MetricsLogger:
         self._jsonl.flush()
         for k, v in metrics.items():
             self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+
+    def record(self, step, **fields):
+        """A row of other facts than metrics in metrics.jsonl (e.g. config_change={field: [old, new]}), and as
+        TensorBoard text."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **fields}) + "\n")
+        self._jsonl.flush()
+        for k, v in fields.items():
+            self._tb.add_text(k, json.dumps(v), step)
         self._tb.flush()
 
     def images(self, step, images, captions=()):

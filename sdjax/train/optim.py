@@ -18,6 +18,11 @@ def learning_rate(opt, total_steps):
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
 
 
+def follows_total_steps(opt):
+    """Whether learning_rate(opt, total_steps) depends on total_steps (a cosine decaying to 0 there)."""
+    return opt.schedule == "cosine" and not opt.get("decay_steps")
+
+
 def make_optimizer(opt, total_steps):
     """(optax transformation, schedule) from the `optimizer` config section."""
     schedule = learning_rate(opt, total_steps)
