@@ -4,7 +4,8 @@
     python train.py ... --coordinator=host0:1234 --num_processes=2 --process_id=0   # one per host
 
 A run resumes from the latest checkpoint in --workdir; SIGTERM saves and exits; --export_dir
-writes a diffusers folder of the EMA weights at the end (usable as `sample.py --model`).
+writes a diffusers folder of the EMA weights at the end (usable as `sample.py --model`). With several
+processes, a lost one stops the others, naming it: restart them all to resume.
 """
 import logging
 import os
@@ -22,6 +23,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "multi-host: address:por
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", None, "multi-process on CPUs: 'gloo'")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", None, "multi-process: seconds of silence after which a "
+                                  "process is taken as lost and the others stop, naming it (default 30)",
+                                  lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,14 +45,14 @@ def main(argv):
         jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
     from sdjax.train import distributed, loop
     from sdjax.train.export import export
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    try:
-        loop.train(_CONFIG.value, _WORKDIR.value)
-        if _EXPORT.value:  # every process takes part in the restore; process 0 writes
-            export(_WORKDIR.value, _EXPORT.value)
-            logging.getLogger("sdjax").info("exported to %s", _EXPORT.value)
-    except (ValueError, OSError, loop.TrainingDiverged) as e:  # bad config, data or weights; bugs trace back
-        sys.exit(f"train.py: {e}")
+    with distributed.joined(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value):
+        try:
+            loop.train(_CONFIG.value, _WORKDIR.value)
+            if _EXPORT.value:  # every process takes part in the restore; process 0 writes
+                export(_WORKDIR.value, _EXPORT.value)
+                logging.getLogger("sdjax").info("exported to %s", _EXPORT.value)
+        except (ValueError, OSError, loop.TrainingDiverged) as e:  # bad config, data or weights; bugs trace back
+            sys.exit(f"train.py: {e}")
 
 
 if __name__ == "__main__":
