@@ -7,6 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+pytestmark = pytest.mark.long_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT_S = 10
 OVERRIDES = ("model.vae.sample_size=16", "model.unet.sample_size=8", "data.image_size=16", "batch_size=4",
@@ -45,6 +49,8 @@ def checkpoints(workdir):
 
 
 def test_a_lost_process_stops_the_other_and_both_resume(tmp_path):
+    """Before: process 0 waited until jax's shutdown barrier failed (80 s here, heartbeat 100 s) and aborted
+    (SIGABRT) with jax's text. Process 1 is killed once step 3 is logged and a checkpoint written."""
     workdir = tmp_path / "run"
     procs = start_both(workdir, tmp_path)
     try:
@@ -66,7 +72,7 @@ def test_a_lost_process_stops_the_other_and_both_resume(tmp_path):
 
     first = logged(workdir)
     resumed_from = checkpoints(workdir)[-1]
-    assert resumed_from < first[-1][0] < 6  # the restart repeats a logged step (a comparison below), ends at 6
+    assert resumed_from < first[-1][0] < 6  # the restart runs a logged step again (compared below) and ends at 6
     procs = start_both(workdir, tmp_path)
     for i, p in enumerate(procs):
         assert p.wait(timeout=600) == 0, (tmp_path / f"out{2 + i}.txt").read_text()[-3000:]

@@ -69,7 +69,7 @@ class _Watchdog:
     run apart from Python, so a long compile, step or save is no silence) and which have left, and how.
 
     A process gone without leaving is lost: this one exits(1) with a message naming it (os._exit: the main
-    thread may be stuck in a collective). One that left with an error stops this one too."""
+    thread may be stuck in a collective). One that left with an error stops this one too, heartbeat_s later."""
 
     def __init__(self, heartbeat_s):
         self.client, self.heartbeat_s = jax_distributed.global_state.client, heartbeat_s
@@ -80,29 +80,34 @@ class _Watchdog:
         self.thread.start()
 
     def _run(self):
-        everyone = list(range(self.count))
+        everyone, failed_since = list(range(self.count)), None
         while not self.stopped.is_set():
             try:  # (a barrier of the live processes' watchdogs: answered once each has asked or is gone)
                 live = set(self.client.get_live_nodes(everyone))
                 left = {int(k.rsplit("/", 1)[1]): v for k, v in self.client.key_value_dir_get(_LEFT)}
             except Exception:  # noqa: BLE001 (the coordination service, in process 0, is gone)
-                self._exit(0, "stopped responding (the coordinator)")
+                self._exit(f"process 0 of {self.count} (the coordinator) stopped responding; {self._RESTART}")
             lost = [p for p in everyone if p not in live and p not in left]
             failed = [p for p, how in left.items() if how != "ok" and p != self.me]
             if lost:
-                self._exit(lost[0], f"stopped responding (no heartbeat for {self.heartbeat_s} s: killed, "
-                                    "crashed or its host is down)")
-            if failed and not self.leaving:
+                self._exit(f"process {lost[0]} of {self.count} stopped responding (no heartbeat for "
+                           f"{self.heartbeat_s} s: killed, crashed or its host is down); {self._RESTART}")
+            # (a lost process, found within heartbeat_s, may be what failed the other: it is named first)
+            failed_since = (failed_since or time.monotonic()) if failed else None
+            if failed and not self.leaving and time.monotonic() - failed_since > self.heartbeat_s:
                 self.client.key_value_set(f"{_LEFT}{self.me}", f"stopped: process {failed[0]} did", True)
-                self._exit(failed[0], f"stopped with an error ({left[failed[0]]})")
+                self._exit(f"process {failed[0]} of {self.count} stopped with an error ({left[failed[0]]}); "
+                           "stopping this one too.")
             with self.update:
                 self.left, self.live = left, live
                 self.update.notify_all()
             self.stopped.wait(1.0)
 
-    def _exit(self, process, what):
-        os.write(2, f"{os.path.basename(sys.argv[0])}: process {process} of {self.count} {what}; stopping this "
-                    f"one too. Restart all {self.count} processes to resume from the last checkpoint.\n".encode())
+    _RESTART = "stopping this one too. Restart all processes to resume from the last checkpoint."
+
+    @staticmethod
+    def _exit(message):
+        os.write(2, f"{os.path.basename(sys.argv[0])}: {message}\n".encode())
         os._exit(1)
 
     def leave(self, how, wait_s):
