@@ -36,11 +36,11 @@ def joined(coordinator, num_processes, process_id, heartbeat_s=None):
     cluster or a multi-host TPU slice, by jax.distributed.initialize() with no arguments (JAX reads the
     cluster's environment); otherwise this is the only process.
 
-    With several, a lost one (killed, crashed, its host down: no heartbeat for heartbeat_s) ends this process
-    within about heartbeat_s (default HEARTBEAT_S) + 1 s with a message naming it, whatever it waits in (a collective with a dead
-    peer may wait forever, or fail naming no one); so does one that stopped with an error. jax runs in its
-    recoverable mode for this (its own answer to a lost process is an abort that names a "task"); process 0
-    hosts the coordination service, so its loss is jax's abort still, at once.
+    With several, a lost one (killed, crashed, its host down: no heartbeat for heartbeat_s, default
+    HEARTBEAT_S) ends this process within about heartbeat_s + 1 s with a message naming it, whatever it waits
+    in (a collective with a dead peer may wait forever, or fail naming no one); so does one that stopped with
+    an error. jax runs in its recoverable mode for this (its own answer to a lost process is an abort that
+    names a "task"); process 0 hosts the coordination service, so its loss is jax's abort still, at once.
     """
     if not (coordinator or in_cluster()):
         yield
