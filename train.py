@@ -6,6 +6,7 @@
 A run resumes from the latest checkpoint in --workdir (a changed config: refused where the change defines the
 run, unless --allow_config_change); SIGTERM saves and exits; --export_dir writes a diffusers folder of the EMA
 weights at the end (usable as `sample.py --model`), replacing an earlier export there (--overwrite: any folder).
+With several processes, a lost one stops the others, naming it: restart them all to resume.
 """
 import logging
 import os
@@ -28,6 +29,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "multi-host: address:por
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", None, "multi-process on CPUs: 'gloo'")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", None, "multi-process: seconds of silence after which a "
+                                  "process is taken as lost and the others stop, naming it (default 30)",
+                                  lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -54,18 +58,18 @@ def main(argv):
         jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
     from sdjax.train import config as config_lib, distributed, loop
     from sdjax.train.export import check_export_dir, export
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    try:
-        if config_lib.matmul_precision(config):
-            jax.config.update("jax_default_matmul_precision", config.precision.matmul)
-        if _EXPORT.value:  # refused now, not after the training
-            check_export_dir(_EXPORT.value, config, _WORKDIR.value, _OVERWRITE.value)
-        loop.train(config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
-        if _EXPORT.value:  # every process takes part in the restore; process 0 writes
-            export(_WORKDIR.value, _EXPORT.value, overwrite=_OVERWRITE.value)
-            logging.getLogger("sdjax").info("exported to %s", _EXPORT.value)
-    except (ValueError, OSError, loop.TrainingDiverged) as e:  # bad config, data or weights; bugs trace back
-        sys.exit(f"train.py: {e}")
+    with distributed.joined(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value):
+        try:
+            if config_lib.matmul_precision(config):
+                jax.config.update("jax_default_matmul_precision", config.precision.matmul)
+            if _EXPORT.value:  # refused now, not after the training
+                check_export_dir(_EXPORT.value, config, _WORKDIR.value, _OVERWRITE.value)
+            loop.train(config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+            if _EXPORT.value:  # every process takes part in the restore; process 0 writes
+                export(_WORKDIR.value, _EXPORT.value, overwrite=_OVERWRITE.value)
+                logging.getLogger("sdjax").info("exported to %s", _EXPORT.value)
+        except (ValueError, OSError, loop.TrainingDiverged) as e:  # bad config, data or weights; bugs trace back
+            sys.exit(f"train.py: {e}")
 
 
 if __name__ == "__main__":

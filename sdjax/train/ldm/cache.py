@@ -184,13 +184,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("sdjax").setLevel(logging.INFO)
     config = _CONFIG.value
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    try:
-        pre = stage_for(config).load(config)
-        manifest = write(config, _OUT.value, pre, _PER_SHARD.value, _BATCH.value, jax.process_index(),
-                         jax.process_count())
-    except (ValueError, OSError) as e:
-        sys.exit(f"sdjax.data.cache: {e}")
+    with distributed.joined(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value):
+        try:
+            pre = stage_for(config).load(config)
+            manifest = write(config, _OUT.value, pre, _PER_SHARD.value, _BATCH.value, jax.process_index(),
+                             jax.process_count())
+        except (ValueError, OSError) as e:
+            sys.exit(f"sdjax.data.cache: {e}")
     log.info("cache: %d examples in %d shards at %s%s", manifest["num_examples"], len(manifest["shards"]),
              _OUT.value, "" if manifest["complete"] else " (incomplete: rerun to finish)")
 
