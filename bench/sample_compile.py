@@ -61,10 +61,10 @@ def per_step(model, steps, repeats, chunks):
     if not chunks:
         return {"one call": float(np.median([run() is not None and sd.last_timings["sample"] / steps
                                              for _ in range(repeats)]))}
-    from sdjax.pipeline import core
+    from sdjax.pipeline import loop_calls
     out = {}
     for chunk in (None, 1, 5, steps):  # None: the pipeline's own choice
-        core.CHUNK = chunk
+        loop_calls.CHUNK = chunk
         out[chunk] = float(np.median([run() is not None and sd.last_timings["sample"] / steps for _ in range(repeats)]))
     return out
 

@@ -8,7 +8,7 @@ import pytest
 from configs.models import tiny
 from sdjax.diffusion import samplers, schedules
 from sdjax.models import attention, registry
-from sdjax.pipeline import core, denoiser
+from sdjax.pipeline import denoiser, loop_calls
 
 KERNEL = {"tpu": "tpu_custom_call", "cuda": "triton"}  # Pallas flash attention's custom call, per platform
 
@@ -31,14 +31,14 @@ def _guided(module):
 
 
 def _sampler_loop(module):
-    """The pipeline's loop function (core.run_iterations) over a whole 3-step plan."""
+    """The pipeline's loop function (loop_calls.run_iterations) over a whole 3-step plan."""
     plan = samplers.SAMPLERS["dpmpp_2m"].plan(schedules.scheduler_settings(dict(beta_schedule="scaled_linear")), 3)
 
     def fn(p, x, c, u):
         text = lambda s: {"encoder_hidden_states": s}  # noqa: E731
         batch = dict(cond=text(c), uncond=text(u), keys=jax.random.split(jax.random.key(0), x.shape[0]))
         state = samplers.SAMPLERS["dpmpp_2m"].init(x.astype(jnp.float32), plan.steps)
-        return core.run_iterations(module, p, plan.steps, plan.timesteps, batch, state, 0, 3, 7.5, 0.0,
+        return loop_calls.run_iterations(module, p, plan.steps, plan.timesteps, batch, state, 0, 3, 7.5, 0.0,
                                    sampler="dpmpp_2m", options=tuple(sorted(plan.options.items())), rescaled=False,
                                    groups=None)["x"]
     return fn

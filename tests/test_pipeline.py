@@ -281,15 +281,16 @@ def test_seed_is_per_image(sd):
 def test_calls_of_any_size_give_the_same_bits(sd, monkeypatch):
     """The loop runs in calls of several iterations (progress between them): the images do not depend on how many
     iterations a call runs; the pipeline's own choice keeps a call's overhead under MAX_OVERHEAD of its time."""
-    from sdjax.pipeline import core
+    from sdjax.pipeline import loop_calls
     kw = dict(num_steps=3, guidance_scale=3.0, height=SIZE, width=SIZE, progress=False, sampler="euler_a", seed=10)
     ref = sd.generate(PROMPTS * 2, **kw)  # test_seed_is_per_image's executable
     for chunk in (1, 2, 10):
-        monkeypatch.setattr(core, "CHUNK", chunk)
+        monkeypatch.setattr(loop_calls, "CHUNK", chunk)
         np.testing.assert_array_equal(sd.generate(PROMPTS * 2, **kw), ref)
-    monkeypatch.setattr(core, "CHUNK", None)
-    assert core.chunk_size(0.28, 0.9) == 32 and core.chunk_size(0.001, 0.05) == 2 and core.chunk_size(0, 1) == 1
-    assert 0.28 / (32 * 0.9) <= core.MAX_OVERHEAD < 0.28 / (31 * 0.9)
+    monkeypatch.setattr(loop_calls, "CHUNK", None)
+    chunk_size = loop_calls.chunk_size
+    assert chunk_size(0.28, 0.9) == 32 and chunk_size(0.001, 0.05) == 2 and chunk_size(0, 1) == 1
+    assert 0.28 / (32 * 0.9) <= loop_calls.MAX_OVERHEAD < 0.28 / (31 * 0.9)
 
 
 def test_sampler_compiles_once(sd):

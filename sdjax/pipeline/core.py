@@ -11,31 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
 from sdjax import sampling
 from sdjax.diffusion import plan as plan_lib, samplers as samplers_lib
 from sdjax.models.attention import implementation as attention_implementation
 from sdjax.models.autoencoder import from_latents, to_latents
-from sdjax.models.conv import loop_constant_kernels
-from sdjax.pipeline import denoiser as denoiser_lib, image_inputs, noise_streams, prompts as prompts_lib
+from sdjax.pipeline import denoiser as denoiser_lib, image_inputs, loop_calls, noise_streams, prompts as prompts_lib
 from sdjax.pipeline.arguments import validate
 from sdjax.pipeline.executables import ExecutableCache
 
 log = logging.getLogger("sdjax")
-# The most a call's overhead may add to its iterations' time: the loop runs in calls of as many iterations as keep
-# it below this (one when calls cost little beyond their iterations, as on accelerators), progress shown between
-# calls. None of it changes a bit of the result (README, bench/sample_compile.py).
-MAX_OVERHEAD = 0.01
-CHUNK = None  # a fixed number of iterations per call instead (bench/sample_compile.py)
-
-
-def chunk_size(overhead, iteration):
-    """Iterations per call of the loop for which `overhead` (seconds a call costs beyond its iterations) stays under
-    MAX_OVERHEAD of a call's time, an iteration taking `iteration` seconds."""
-    return max(1, int(np.ceil(overhead / (MAX_OVERHEAD * max(iteration, 1e-9)))))
-
-
 def _host(x):
     """A (global) array as numpy: with several processes, every one takes part."""
     return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
@@ -50,28 +35,6 @@ def _put(x, sharding):
         return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def start_state(steps, batch, first, *, sampler):
-    """Sampler `sampler`'s state where the loop starts: x = first[0] * image latents + first[1] * noise."""
-    x = first[1] * batch["noise"]
-    if "image_latents" in batch:
-        x = x + first[0] * batch["image_latents"]
-    return samplers_lib.SAMPLERS[sampler].init(x, steps)
-
-
-def run_iterations(unet, params, steps, timesteps, batch, state, lo, hi, scale, rescale, *, sampler, options,
-                   rescaled, groups):
-    """Iterations [lo, hi) of the sampling loop on a batch (`Pipeline._batch`) from `state`; the keyword
-    arguments are static."""
-    fn = denoiser_lib.unet_call(unet, params)
-    fn = denoiser_lib.with_channels(denoiser_lib.images_apart(denoiser_lib.guided(fn, scale, rescale if rescaled
-                                                                                 else None), groups))
-    conditioning = {k: batch.get(k) for k in ("cond", "uncond", "concat")}
-    with loop_constant_kernels():  # the U-Net's weights are constants of the loop: transform them once
-        return sampling.run(fn, samplers_lib.SAMPLERS[sampler], dict(options), steps, timesteps, state,
-                            conditioning, batch["keys"], lo, hi, blend=batch.get("blend"),
-                            noise=batch.get("step_noise"))
 
 
 class Pipeline:
@@ -260,39 +223,17 @@ class Pipeline:
         steps, timesteps, first, scale, rescale = jax.tree.map(  # once, not at every call
             lambda x: _put(x, replicated),
             (plan.steps, plan.timesteps, np.asarray(first, np.float32), np.float32(scale), np.float32(rescale)))
-        init = self._compile("sample", start_state, steps, batch, first, sampler=sampler)
+        init = self._compile("sample", loop_calls.start_state, steps, batch, first, sampler=sampler)
         state = init(steps, batch, first)
-        args = lambda lo, hi: (self.params["unet"], steps, timesteps, batch, state, np.int32(lo), np.int32(hi),  # noqa: E731
-                               scale, rescale)
-        loop = self._compile("sample", functools.partial(run_iterations, self.unet), *args(start, end),
+        args = lambda lo, hi, state: (self.params["unet"], steps, timesteps, batch, state, np.int32(lo),  # noqa: E731
+                                      np.int32(hi), scale, rescale)
+        loop = self._compile("sample", functools.partial(loop_calls.run_iterations, self.unet),
+                             *args(start, end, state),
                              sampler=sampler, options=options, rescaled=bool(rescale),
                              groups=self.mesh.devices.size if self.per_image else None)
-        bar = tqdm(total=end - start, desc=progress, disable=progress is None, leave=False)
         t0 = time.perf_counter()
-        # what a call costs beyond its iterations (dispatch; on CPU the convolution kernels' Winograd transforms,
-        # hoisted out of the loop, once a call): from a call of one iteration and one of two, each timed alone
-        lo, times, chunk = start, [], CHUNK or 1
-        while lo < end and len(times) < 2 and CHUNK is None:
-            t = time.perf_counter()
-            hi = min(lo + len(times) + 1, end)
-            state = jax.block_until_ready(loop(*args(lo, hi)))
-            times.append(time.perf_counter() - t)
-            bar.update(hi - lo)
-            lo = hi
-        if len(times) == 2:
-            iteration = max(times[1] - times[0], 1e-9)
-            chunk = chunk_size(max(times[0] - iteration, 0.0), iteration)
-        done = None  # the call in flight and its iteration count: the bar moves when it is ready
-        for lo in range(lo, end, chunk):
-            hi = min(lo + chunk, end)
-            state = loop(*args(lo, hi))
-            if done is not None:
-                jax.block_until_ready(done[0])
-                bar.update(done[1])
-            done = (state, hi - lo)
-        jax.block_until_ready(state)
-        bar.update(done[1] if done else 0)
-        bar.close()
+        state = loop_calls.run_in_calls(lambda lo, hi, state: loop(*args(lo, hi, state)), state, start, end,
+                                        progress)
         self._calls.timings["sample"] = time.perf_counter() - t0
         return state["x"]
 
