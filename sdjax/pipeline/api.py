@@ -6,6 +6,7 @@ from sdjax.models import attention as attention_lib
 from sdjax.pipeline.conditioning import TextConditioning
 from sdjax.pipeline.conditioning_xl import XLConditioning
 from sdjax.pipeline.core import Pipeline
+from sdjax.pipeline.loras import Loras
 from sdjax.pipeline.prompts import prompt_lists
 from sdjax.weights.pretrained import load_pretrained
 
@@ -28,6 +29,7 @@ class StableDiffusion(Pipeline):
         super().__init__(pretrained, (XLConditioning if is_xl(pretrained) else TextConditioning)(pretrained))
         self.tokenizer = pretrained.tokenizer
         self.text_encoder = pretrained.modules.get("text_encoder")  # None: the SDXL refiner's
+        self._loras = Loras(self.params)
 
     @classmethod
     def load(cls, path, dtype="float32", attention="auto", **options):
@@ -37,6 +39,25 @@ class StableDiffusion(Pipeline):
         sd = cls(load_pretrained(path, dtype=dtype, **options))  # an SDXL model: a StableDiffusionXL
         sd.attention = attention
         return sd
+
+    def load_lora(self, path, scale=1.0, name=None):
+        """Merge the LoRA file at `path` (diffusers/PEFT or kohya/A1111, LoCon included; U-Net and text towers) into
+        the weights at `scale`; several may be loaded, each with its scale. Returns its name (`name`, or the file's
+        stem). The compiled pieces take the weights as arguments: loading, rescaling or unloading compiles nothing."""
+        return self._loras.load(path, scale, name)
+
+    def set_lora_scale(self, scale, name=None):
+        """Set the scale of the loaded LoRA `name` (None: of every loaded one)."""
+        self._loras.set_scale(scale, name)
+
+    def unload_loras(self):
+        """Remove every LoRA: the model's own weights, bit for bit."""
+        self._loras.unload()
+
+    @property
+    def loras(self):
+        """{name: scale} of the loaded LoRAs."""
+        return dict(self._loras.scales)
 
     def encode_prompts(self, prompts, clip_skip=0, weighting=True):
         """list of str -> text embeddings [B, K*77, D]: the final-normed output of the text encoder's last layer,
