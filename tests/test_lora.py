@@ -95,15 +95,16 @@ def sd(torch_folder):
     return StableDiffusion.load(torch_folder[1])
 
 
-def run(sd, noise, **kw):
-    return sd.generate(PROMPT, num_steps=STEPS, sampler="ddim", height=SIZE, width=SIZE, noise={"initial": noise},
+def run(sd, noise, sampler="ddim", **kw):
+    """Float images of `sampler` (the tiny models' own: SD's DDIM, SDXL's Euler) from the initial `noise`."""
+    return sd.generate(PROMPT, num_steps=STEPS, sampler=sampler, height=SIZE, width=SIZE, noise={"initial": noise},
                        output_type="np", progress=False, **kw)
 
 
 def reference(kind, folder, loras, noise, **kw):
     """diffusers' images with each (file, scale) of `loras` fused in turn (load_lora_weights, fuse_lora)."""
     import diffusers
-    pipe = getattr(diffusers, kind).from_pretrained(folder, **({"safety_checker": None} if kind == "StableDiffusionPipeline" else {}))
+    pipe = getattr(diffusers, kind).from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     for path, scale in loras:
         pipe.load_lora_weights(path)
@@ -152,3 +153,153 @@ def test_kohya_locon_and_two_loras_match_diffusers(sd, base, torch_folder, lora_
         assert err <= TOL and effect > 100 * TOL, (err, effect)
     finally:
         sd.unload_loras()
+
+
+def _older_names(tensors, processors):
+    """A's PEFT tensors under the names of diffusers < 0.22 (`lora.down`; the text tower's `lora_linear_layer`, with
+    `text_model.`), alphas as tensors; processors: the attention layers as attention processors (diffusers < 0.17)."""
+    alphas = {"unet": 8.0, "text_encoder": 3.0}
+    out = {}
+    for key, value in tensors.items():
+        component, _, rest = key.partition(".")
+        module, _, part = rest.rpartition(".lora_")
+        part = {"A.weight": "down.weight", "B.weight": "up.weight"}[part]
+        if component == "text_encoder":
+            module = f"text_model.{module}"
+            if processors and "self_attn" in module:
+                module = module.replace("q_proj", "to_q").replace("k_proj", "to_k").replace("v_proj", "to_v")
+                key = f"{component}.{module.replace('out_proj', 'to_out')}_lora.{part}"
+            else:
+                key = f"{component}.{module}.lora_linear_layer.{part}"
+        elif processors and ".attn" in module:
+            head, _, layer = module.removesuffix(".0").rpartition(".")  # to_out.0 -> to_out
+            key = f"{component}.{head}.processor.{layer}_lora.{part}"
+        else:
+            key = f"{component}.{module}.lora.{part}"
+        out[key] = value
+        out[f"{component}.{module}.alpha"] = np.asarray(alphas[component], np.float32)
+    return out
+
+
+def _kernels(sd):
+    import jax
+    return [np.asarray(x) for x in jax.tree.leaves(sd.params)]
+
+
+@pytest.mark.parametrize("processors", [False, True])
+def test_older_diffusers_names_merge_the_same(sd, lora_files, tmp_path, processors):
+    """The same LoRA under the names of older diffusers versions gives the PEFT file's weights, bit for bit."""
+    sd.load_lora(lora_files["a"], scale=0.7)
+    expected = _kernels(sd)
+    sd.unload_loras()
+    old = tmp_path / "old.safetensors"
+    save_file(_older_names(load_file(lora_files["a"]), processors), str(old))
+    assert any("processor.to_out_lora" in k for k in load_file(str(old))) == processors
+    sd.load_lora(str(old), scale=0.7)
+    try:
+        assert all((x == y).all() for x, y in zip(_kernels(sd), expected))
+    finally:
+        sd.unload_loras()
+
+
+def test_what_is_not_a_lora_is_refused(sd, lora_files, tmp_path):
+    """One line naming the file, what it is and some of its keys; nothing merged."""
+    a = load_file(lora_files["a"])
+    q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    w = np.zeros((4, 32), np.float32)
+    cases = {
+        "loha": ({"lora_unet_conv_in.hada_w1_a": w, "lora_unet_conv_in.hada_w1_b": w}, "a LoHa file (keys like "
+                 "lora_unet_conv_in.hada_w1_a, lora_unet_conv_in.hada_w1_b), not a LoRA"),
+        "lokr": ({"lora_unet_conv_in.lokr_w1": w}, "a LoKr file (keys like lora_unet_conv_in.lokr_w1)"),
+        "dora": ({**a, f"{q}.lora_magnitude_vector": w[0]}, f"a DoRA file (keys like {q}.lora_magnitude_vector)"),
+        "embedding": ({"emb_params": w}, "a textual-inversion embedding file (keys like emb_params), not a LoRA"),
+        "unknown": ({**a, "unet.conv_in.weight": w}, "1 tensor(s) that are no LoRA layer sdjax knows (e.g. "
+                    "unet.conv_in.weight)"),
+        "half": ({k: v for k, v in a.items() if k != f"{q}.lora_B.weight"},
+                 f"unet {q[5:]} has no LoRA up tensor; the file is incomplete"),
+        "xl": ({**a, "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": w},
+               "1 LoRA layer(s) name no layer of this model (components ['text_encoder', 'unet', 'vae']): "
+               "text_encoder_2: text_model_encoder_layers_0_self_attn_q_proj"),
+        "shape": ({**a, f"{q}.lora_A.weight": np.zeros((4, 48), np.float32)},
+                  f"unet {q[5:]}: down (4, 48) and up (32, 4) (PyTorch layout) do not fit the model's layer of "
+                  "kernel (32, 32)"),
+    }
+    for name, (tensors, message) in cases.items():
+        path = str(tmp_path / f"{name}.safetensors")
+        save_file(tensors, path)
+        with pytest.raises(ValueError) as e:
+            sd.load_lora(path)
+        assert str(e.value).startswith(f"{path}: ") and message in str(e.value) and "\n" not in str(e.value), e.value
+    with pytest.raises(ValueError, match="LoRA file not found: nope.safetensors"):
+        sd.load_lora("nope.safetensors")
+    with pytest.raises(ValueError, match="a LoRA's scale must be a finite number, got nan"):
+        sd.load_lora(lora_files["a"], scale=float("nan"))
+    assert sd.loras == {}
+
+
+def test_sample_cli_loras(sd, torch_folder, lora_files, tmp_path):
+    """sample.py --lora PATH[:SCALE] (repeated) writes the API's images, the LoRAs in the PNG metadata."""
+    import sys
+    from PIL import Image
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import sample
+    from sdjax.images import read_png_metadata
+    sample.main(["--model", torch_folder[1], "--prompt", PROMPT, "--steps", str(STEPS), "--sampler", "ddim",
+                 "--height", str(SIZE), "--width", str(SIZE), "--out", str(tmp_path),
+                 "--lora", f"{lora_files['a']}:0.7", "--lora", lora_files["b"]])
+    sd.load_lora(lora_files["a"], 0.7)
+    sd.load_lora(lora_files["b"])
+    try:
+        expected = sd.generate(PROMPT, num_steps=STEPS, sampler="ddim", height=SIZE, width=SIZE, progress=False)
+    finally:
+        sd.unload_loras()
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "0000-seed0.png")), expected[0])
+    meta = read_png_metadata(tmp_path / "0000-seed0.png")
+    assert meta["lora"] == "pytorch_lora_weights.safetensors:0.7 b_kohya.safetensors:1"
+
+
+# Each tower's LoRA has out_proj: diffusers 0.42 tells a text LoRA's older key format by its out_proj layers (without,
+# it refuses a PEFT LoRA of the MLP and drops kohya's other attention layers as "unexpected")
+XL_TOWERS = {"unet": (["to_q", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj", "ff.net.2"], 4, 6),
+             "text_encoder": (["q_proj", "k_proj", "out_proj"], 2, 2),
+             "text_encoder_2": (["out_proj", "v_proj", "fc1"], 2, 4)}
+
+
+def xl_kohya_file(peft_file, params, out):
+    """The LoRA of `peft_file` (XL_TOWERS) under the names kohya's SDXL trainer writes (sdjax's table: the U-Net's
+    original names, lora_te1_/lora_te2_), the same alphas."""
+    from sdjax.weights.lora_files import kohya_names, layer_names
+    tensors = {}
+    for key, value in load_file(peft_file).items():
+        component, _, rest = key.partition(".")
+        module, _, part = rest.rpartition(".lora_")
+        path = layer_names(component, params[component])[module.replace(".", "_")]
+        name = kohya_names(component, params[component], xl=True)[path]
+        tensors[f"{name}.lora_{'down' if part == 'A.weight' else 'up'}.weight"] = value
+        tensors[f"{name}.alpha"] = np.asarray(XL_TOWERS[component][2], np.float32)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in tensors)
+    save_file(tensors, out)
+    return out
+
+
+def test_sdxl_lora_on_both_towers_matches_diffusers(sdxl_folders, tmp_path):
+    """A PEFT LoRA on the U-Net and both towers; the same as kohya's SDXL file (original U-Net names)."""
+    folder = sdxl_folders["base"]
+    peft = save_peft_lora("StableDiffusionXLPipeline", folder, str(tmp_path / "xl"), XL_TOWERS, 20)
+    noise = np.random.default_rng(1).standard_normal((1, SIZE // 2, SIZE // 2, 4), np.float32)
+    sd = StableDiffusion.load(folder)
+    xl_run = lambda: run(sd, noise, "euler", guidance_scale=5.0)  # noqa: E731
+    base = xl_run()
+    sd.load_lora(peft, scale=0.9)
+    out = xl_run()
+    merged = _kernels(sd)
+    ref = reference("StableDiffusionXLPipeline", folder, [(peft, 0.9)], noise, guidance_scale=5.0)
+    err, effect = np.abs(out - ref).mean(), np.abs(out - base).mean()
+    print(f"SDXL LoRA: mean abs diff {err:.2e}, effect {effect:.2e}")
+    assert err <= TOL and effect > 100 * TOL, (err, effect)
+    sd.unload_loras()
+    kohya = xl_kohya_file(peft, sd.params, str(tmp_path / "xl_kohya.safetensors"))
+    sd.load_lora(kohya, scale=0.9)
+    assert all((x == y).all() for x, y in zip(_kernels(sd), merged))  # sdjax reads both files alike,
+    ref = reference("StableDiffusionXLPipeline", folder, [(kohya, 0.9)], noise, guidance_scale=5.0)
+    assert np.abs(out - ref).mean() <= TOL  # and so does diffusers

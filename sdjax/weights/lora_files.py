@@ -48,19 +48,36 @@ _FORMATS = ("sdjax loads LoRA/LoCon files: diffusers/PEFT (unet./text_encoder. .
             "kohya/A1111 (lora_unet_/lora_te_ ... lora_down/lora_up)")
 
 
-def layer_names(component, params):
-    """{module name with `_` for `.`: the path of its kernel in `params` (one component's tree)} for every layer a
-    LoRA may adapt: as diffusers / transformers name it (a text tower's also without `text_model.`), the U-Net's
-    also as the original model names it."""
+def module_names(component, params):
+    """{kernel path: (the module's name in diffusers / transformers, its original (sgm) name or None)} of `params`
+    (one component's tree): every layer a LoRA may adapt; original names are the U-Net's."""
     flat = traverse_util.flatten_dict(params)
-    names = {torch_name(p).removesuffix(".weight"): p for p in flat if p[-1] == "kernel"}
-    out = {n.removeprefix("text_model."): p for n, p in names.items()} | names
-    if component == "unet":
-        table = ldm_names.unet_export_table([torch_name(p) for p in flat])
-        renamed = {n: ldm_names.rename(f"{n}.weight", table) for n in names}
-        out |= {new.removesuffix(".weight"): names[n] for n, (new, _) in
-                ((n, r) for n, r in renamed.items() if r is not None)}
-    return {n.replace(".", "_"): p for n, p in out.items()}
+    names = {p: torch_name(p).removesuffix(".weight") for p in flat if p[-1] == "kernel"}
+    if component != "unet":
+        return {p: (n, None) for p, n in names.items()}
+    table = ldm_names.unet_export_table([torch_name(p) for p in flat])
+    original = {p: ldm_names.rename(f"{n}.weight", table) for p, n in names.items()}
+    return {p: (n, original[p] and original[p][0].removesuffix(".weight")) for p, n in names.items()}
+
+
+def layer_names(component, params):
+    """{module name with `_` for `.`: kernel path} of every name a LoRA file may give a layer of `params` (one
+    component's tree): its diffusers / transformers name (a text tower's also without `text_model.`), its original."""
+    out = {}
+    for path, names in module_names(component, params).items():
+        for name in (*names, names[0].removeprefix("text_model.")):
+            if name:
+                out[name.replace(".", "_")] = path
+    return out
+
+
+def kohya_names(component, params, xl):
+    """{kernel path: kohya's name of the layer} as kohya's trainers write them: SD 1.x / 2.x's under diffusers /
+    transformers names (`lora_unet_`, `lora_te_`), SDXL's U-Net under its original names (`lora_te1_` / `lora_te2_`
+    for the towers)."""
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if xl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    return {p: prefix[component] + (original if xl and original else name).replace(".", "_")
+            for p, (name, original) in module_names(component, params).items()}
 
 
 def _split(key):
