@@ -2,6 +2,7 @@
 tiny pipelines: PEFT-built LoRAs (random, non-zero B) saved with save_lora_weights, and kohya files of them."""
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -115,14 +116,19 @@ def reference(kind, folder, loras, noise, **kw):
                 **kw).images
 
 
+def _device_bytes():
+    return sum(x.nbytes for x in jax.live_arrays())
+
+
 @pytest.fixture(scope="module")
 def base(sd, noise):
     return run(sd, noise)
 
 
 def test_peft_lora_matches_diffusers_and_unloads_exactly(sd, base, torch_folder, lora_files, noise):
-    compiled = sd.compile_count
+    compiled, before = sd.compile_count, _device_bytes()
     assert sd.load_lora(lora_files["a"]) == "pytorch_lora_weights"
+    assert _device_bytes() == before  # merged in place, the base kernels kept on the host (none on the devices)
     sd.set_lora_scale(0.7)  # from the base weights, as a load at 0.7
     assert sd.loras == {"pytorch_lora_weights": 0.7}
     out = run(sd, noise)
@@ -182,7 +188,6 @@ def _older_names(tensors, processors):
 
 
 def _kernels(sd):
-    import jax
     return [np.asarray(x) for x in jax.tree.leaves(sd.params)]
 
 

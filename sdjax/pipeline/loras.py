@@ -61,7 +61,9 @@ class Loras:
             for p in parents:
                 node = node[p]
             old = node[leaf]
-            base = self._base.setdefault((component, path), np.asarray(old))
+            if (component, path) not in self._base:  # a copy: on the CPU np.asarray would keep the device buffer
+                self._base[(component, path)] = np.array(old)
+            base = self._base[(component, path)]
             updates = [(layers[component][path], self.scales[n]) for n, layers in self.layers.items()
                        if path in layers.get(component, {})]
             if not updates:
