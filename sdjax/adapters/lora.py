@@ -1,5 +1,5 @@
-"""LoRA: low-rank updates merged into the params, outside every compiled function (which take the params as
-arguments: merging, rescaling or removing a LoRA compiles nothing, and costs no time per step).
+"""LoRA: low-rank updates merged into the params, outside the sampling loop and every piece of the pipeline (which take
+the params as arguments: merging, rescaling or removing a LoRA recompiles none of them, and costs no time per step).
 
 A layer's update is PyTorch's `W + scale * alpha / r * B @ A` in Flax layout: `kernel + scale * factor * down @ up`,
 contracting the rank; down is A laid out as a kernel (a convolution's [kh, kw, in, r], LoCon's 3x3 ones
@@ -7,6 +7,8 @@ included), up is B's [r, out].
 """
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -18,18 +20,19 @@ class LowRank(NamedTuple):
     factor: float
 
 
-def delta(layer, shape):
-    """The update (scale 1) of a kernel of `shape` ([in, out] or [kh, kw, in, out]), float32; a linear layer's
-    update may adapt a 1x1 convolution and the reverse, as diffusers allows."""
+def delta(layer, shape, scale=1.0):
+    """The update of a kernel of `shape` ([in, out] or [kh, kw, in, out]) at `scale`, float32; a linear layer's update
+    may adapt a 1x1 convolution and the reverse, as diffusers allows."""
     rank = layer.up.shape[0]
-    product = layer.down.reshape(-1, rank).astype(np.float32) @ layer.up.astype(np.float32)
-    return np.float32(layer.factor) * product.reshape(shape)
+    down = layer.down.reshape(-1, rank).astype(jnp.float32) * (scale * layer.factor)  # scaled: the small factor
+    return jnp.matmul(down, layer.up.astype(jnp.float32), precision="highest").reshape(shape)
 
 
+@jax.jit
 def merged(kernel, updates):
-    """kernel (host, any float dtype) + the sum of scale * delta over `updates` [(LowRank, scale)], computed in
+    """kernel (any float dtype) + the sum of delta(layer, scale) over `updates` [(LowRank, scale)], computed in
     float32 and returned in the kernel's dtype."""
-    out = np.asarray(kernel, np.float32)
+    out = kernel.astype(jnp.float32)
     for layer, scale in updates:
-        out = out + np.float32(scale) * delta(layer, kernel.shape)
+        out = out + delta(layer, kernel.shape, scale)
     return out.astype(kernel.dtype)

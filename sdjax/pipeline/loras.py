@@ -68,5 +68,7 @@ class Loras:
                        if path in layers.get(component, {})]
             if not updates:
                 del self._base[(component, path)]
-            node[leaf] = jax.device_put(lora.merged(base, updates) if updates else base, old.sharding)
+            node[leaf] = jax.device_put(base, old.sharding)
+            if updates:  # on the devices, where the kernel lives
+                node[leaf] = lora.merged(node[leaf], updates)
             del old  # freed before the next kernel is merged
