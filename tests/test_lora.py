@@ -32,11 +32,13 @@ def peft_gate():
         yield
 
 
-def add_lora(model, targets, rank, alpha, seed):
+def add_lora(model, targets, rank, alpha, seed, **config):
     """A PEFT LoRA on `model`'s `targets` with random, non-zero B; (its state dict, its LoraConfig as a dict)."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian"))
+    torch.manual_seed(seed)  # A's initialisation
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian",
+                                 **config))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -51,8 +53,8 @@ def save_peft_lora(kind, folder, out, towers, seed):
     import diffusers
     pipe = getattr(diffusers, kind).from_pretrained(folder)
     layers = {}
-    for i, (component, (targets, rank, alpha)) in enumerate(towers.items()):
-        state, config = add_lora(getattr(pipe, component), targets, rank, alpha, seed + i)
+    for i, (component, (targets, rank, alpha, *config)) in enumerate(towers.items()):
+        state, config = add_lora(getattr(pipe, component), targets, rank, alpha, seed + i, **dict(*config))
         layers[f"{component}_lora_layers"], layers[f"{component}_lora_adapter_metadata"] = state, config
     pipe.save_lora_weights(out, **layers)
     return os.path.join(out, "pytorch_lora_weights.safetensors")
@@ -79,8 +81,9 @@ def kohya_file(peft_file, out, seed):
 def lora_files(torch_folder, tmp_path_factory):
     """{"a": PEFT file, "b": kohya LoCon file} for the tiny SD folder."""
     folder, root = torch_folder[1], tmp_path_factory.mktemp("loras")
+    rslora = {"use_rslora": True, "alpha_pattern": {"attn2.to_q": 3}}  # PEFT's config in the file's header
     a = save_peft_lora("StableDiffusionPipeline", folder, str(root / "a"),
-                       {"unet": (A_UNET, 4, 8), "text_encoder": (A_TEXT, 2, 3)}, 0)
+                       {"unet": (A_UNET, 4, 8, rslora), "text_encoder": (A_TEXT, 2, 3)}, 0)
     b = save_peft_lora("StableDiffusionPipeline", folder, str(root / "b"),
                        {"unet": (B_UNET, 3, 3), "text_encoder": (B_TEXT, 2, 2)}, 10)
     return {"a": a, "b": kohya_file(b, str(root / "b_kohya.safetensors"), 1)}
@@ -163,8 +166,9 @@ def test_kohya_locon_and_two_loras_match_diffusers(sd, base, torch_folder, lora_
 
 def _older_names(tensors, processors):
     """A's PEFT tensors under the names of diffusers < 0.22 (`lora.down`; the text tower's `lora_linear_layer`, with
-    `text_model.`), alphas as tensors; processors: the attention layers as attention processors (diffusers < 0.17)."""
-    alphas = {"unet": 8.0, "text_encoder": 3.0}
+    `text_model.`), alphas as tensors; processors: the attention layers as attention processors (diffusers < 0.17).
+    The alpha tensors that give A's header config: alpha / sqrt(4) of rsLoRA = (2 alpha) / 4 (exactly)."""
+    alphas = {"unet": lambda m: 2.0 * (3 if m.endswith("attn2.to_q") else 8), "text_encoder": lambda m: 3.0}
     out = {}
     for key, value in tensors.items():
         component, _, rest = key.partition(".")
@@ -183,7 +187,7 @@ def _older_names(tensors, processors):
         else:
             key = f"{component}.{module}.lora.{part}"
         out[key] = value
-        out[f"{component}.{module}.alpha"] = np.asarray(alphas[component], np.float32)
+        out[f"{component}.{module}.alpha"] = np.asarray(alphas[component](module), np.float32)
     return out
 
 
