@@ -130,6 +130,9 @@ SAMPLE_BAD_INPUT = [
     (["--lora", "loha.safetensors:nan"], "argument --lora: must be a finite number, got 'nan'"),
     (["--lora", "loha.safetensors"], "loha.safetensors: a LoHa file (keys like lora_unet_conv_in.hada_w1_a, "
                                      "lora_unet_conv_in.hada_w1_b), not a LoRA; sdjax loads LoRA/LoCon files"),
+    (["--embedding", "nope.pt"], "--embedding: no such file: nope.pt"),
+    (["--embedding", "loha.safetensors"], "loha.safetensors: not a textual-inversion embedding (tensors: "
+                                          "lora_unet_conv_in.hada_w1_a, lora_unet_conv_in.hada_w1_b); sdjax loads"),
     (["--compilation-cache", "README.md"], "--compilation-cache README.md is a file; give a folder (or 'off')"),
     *[([f"{flag}={value}"], f"argument {flag}: must be a finite number, got '{value}'")
       for flag in ("--guidance", "--eta", "--strength", "--refiner-start") for value in ("nan", "inf", "-inf")],

@@ -246,25 +246,31 @@ def test_what_is_not_a_lora_is_refused(sd, lora_files, tmp_path):
     assert sd.loras == {}
 
 
-def test_sample_cli_loras(sd, torch_folder, lora_files, tmp_path):
-    """sample.py --lora PATH[:SCALE] (repeated) writes the API's images, the LoRAs in the PNG metadata."""
+def test_sample_cli_loras_and_embedding(sd, torch_folder, lora_files, tmp_path):
+    """sample.py --lora PATH[:SCALE] (repeated) and --embedding PATH write the API's images, the LoRAs and embeddings
+    in the PNG metadata."""
     import sys
     from PIL import Image
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import sample
     from sdjax.images import read_png_metadata
-    sample.main(["--model", torch_folder[1], "--prompt", PROMPT, "--steps", str(STEPS), "--sampler", "ddim",
+    embedding = str(tmp_path / "shiny.safetensors")
+    save_file({"emb_params": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)}, embedding)
+    prompt = "a shiny red circle"
+    sample.main(["--model", torch_folder[1], "--prompt", prompt, "--steps", str(STEPS), "--sampler", "ddim",
                  "--height", str(SIZE), "--width", str(SIZE), "--out", str(tmp_path),
-                 "--lora", f"{lora_files['a']}:0.7", "--lora", lora_files["b"]])
+                 "--lora", f"{lora_files['a']}:0.7", "--lora", lora_files["b"], "--embedding", embedding])
     sd.load_lora(lora_files["a"], 0.7)
     sd.load_lora(lora_files["b"])
+    sd.load_textual_inversion(embedding)  # its token stays in sd's tokenizer: no later test here uses sd
     try:
-        expected = sd.generate(PROMPT, num_steps=STEPS, sampler="ddim", height=SIZE, width=SIZE, progress=False)
+        expected = sd.generate(prompt, num_steps=STEPS, sampler="ddim", height=SIZE, width=SIZE, progress=False)
     finally:
         sd.unload_loras()
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "0000-seed0.png")), expected[0])
     meta = read_png_metadata(tmp_path / "0000-seed0.png")
     assert meta["lora"] == "pytorch_lora_weights.safetensors:0.7 b_kohya.safetensors:1"
+    assert meta["embeddings"] == "shiny.safetensors"
 
 
 # Each tower's LoRA has out_proj: diffusers 0.42 tells a text LoRA's older key format by its out_proj layers (without,

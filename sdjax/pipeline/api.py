@@ -6,7 +6,6 @@ from sdjax.models import attention as attention_lib
 from sdjax.pipeline.conditioning import TextConditioning
 from sdjax.pipeline.conditioning_xl import XLConditioning
 from sdjax.pipeline.core import Pipeline
-from sdjax.pipeline.loras import Loras
 from sdjax.pipeline.prompts import prompt_lists
 from sdjax.weights.pretrained import load_pretrained
 
@@ -29,7 +28,6 @@ class StableDiffusion(Pipeline):
         super().__init__(pretrained, (XLConditioning if is_xl(pretrained) else TextConditioning)(pretrained))
         self.tokenizer = pretrained.tokenizer
         self.text_encoder = pretrained.modules.get("text_encoder")  # None: the SDXL refiner's
-        self._loras = Loras(self.params)
 
     @classmethod
     def load(cls, path, dtype="float32", attention="auto", **options):
@@ -58,6 +56,12 @@ class StableDiffusion(Pipeline):
     def loras(self):
         """{name: scale} of the loaded LoRAs."""
         return dict(self._loras.scales)
+
+    def load_textual_inversion(self, path, token=None):
+        """Add the textual-inversion embedding at `path` (A1111 .pt / .safetensors, SDXL's clip_l + clip_g; diffusers'
+        learned_embeds) as `token` (default: the file's stem, as A1111), to be written in prompts, weighted ones
+        too; returns the token. The sampling loop does not recompile."""
+        return self._embeddings.load(path, token)
 
     def encode_prompts(self, prompts, clip_skip=0, weighting=True):
         """list of str -> text embeddings [B, K*77, D]: the final-normed output of the text encoder's last layer,
