@@ -22,6 +22,16 @@ def finite_float(text):
     return value
 
 
+def lora_arg(text):
+    """--lora PATH[:SCALE] -> (path, scale): the scale after the last colon, when it reads as a number (a path may hold
+    colons: C:\\loras\\x.safetensors)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (path, finite_float(scale)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
 def backend_note():
     """The backend jax computes on, and a hint when a GPU is present but jax has no CUDA plugin."""
     import jax
@@ -66,6 +76,11 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--attention", default="auto", choices=["auto", "flash", "chunked", "xla", "cudnn"],
                    help="attention implementation (auto: flash kernels on GPU/TPU, chunked on CPU)")
+    p.add_argument("--lora", action="append", default=[], type=lora_arg, metavar="PATH[:SCALE]",
+                   help="a LoRA file (diffusers/PEFT or kohya/A1111) merged at SCALE (default 1); repeatable")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH",
+                   help="a textual-inversion embedding (A1111 .pt/.safetensors, diffusers' learned_embeds), written in "
+                        "prompts as its file's stem; repeatable")
     p.add_argument("--init-image", help="img2img / inpainting source image")
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
     p.add_argument("--strength", type=finite_float, default=None,
@@ -139,6 +154,9 @@ def run(args):
     from sdjax.pipeline import StableDiffusion, StableDiffusionXL
     compile_cache.enable(cache)
 
+    for flag, path in [("--lora", path) for path, _ in args.lora] + [("--embedding", p) for p in args.embedding]:
+        if not os.path.isfile(path):  # before the slow load
+            raise FileNotFoundError(f"{flag}: no such file: {path}")
     image = open_image(args.init_image, "--init-image") if args.init_image else None  # before the slow load
     mask = open_image(args.mask, "--mask") if args.mask else None
     t0 = time.perf_counter()
@@ -147,6 +165,10 @@ def run(args):
     sd = StableDiffusion.load(model, **load)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s; running on {backend_note()}")
     host_memory.release_freed_memory()  # the file buffers of loading
+    for path, scale in args.lora:
+        sd.load_lora(path, scale)
+    for path in args.embedding:
+        sd.load_textual_inversion(path)
     xl = isinstance(sd, StableDiffusionXL)
     extra = dict(prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2) if xl else {}
     if not xl and (args.prompt_2 or args.negative_prompt_2 or args.refiner):
@@ -185,6 +207,10 @@ def run(args):
                 "seed": args.seed + i, "sampler": " ".join(filter(None, (sampler, args.sigmas))),
                 "steps": args.steps,
                 "guidance": guidance, "model": os.path.basename(os.path.normpath(model)), "software": "sdjax"}
+        if args.lora:
+            meta["lora"] = " ".join(f"{os.path.basename(path)}:{scale:g}" for path, scale in args.lora)
+        if args.embedding:
+            meta["embeddings"] = " ".join(os.path.basename(path) for path in args.embedding)
         if xl:
             meta.update(prompt_2=args.prompt_2 or "", negative_prompt_2=args.negative_prompt_2 or "")
         if args.refiner:

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -123,6 +124,15 @@ SAMPLE_BAD_INPUT = [
     (["--config-name", "sd21"], "config_name applies to single-file checkpoints"),
     (["--raw-weights"], "use_ema applies to single-file checkpoints"),
     (["--vae", "/nope"], "weights file not found: /nope"),
+    (["--lora", "nope.safetensors"], "--lora: no such file: nope.safetensors"),
+    (["--lora", r"C:\loras\x.safetensors:0.5"], r"--lora: no such file: C:\loras\x.safetensors"),  # the scale
+    (["--lora", "loha.safetensors:x"], "--lora: no such file: loha.safetensors:x"),  # no scale: part of the path
+    (["--lora", "loha.safetensors:nan"], "argument --lora: must be a finite number, got 'nan'"),
+    (["--lora", "loha.safetensors"], "loha.safetensors: a LoHa file (keys like lora_unet_conv_in.hada_w1_a, "
+                                     "lora_unet_conv_in.hada_w1_b), not a LoRA; sdjax loads LoRA/LoCon files"),
+    (["--embedding", "nope.pt"], "--embedding: no such file: nope.pt"),
+    (["--embedding", "loha.safetensors"], "loha.safetensors: not a textual-inversion embedding (tensors: "
+                                          "lora_unet_conv_in.hada_w1_a, lora_unet_conv_in.hada_w1_b); sdjax loads"),
     (["--compilation-cache", "README.md"], "--compilation-cache README.md is a file; give a folder (or 'off')"),
     *[([f"{flag}={value}"], f"argument {flag}: must be a finite number, got '{value}'")
       for flag in ("--guidance", "--eta", "--strength", "--refiner-start") for value in ("nan", "inf", "-inf")],
@@ -146,6 +156,8 @@ def cli_message(main, argv, capsys):
 @pytest.mark.parametrize("argv,message", SAMPLE_BAD_INPUT, ids=[" ".join(a) for a, _ in SAMPLE_BAD_INPUT])
 def test_sample_bad_input_table(argv, message, tmp_path, torch_folder, capsys):
     (tmp_path / "README.md").write_text("a file, not a folder")
+    save_file({f"lora_unet_conv_in.hada_w1_{x}": np.ones((2, 2), np.float32) for x in "ab"},
+              tmp_path / "loha.safetensors")
     code, line = cli_message(sample.main, ["--model", torch_folder[1], "--prompt", "a", *argv], capsys)
     assert message in line and line.startswith("sample.py: "), line
     assert not os.path.exists(tmp_path / "outputs")

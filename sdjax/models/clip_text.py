@@ -15,6 +15,9 @@ from sdjax.models import model_config
 from sdjax.models.activations import ACTIVATIONS
 from sdjax.models.attention import multi_head_attention
 
+# The token embedding table [vocab_size, D] in the params of CLIPTextModel (textual inversion adds rows to it)
+TOKEN_TABLE = ("text_model", "embeddings", "token_embedding", "embedding")
+
 
 def eos_positions(input_ids, eos_token_id):
     """input_ids: [B, L] -> [B] index of the token whose state is pooled (as transformers does).

@@ -39,6 +39,31 @@ class StableDiffusion(Pipeline):
         sd.attention = attention
         return sd
 
+    def load_lora(self, path, scale=1.0, name=None):
+        """Merge the LoRA file at `path` (diffusers/PEFT or kohya/A1111, LoCon included; U-Net and text towers) into
+        the weights at `scale`; several may be loaded, each with its scale. Returns its name (`name`, or the file's
+        stem). The compiled pieces take the weights as arguments: loading, rescaling or unloading compiles nothing."""
+        return self._loras.load(path, scale, name)
+
+    def set_lora_scale(self, scale, name=None):
+        """Set the scale of the loaded LoRA `name` (None: of every loaded one)."""
+        self._loras.set_scale(scale, name)
+
+    def unload_loras(self):
+        """Remove every LoRA: the model's own weights, bit for bit."""
+        self._loras.unload()
+
+    @property
+    def loras(self):
+        """{name: scale} of the loaded LoRAs."""
+        return dict(self._loras.scales)
+
+    def load_textual_inversion(self, path, token=None):
+        """Add the textual-inversion embedding at `path` (A1111 .pt / .safetensors, SDXL's clip_l + clip_g; diffusers'
+        learned_embeds) as `token` (default: the file's stem, as A1111), to be written in prompts, weighted ones
+        too; returns the token. The sampling loop does not recompile."""
+        return self._embeddings.load(path, token)
+
     def encode_prompts(self, prompts, clip_skip=0, weighting=True):
         """list of str -> text embeddings [B, K*77, D]: the final-normed output of the text encoder's last layer,
         or, with clip_skip=k, of the layer k before it (diffusers' clip_skip); K chunks of 77 tokens."""

@@ -18,7 +18,9 @@ from sdjax.models.attention import implementation as attention_implementation
 from sdjax.models.autoencoder import from_latents, to_latents
 from sdjax.pipeline import denoiser as denoiser_lib, image_inputs, loop_calls, noise_streams, prompts as prompts_lib
 from sdjax.pipeline.arguments import validate
+from sdjax.pipeline.embeddings import Embeddings
 from sdjax.pipeline.executables import ExecutableCache
+from sdjax.pipeline.loras import Loras
 
 log = logging.getLogger("sdjax")
 def _host(x):
@@ -62,6 +64,8 @@ class Pipeline:
         self._executables = ExecutableCache(repr((sorted((k, repr(m)) for k, m in pretrained.modules.items()),
                                                   jax.tree.structure(self.params))))
         self._calls = threading.local()  # per thread: the timings and executables of its last call
+        # adapters: functions of the params (and of the towers' vocabularies), applied outside the compiled pieces
+        self._loras, self._embeddings = Loras(self.params), Embeddings(self.params, conditioning)
 
     @property
     def compile_count(self):
@@ -119,13 +123,15 @@ class Pipeline:
     def chunks(self, text_lists, weighting=True):
         """The token chunks the longest prompt of `text_lists` (lists of prompts) needs (each tower alike)."""
         _, _, tokenizer = self.conditioning.towers[0]
-        return max(prompts_lib.chunk_count(tokenizer, texts, weighting) for texts in text_lists)
+        expand = self._embeddings.expand
+        return max(prompts_lib.chunk_count(tokenizer, [expand(t) for t in texts], weighting) for texts in text_lists)
 
     def encode_text(self, texts, clip_skip=0, chunks=None, weighting=True):
         """texts: a list of B prompts per text tower -> the towers' states [B, K*L, D] (SDXL: (states, pooled
         [B, P])) of the prompts in K chunks (`chunks`, or as many as the longest needs)."""
         towers = self.conditioning.towers
         chunks = chunks or self.chunks(texts, weighting)
+        texts = [[self._embeddings.expand(t) for t in tower_texts] for tower_texts in texts]
         ids, weights = zip(*(prompts_lib.token_chunks(tok, t, tower.max_position_embeddings, weighting, chunks)
                              for (_, tower, tok), t in zip(towers, texts)))
         weights = None if (weights[0] == 1).all() else jnp.asarray(weights[0])

@@ -65,12 +65,16 @@ def torch_name(path):
     return ".".join(segs)
 
 
+def kernel_layout(weight):
+    """A PyTorch Linear [out, in] / Conv2d [out, in, kh, kw] weight in Flax's kernel layout: [in, out] /
+    [kh, kw, in, out]."""
+    return weight.transpose(2, 3, 1, 0) if weight.ndim == 4 else weight.T
+
+
 def _to_flax(name, array, leaf, shape):
     """Re-layout one PyTorch tensor for the Flax leaf of `shape`."""
-    if leaf == "kernel" and array.ndim == 4:
-        array = array.transpose(2, 3, 1, 0)
-    elif leaf == "kernel" and array.ndim == 2:
-        array = array.T
+    if leaf == "kernel" and array.ndim in (2, 4):
+        array = kernel_layout(array)
     if tuple(array.shape) != tuple(shape):
         raise WeightLoadError(
             f"shape mismatch for {name}: the model expects {tuple(shape)} (Flax layout), "

@@ -58,7 +58,8 @@ def release(array):
 
 
 def _read_pickle(path):
-    """Tensors of a PyTorch pickle (nested `state_dict` unwrapped; a top-level `global_step` kept)."""
+    """Tensors of a PyTorch pickle (nested `state_dict` unwrapped; a top-level `global_step` kept; the tensors of a
+    dict in it named `dict.key`, as A1111's embeddings' `string_to_param.*`)."""
     try:
         import torch
     except ImportError:
@@ -78,6 +79,9 @@ def _read_pickle(path):
     step = obj.get("global_step") if isinstance(obj, dict) else None
     while isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightLoadError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors")
+    obj = {**obj, **{f"{k}.{k2}": v2 for k, v in obj.items() if isinstance(v, dict) for k2, v2 in v.items()}}
     out = {k: (v.float() if v.is_floating_point() else v).numpy()
            for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if isinstance(step, int):

@@ -133,6 +133,13 @@ def vae_table(levels, layers_per_block):
     return table
 
 
+def unet_export_table(names):
+    """{diffusers prefix: (original prefix, renames)} of a diffusers U-Net with tensor `names` (an SDXL one's
+    text_time embedding included)."""
+    text_time = "add_embedding.linear_1.weight" in names
+    return invert(unet_table(*unet_layout_diffusers(set(names)), text_time=text_time))
+
+
 def invert(table):
     """The table for the other direction: {diffusers prefix: (original prefix, renames reversed)}."""
     return {new: (old, {v: k for k, v in renames.items()}) for old, (new, renames) in table.items()}

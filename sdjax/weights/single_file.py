@@ -254,8 +254,7 @@ def to_original(parts, text_format="clip"):
         raise ValueError(f"text_format must be 'clip' or 'open_clip', got {text_format!r}")
     unused, out = [], {}
     unet, vae = parts["unet"], parts["vae"]
-    text_time = "add_embedding.linear_1.weight" in unet
-    table = names.invert(names.unet_table(*names.unet_layout_diffusers(set(unet)), text_time=text_time))
+    table = names.unet_export_table(unet)
     out.update({names.UNET_PREFIX + k: v for k, v in _rename_all(unet, table, "unet: ", unused).items()})
     table = names.invert(names.vae_table(*names.vae_layout_diffusers(set(vae))))
     for k, v in _rename_all(vae, table, "vae: ", unused).items():
