@@ -5,7 +5,8 @@
 
 A run resumes from the latest checkpoint in --workdir (a changed config: refused where the change defines the
 run, unless --allow_config_change); SIGTERM saves and exits; --export_dir writes a diffusers folder of the EMA
-weights at the end (usable as `sample.py --model`), replacing an earlier export there (--overwrite: any folder).
+weights at the end (usable as `sample.py --model`), replacing an earlier export there (--overwrite: any folder);
+--export_embedding the embedding a textual-inversion run learned (`sample.py --embedding`; A1111 or diffusers).
 With several processes, a lost one stops the others, naming it: restart them all to resume.
 """
 import logging
@@ -16,12 +17,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sdjax import compile_cache, host_memory
+from sdjax.weights.embedding_files import FORMATS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/train/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here")
 _EXPORT = flags.DEFINE_string("export_dir", None, "after training, write a diffusers folder here")
+_EMBEDDING = flags.DEFINE_string("export_embedding", None, "after textual-inversion training, write the learned "
+                                 "embedding to this .safetensors file")
+_EMBEDDING_FORMAT = flags.DEFINE_enum("export_embedding_format", "a1111", FORMATS, "a1111: emb_params (SDXL: clip_l "
+                                      "+ clip_g); diffusers: learned_embeds {placeholder: vectors} (SDXL: and _2)")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "--export_dir may replace a non-empty folder that is not an "
-                               "earlier export")
+                               "earlier export, --export_embedding a file that is not one")
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume even with changes to what defines the run "
                                   "(model, data, seed, batch size, optimizer, loss, precision); recorded in "
                                   "metrics.jsonl")
@@ -57,17 +63,23 @@ def main(argv):
     if _CPU_COLLECTIVES.value:
         jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
     from sdjax.train import config as config_lib, distributed, loop
-    from sdjax.train.export import check_export_dir, export
+    from sdjax.train.export import check_embedding_export, check_export_dir, export, export_embedding
     with distributed.joined(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value):
         try:
             if config_lib.matmul_precision(config):
                 jax.config.update("jax_default_matmul_precision", config.precision.matmul)
             if _EXPORT.value:  # refused now, not after the training
                 check_export_dir(_EXPORT.value, config, _WORKDIR.value, _OVERWRITE.value)
+            if _EMBEDDING.value:
+                check_embedding_export(_EMBEDDING.value, config, _WORKDIR.value, _OVERWRITE.value)
             loop.train(config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
             if _EXPORT.value:  # every process takes part in the restore; process 0 writes
                 export(_WORKDIR.value, _EXPORT.value, overwrite=_OVERWRITE.value)
                 logging.getLogger("sdjax").info("exported to %s", _EXPORT.value)
+            if _EMBEDDING.value:
+                paths = export_embedding(_WORKDIR.value, _EMBEDDING.value, _EMBEDDING_FORMAT.value,
+                                         overwrite=_OVERWRITE.value)
+                logging.getLogger("sdjax").info("embedding written to %s", ", ".join(paths))
         except (ValueError, OSError, loop.TrainingDiverged) as e:  # bad config, data or weights; bugs trace back
             sys.exit(f"train.py: {e}")
 

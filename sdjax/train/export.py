@@ -1,9 +1,11 @@
-"""From a run's workdir to weights: the trained params pytree, or a diffusers folder for `sample.py --model`.
+"""From a run's workdir to weights: the trained params pytree, a diffusers folder for `sample.py --model`, or a
+textual-inversion run's embedding file for `sample.py --embedding` (and diffusers, A1111, ComfyUI).
 
-An export is written whole into a fresh sibling of its folder and renamed into place: an interrupted export
+An export is written whole into a fresh sibling of its folder (file) and renamed into place: an interrupted export
 leaves the folder as it was, and a new one leaves no file of the old (an old `*.fp16.safetensors` would be
-loaded by `variant="fp16"`). Each export holds MARKER; a non-empty folder without it is replaced only when
-asked (overwrite), and never one that is or holds the run's pretrained weights or its checkpoints.
+loaded by `variant="fp16"`). Each export holds MARKER (an embedding: in its safetensors header); a non-empty folder
+or a file without it is replaced only when asked (overwrite), and never one that is or is in the run's pretrained
+weights or its checkpoints.
 """
 import json
 import os
@@ -11,10 +13,14 @@ import shutil
 import uuid
 
 import jax
+import safetensors
+from safetensors.numpy import save_file
 
 from sdjax.train.checkpoint import Checkpointer, checkpoint_dir
+from sdjax.train.ldm import textual_inversion
 from sdjax.train.run_config import read_config
 from sdjax.train.stages import stage_for
+from sdjax.weights.embedding_files import embedding_files
 
 MARKER = "sdjax_export.json"
 
@@ -33,14 +39,20 @@ def _overlap(a, b):
     return os.path.commonpath([a, b]) in (a, b)
 
 
+def _check_overlap(what, out_dir, config, workdir):
+    """ValueError unless `out_dir` keeps clear of the run's `pretrained` weights and checkpoints."""
+    out = os.path.realpath(out_dir)
+    for name, path in (("pretrained weights", config.get("pretrained")), ("checkpoints", checkpoint_dir(workdir))):
+        if path and _overlap(out, os.path.realpath(path)):
+            raise ValueError(f"{what} {out_dir}: it overlaps the run's {name} {path}; export elsewhere")
+
+
 def check_export_dir(out_dir, config, workdir, overwrite=False):
     """ValueError unless an export of the run in `workdir` (its `config`) may write `out_dir`: not the run's
     `pretrained` weights or checkpoints (nor a folder holding them or inside them); when it exists, a folder,
     empty or an earlier export (MARKER), or any folder with overwrite."""
+    _check_overlap("export folder", out_dir, config, workdir)
     out = os.path.realpath(out_dir)
-    for name, path in (("pretrained weights", config.get("pretrained")), ("checkpoints", checkpoint_dir(workdir))):
-        if path and _overlap(out, os.path.realpath(path)):
-            raise ValueError(f"export folder {out_dir}: it overlaps the run's {name} {path}; export elsewhere")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"export folder {out_dir}: a file is there, not a folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite and not os.path.isfile(os.path.join(out, MARKER)):
@@ -84,3 +96,53 @@ def export(workdir, out_dir, step=None, ema=True, overwrite=False):
                 json.dump({"workdir": os.path.abspath(workdir), "step": step, "ema": ema}, f)
         _write_in_place(out_dir, write)
     return out_dir
+
+
+def _exported_file(path):
+    """Whether the file at `path` is an earlier export: a safetensors file whose header holds MARKER."""
+    try:
+        with safetensors.safe_open(path, "np") as f:
+            return MARKER in (f.metadata() or {})
+    except (OSError, safetensors.SafetensorError):
+        return False
+
+
+def check_embedding_export(path, config, workdir, overwrite=False):
+    """ValueError unless the textual-inversion run in `workdir` (its `config`) may write its embedding to `path`: a
+    .safetensors file, not in the run's pretrained weights or checkpoints; when it exists, an earlier export (MARKER
+    in its header), or any file with overwrite."""
+    if not textual_inversion.enabled(config):
+        raise ValueError(f"--export_embedding {path}: the run trains no embedding (set textual_inversion.placeholder)")
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"--export_embedding {path}: a .safetensors file is written; name one")
+    _check_overlap("--export_embedding", path, config, workdir)
+    if os.path.isdir(path):
+        raise ValueError(f"--export_embedding {path}: a folder is there; name a file")
+    if os.path.exists(path) and not overwrite and not _exported_file(path):
+        raise ValueError(f"--export_embedding {path}: the file exists and is no earlier export ({MARKER} in its "
+                         "header): choose another, or replace it with --overwrite")
+
+
+def export_embedding(workdir, path, fmt="a1111", step=None, ema=True, overwrite=False):
+    """Write the embedding a textual-inversion run learned to `path` in `fmt` (embedding_files.FORMATS; SDXL in
+    diffusers': also the second tower's file, `_2` before the extension), each file replaced whole or not at all
+    (`check_embedding_export` says which may be). Every process calls it; process 0 writes. Returns the paths."""
+    config = read_config(workdir)
+    check_embedding_export(path, config, workdir, overwrite)
+    vectors = jax.device_get(load_params(workdir, step, ema))[textual_inversion.COMPONENT]
+    root, ext = os.path.splitext(path)
+    files = {root + suffix + ext: tensors for suffix, tensors in
+             embedding_files(vectors, config.textual_inversion.placeholder, fmt).items()}
+    for target in files:
+        check_embedding_export(target, config, workdir, overwrite)
+    marker = json.dumps({"workdir": os.path.abspath(workdir), "step": step, "ema": ema})
+    for target, tensors in files.items() if jax.process_index() == 0 else ():
+        partial = os.path.join(os.path.dirname(os.path.abspath(target)),
+                               f".{os.path.basename(target)}.partial-{uuid.uuid4().hex[:8]}")
+        try:
+            save_file(tensors, partial, metadata={MARKER: marker})
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    return list(files)

@@ -13,6 +13,7 @@ from sdjax.models import attention
 from sdjax.text.tokenizer import batch_tokenizers
 from sdjax.train import config as config_lib, distributed, run_config
 from sdjax.train.checkpoint import Checkpointer
+from sdjax.train.ldm.textual_inversion import caption_tokenizers, model_params
 from sdjax.train.metrics_log import MetricsLogger
 from sdjax.train.sharding import compile_step, global_batch, make_mesh, tree_shardings
 from sdjax.train.stages import stage_for
@@ -118,7 +119,8 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
     plan = plan_step(stage, config, pre, mesh)
     names = stage.trainable_names(config)
     frozen = jax.device_put({k: v for k, v in pre.params.items() if k not in names}, plan.frozen_sharding)
-    data = make_data(config, batch_tokenizers(pre), config.batch_size // pcount, config.seed, pindex, pcount)
+    data = make_data(config, caption_tokenizers(config, batch_tokenizers(pre)), config.batch_size // pcount,
+                     config.seed, pindex, pcount)
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     if ckpt.latest_step() is None:
         trainable = {k: v for k, v in pre.params.items() if k in names}
@@ -168,10 +170,15 @@ class _Window:
         return out
 
 
+def sampled_params(run):
+    """The models' params of the run's frozen and current EMA params (textual inversion: its rows in the tables)."""
+    return model_params(run.config, run.pretrained, {**run.frozen, **run.state.ema_params})
+
+
 def sample_images(pipe, run, step, logger):
     """Generate the config's sample prompts with the current EMA params, as they are sharded over the run's mesh
     (no gathered copy), and log them. Every process takes part; process 0 logs."""
-    pipe.params = {**run.frozen, **run.state.ema_params}
+    pipe.params = sampled_params(run)
     c = run.config.sample
     images = pipe.generate(list(c.prompts), num_steps=c.num_steps, guidance_scale=c.guidance_scale,
                            seed=c.seed, progress=False)
@@ -251,8 +258,7 @@ def train(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
     pipe = None
     if sampling:
         from sdjax.pipeline import StableDiffusion
-        pipe = StableDiffusion(dataclasses.replace(run.pretrained, params={**run.frozen, **run.state.ema_params}),
-                               run.mesh)
+        pipe = StableDiffusion(dataclasses.replace(run.pretrained, params=sampled_params(run)), run.mesh)
     term = {"seen": False}
     single = jax.process_count() == 1  # several processes: jax's preemption notifier handles SIGTERM
     previous = signal.signal(signal.SIGTERM, lambda *_: term.update(seen=True)) if single else None

@@ -1,4 +1,4 @@
-"""Textual-inversion embeddings as people share them, read into {text tower: vectors [n, D]}.
+"""Textual-inversion embeddings as people share them, read into {text tower: vectors [n, D]} and written from it.
 
 - AUTOMATIC1111: `.pt` ({"string_to_param": {"*": [n, D]}, "name": ..., ...}) and `.safetensors` ({"emb_params":
   [n, D]}; SDXL's {"clip_l": [n, 768], "clip_g": [n, 1280]}, one per tower);
@@ -14,6 +14,7 @@ from sdjax.weights.files import read_tensors
 # A tensor's name -> the text tower its vectors are for (other single names: diffusers' token, the first tower)
 TOWERS = {"emb_params": "text_encoder", "string_to_param.*": "text_encoder", "clip_l": "text_encoder",
           "clip_g": "text_encoder_2"}
+FORMATS = ("a1111", "diffusers")  # what `embedding_files` writes
 _FORMATS = ("sdjax loads A1111 embeddings (.pt string_to_param, .safetensors emb_params, SDXL's clip_l + clip_g) "
             "and diffusers' (learned_embeds: one token)")
 
@@ -42,3 +43,15 @@ def read_embedding(path):
         raise WeightLoadError(f"{path}: clip_l and clip_g hold {len(out['text_encoder'])} and "
                               f"{len(out['text_encoder_2'])} vectors; an SDXL embedding has as many for each tower")
     return out
+
+
+def embedding_files(vectors, token, fmt):
+    """{file name suffix: {tensor name: [n, D]}}: the files of an embedding {text tower component: vectors [n, D]}
+    named `token`, in `fmt` (FORMATS): A1111's one file ({"emb_params": ...}; SDXL's {"clip_l": ..., "clip_g": ...}),
+    diffusers' {token: vectors} (SDXL: a file per tower, the second's suffix "_2", as diffusers' SDXL example writes
+    learned_embeds_2)."""
+    if fmt == "diffusers":
+        return {"" if tower == "text_encoder" else "_2": {token: v} for tower, v in vectors.items()}
+    if len(vectors) == 1:
+        return {"": {"emb_params": vectors["text_encoder"]}}
+    return {"": {name: vectors[tower] for name, tower in TOWERS.items() if name.startswith("clip_")}}

@@ -4,6 +4,7 @@ Trains the U-Net (and the text encoders with `train_text_encoder`) on latents of
 SDXL base models (two towers, micro-conditioning from each example's size and crop).
 """
 import dataclasses
+import functools
 import tempfile
 
 import jax
@@ -18,7 +19,7 @@ from sdjax.errors import UnsupportedConfig
 from sdjax.text.tokenizer import batch_tokenizers, load_tokenizer, tokenize
 from sdjax.train import optim
 from sdjax.train.config import check_common, compute_dtype, require
-from sdjax.train.ldm import ldm_step
+from sdjax.train.ldm import ldm_step, textual_inversion
 from sdjax.weights.diffusers import KINDS
 from sdjax.weights.pretrained import Pretrained, load_pretrained, save_pretrained
 
@@ -36,17 +37,22 @@ def check(config):
             f"loss.prediction_type must be one of {PREDICTION_TYPES} or '' (the scheduler's), got {loss.prediction_type!r}")
     require(0 <= loss.caption_dropout <= 1, f"loss.caption_dropout must be in [0, 1], got {loss.caption_dropout}")
     require(loss.latent in LATENTS, f"loss.latent must be one of {LATENTS}, got {loss.latent!r}")
+    textual_inversion.check(config)
 
 
 def trainable_names(config):
-    """Components whose params the optimizer updates (SDXL's text_encoder_2 with the text encoder)."""
+    """Components whose params the optimizer updates (SDXL's text_encoder_2 with the text encoder; textual inversion:
+    the placeholder's rows only)."""
+    if textual_inversion.enabled(config):
+        return (textual_inversion.COMPONENT,)
     return ("unet", "text_encoder", "text_encoder_2") if config.get("train_text_encoder") else ("unet",)
 
 
 def load(config, abstract=()):
     """Pretrained (modules computing in the config's dtype, float32 params) from `pretrained` or `model` + seed.
 
-    Random init is keyed by the seed, so the frozen parts of a from-scratch run can be rebuilt exactly.
+    Random init is keyed by the seed, so the frozen parts of a from-scratch run can be rebuilt exactly. Textual
+    inversion: with the placeholder's tokens and rows (textual_inversion.prepare).
     abstract: components (KINDS: all) whose params are ShapeDtypeStructs of the `model` architecture, neither
     read nor initialised (an init compiles its whole module: most of an export's time).
     """
@@ -76,7 +82,8 @@ def load(config, abstract=()):
     if config.get("remat"):
         modules["unet"] = modules["unet"].clone(remat=True)
     scheduler["prediction_type"] = config.loss.prediction_type or scheduler.get("prediction_type", "epsilon")
-    return Pretrained(modules, params, tokenizer, scheduler, config.get("pretrained") or "", tokenizer_2, options)
+    return textual_inversion.prepare(config, Pretrained(modules, params, tokenizer, scheduler,
+                                                        config.get("pretrained") or "", tokenizer_2, options))
 
 
 def resolve(config, pre):
@@ -119,12 +126,13 @@ def make_train_step(pre, config, tx, schedule, mesh=None):
     if cached:
         from sdjax.data import cache
     return ldm_step.make_train_step(pre.modules, config, tx, schedule, abar, empty_prompt_ids(pre), mesh,
-                                    cache.empty_text(config.data.path) if cached else None, zero_dropped(pre))
+                                    cache.empty_text(config.data.path) if cached else None, zero_dropped(pre),
+                                    functools.partial(textual_inversion.model_params, config, pre))
 
 
 def export(config, params, out_dir):
     """Write a diffusers folder: the trained {component: params} + the frozen ones rebuilt from the config."""
     pre = load(config, abstract=() if config.get("pretrained") else tuple(params))  # the trained parts: not rebuilt
-    params = {**jax.device_get(pre.params), **params}
+    params = textual_inversion.model_params(config, pre, {**jax.device_get(pre.params), **params})
     save_pretrained(dataclasses.replace(pre, params=params), out_dir)
     return out_dir

@@ -72,19 +72,20 @@ def _dropped(drop, text, empty):
     return {k: jnp.where(drop.reshape(-1, *[1] * (v.ndim - 1)), empty[k], v) for k, v in text.items()}
 
 
-def make_loss_fn(modules, config, abar_table, empty_ids, empty_text=None, zero_dropped=False):
+def make_loss_fn(modules, config, abar_table, empty_ids, empty_text=None, zero_dropped=False, model_params=None):
     """loss(trainable, frozen, micro) -> scalar; micro: {"images" [b,H,W,3], "input_ids" [b,L] (SDXL: also
     "input_ids_2", "original_size", "crop_top_left" [b,2]), "key" [b,2]}; empty_ids: {ids key: the empty
     caption's ids [L]}. From the latent cache (sdjax.data.cache), micro has "latent_mean" / "latent_std"
     [b,h,w,c] and the text conditioning in place of images and ids, and empty_text is the empty caption's.
     zero_dropped: dropped captions condition on zero text and pooled text instead of the empty caption's (an
-    SDXL model with force_zeros_for_empty_prompt samples its unconditional branch from zeros)."""
+    SDXL model with force_zeros_for_empty_prompt samples its unconditional branch from zeros). model_params: the
+    models' {component: params} from the run's, frozen and trained (textual_inversion.model_params; default: those)."""
     loss_cfg = config.loss
     unet, vae = modules["unet"], modules["vae"]
     num_t = abar_table.shape[0]
 
     def loss_fn(trainable, frozen, micro):
-        p = {**frozen, **trainable}
+        p = (model_params or dict)({**frozen, **trainable})
         cached = "latent_mean" in micro
         shape = micro["latent_mean"].shape[1:] if cached else latent_shape(vae, p["vae"], micro["images"])
         d = jax.vmap(lambda k: example_draws(k, shape, num_t, loss_cfg))(micro["key"])
@@ -121,18 +122,18 @@ def accumulate(grad_fn, params, frozen, batch, k, constrain):
 
 
 def make_train_step(modules, config, tx, schedule, abar_table, empty_ids, mesh=None, empty_text=None,
-                    zero_dropped=False):
+                    zero_dropped=False, model_params=None):
     """train_step(state, frozen, batch) -> (state, metrics).
 
     frozen: {component: params} not trained (vae, text encoders unless trained); batch: the input pipeline's
-    (`ldm_stage.batch_shapes`); empty_ids, empty_text, zero_dropped: what caption dropout puts in
-    (`make_loss_fn`). A step whose loss or gradients are not finite leaves params, optimizer and EMA as they
-    were and counts itself in bad_steps / total_bad_steps.
+    (`ldm_stage.batch_shapes`); empty_ids, empty_text, zero_dropped: what caption dropout puts in, model_params:
+    the models' params from the run's (`make_loss_fn`). A step whose loss or gradients are not finite leaves
+    params, optimizer and EMA as they were and counts itself in bad_steps / total_bad_steps.
     """
     empty_ids = {k: jnp.asarray(v) for k, v in empty_ids.items()}
     empty_text = None if empty_text is None else {k: jnp.asarray(v) for k, v in empty_text.items()}
     grad_fn = jax.value_and_grad(make_loss_fn(modules, config, jnp.asarray(abar_table), empty_ids, empty_text,
-                                              zero_dropped))
+                                              zero_dropped, model_params))
     k = config.optimizer.grad_accum_steps
     constrain = ((lambda m: jax.lax.with_sharding_constraint(m, NamedSharding(mesh, BATCH)))
                  if mesh is not None else (lambda m: m))
