@@ -176,10 +176,11 @@ def test_library_refuses_what_the_cli_does(torch_folder):
     assert sd.compile_count == 0
 
 
-def train_error(tmp_path, overrides, capsys, monkeypatch):
-    """train.py's exit message with the config's fields set as `--config.key=value` would set them."""
+def train_error(tmp_path, overrides, capsys, monkeypatch, more_flags=()):
+    """train.py's exit message with the config's fields set as `--config.key=value` would set them, and
+    `more_flags` (for this call only)."""
     from absl import flags
-    argv = ["train.py", f"--config={ROOT}/configs/train/tiny.py", f"--workdir={tmp_path / 'run'}"]
+    argv = ["train.py", f"--config={ROOT}/configs/train/tiny.py", f"--workdir={tmp_path / 'run'}", *more_flags]
     monkeypatch.setattr(sys, "argv", argv)  # config_flags defines --config.x flags from sys.argv: none here,
     flags.FLAGS(argv)                       # so re-parsing (a fresh config each time) defines nothing twice
     for key, value in overrides.items():
@@ -188,7 +189,10 @@ def train_error(tmp_path, overrides, capsys, monkeypatch):
         for name in parents:
             node = node[name]
         node[leaf] = value
-    return _one_line_exit("train.py", train.main, ["train.py"], capsys)
+    try:
+        return _one_line_exit("train.py", train.main, ["train.py"], capsys)
+    finally:
+        flags.FLAGS.unparse_flags()  # the next call's flags start from their defaults
 
 
 # Bad training configs (`--config.key=value` overrides of configs/train/tiny.py) and train.py's one line.
@@ -227,6 +231,21 @@ TRAIN_BAD_CONFIG = [
     ({"data.source": "jsonl", "data.path": "{tmp}/x.jsonl"}, "{tmp}/x.jsonl"),
     ({"pretrained": "{tmp}/no_model"}, "{tmp}/no_model"),
     ({"tokenizer": "{tmp}/nope"}, "CLIP tokenizer: {tmp}/nope holds neither tokenizer.json nor vocab.json"),
+    ({"textual_inversion.initializer": "toy"}, "textual_inversion.placeholder is empty: give the token the captions "
+                                               "write for what is learned (e.g. '<cat-toy>')"),
+    ({"textual_inversion.placeholder": "<x>"}, "textual_inversion.initializer is empty: give the token whose embedding"),
+    *[({"textual_inversion.placeholder": "<x>", "textual_inversion.initializer": "toy", **more}, message)
+      for more, message in [
+          ({"textual_inversion.placeholder": "a <x>"}, "textual_inversion.placeholder must be one word, got 'a <x>'"),
+          ({"textual_inversion.vectors": 0}, "textual_inversion.vectors must be >= 1, got 0"),
+          ({"textual_inversion.template": "a photo"}, "textual_inversion.template must hold {{}} once"),
+          ({"train_text_encoder": True}, "textual_inversion trains the placeholder's embedding only: "
+                                         "train_text_encoder must be False"),
+          ({"data.source": "cache"}, "textual_inversion cannot train from the latent cache (data.source='cache')"),
+          ({"textual_inversion.initializer": "a toy"}, "textual_inversion.initializer 'a toy' is 2 tokens for "
+                                                       "text_encoder's tokenizer ['a</w>', 'toy</w>']; give one token"),
+          ({"textual_inversion.placeholder": "a"}, "textual_inversion.placeholder: the token 'a' is in "
+                                                   "text_encoder's vocabulary already; give another token")]],
 ]
 
 
@@ -236,6 +255,23 @@ def test_train_bad_config_table(overrides, message, tmp_path, capsys, monkeypatc
     line = train_error(tmp_path, overrides, capsys, monkeypatch)
     assert message.format(tmp=tmp_path) in line, line
     assert not os.path.exists(tmp_path / "run")  # each failed before anything was set up
+
+
+def test_train_bad_export_embedding(tmp_path, capsys, monkeypatch):
+    """--export_embedding is checked before anything is set up: a run that trains an embedding, a .safetensors
+    file that is no other file (an earlier export's header says so, or --overwrite)."""
+    ti = {"textual_inversion.placeholder": "<x>", "textual_inversion.initializer": "toy"}
+    (tmp_path / "mine.safetensors").write_bytes(b"not an export")
+    cases = [({}, "x.safetensors", "--export_embedding {tmp}/x.safetensors: the run trains no embedding (set "
+                                   "textual_inversion.placeholder)"),
+             (ti, "x.pt", "--export_embedding {tmp}/x.pt: a .safetensors file is written; name one"),
+             (ti, "mine.safetensors", "--export_embedding {tmp}/mine.safetensors: the file exists and is no earlier "
+                                      "export (sdjax_export.json in its header): choose another, or replace it with "
+                                      "--overwrite")]
+    for overrides, name, message in cases:
+        line = train_error(tmp_path, overrides, capsys, monkeypatch, [f"--export_embedding={tmp_path / name}"])
+        assert line == "train.py: " + message.format(tmp=tmp_path), line
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_train_batch_not_divisible_by_devices(tmp_path):

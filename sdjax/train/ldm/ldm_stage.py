@@ -65,11 +65,7 @@ def load(config, abstract=()):
     else:
         kinds = {i: k for i, k in enumerate(KINDS) if k in config.model}  # i: a component's init key
         modules = {k: registry.build(k, config.model[k].to_dict()) for k in kinds.values()}
-        key = jax.random.key(config.seed)
-        params = {k: (registry.param_shapes(k, modules[k])
-                      if k in abstract else registry.init_params(k, modules[k], jax.random.fold_in(key, i)))
-                  for i, k in kinds.items()}
-        tokenizer, scheduler, options = None, config.model.scheduler.to_dict(), {}
+        params, tokenizer, scheduler, options = None, None, config.model.scheduler.to_dict(), {}
     if "text_encoder_2" in modules and "text_encoder" not in modules:
         raise UnsupportedConfig("training an SDXL refiner (text_encoder_2 only, aesthetic-score conditioning) is "
                                 "not implemented; train the base")
@@ -78,12 +74,18 @@ def load(config, abstract=()):
     if "text_encoder_2" in modules and (config.get("tokenizer_2") or tokenizer_2 is None):  # OpenCLIP pads with "!"
         tokenizer_2 = load_tokenizer(config.get("tokenizer_2") or
                                      write_clip_tokenizer(tempfile.mkdtemp(prefix="sdjax_tok_"), pad_token="!"))
+    pre = Pretrained(modules, params, tokenizer, scheduler, config.get("pretrained") or "", tokenizer_2, options)
+    textual_inversion.initializer_ids(config, pre)  # its tokens checked before the slow part
+    if params is None:
+        key = jax.random.key(config.seed)
+        params = {k: (registry.param_shapes(k, modules[k])
+                      if k in abstract else registry.init_params(k, modules[k], jax.random.fold_in(key, i)))
+                  for i, k in kinds.items()}
     modules = {k: m.clone(dtype=dtype, param_dtype=jnp.float32) for k, m in modules.items()}
     if config.get("remat"):
         modules["unet"] = modules["unet"].clone(remat=True)
     scheduler["prediction_type"] = config.loss.prediction_type or scheduler.get("prediction_type", "epsilon")
-    return textual_inversion.prepare(config, Pretrained(modules, params, tokenizer, scheduler,
-                                                        config.get("pretrained") or "", tokenizer_2, options))
+    return textual_inversion.prepare(config, dataclasses.replace(pre, modules=modules, params=params))
 
 
 def resolve(config, pre):

@@ -74,29 +74,38 @@ def _with_table(tree, table, keys=TOKEN_TABLE):
     return table if not keys else {**tree, keys[0]: _with_table(tree[keys[0]], table, keys[1:])}
 
 
+def initializer_ids(config, pre):
+    """{text tower component: the initializer's token id} of a Pretrained (its tokenizers and modules suffice);
+    ValueError for a placeholder in a vocabulary already, or an initializer that is not one token."""
+    if not enabled(config):
+        return {}
+    ti, ids = config.textual_inversion, {}
+    for tower, tokenizer in tower_tokenizers(pre):
+        check_new_tokens("train config: textual_inversion.placeholder", vector_tokens(ti.placeholder, ti.vectors),
+                         tower, tokenizer)
+        ids[tower] = tokenizer.encode(ti.initializer, add_special_tokens=False)
+        require(len(ids[tower]) == 1, f"textual_inversion.initializer {ti.initializer!r} is {len(ids[tower])} tokens "
+                f"for {tower}'s tokenizer {tokenizer.convert_ids_to_tokens(ids[tower])}; give one token (e.g. 'toy')")
+        ids[tower] = ids[tower][0]
+    return ids
+
+
 def prepare(config, pre):
     """The Pretrained `pre` ready for textual inversion (its tokenizers get the placeholder's tokens): its towers'
-    vocabularies grown for the tokens, params[COMPONENT] the initializer's embedding once per vector. ValueError for a
-    placeholder in a vocabulary already, or an initializer that is not one token. Without textual inversion: `pre`."""
+    vocabularies grown for the tokens, params[COMPONENT] the initializer's embedding once per vector. ValueError as
+    `initializer_ids`. Without textual inversion: `pre`."""
     if not enabled(config):
         return pre
     ti = config.textual_inversion
-    tokens, towers = vector_tokens(ti.placeholder, ti.vectors), tower_tokenizers(pre)
-    initial = {}
-    for tower, tokenizer in towers:
-        check_new_tokens("train config: textual_inversion.placeholder", tokens, tower, tokenizer)
-        ids = tokenizer.encode(ti.initializer, add_special_tokens=False)
-        require(len(ids) == 1, f"textual_inversion.initializer {ti.initializer!r} is {len(ids)} tokens for {tower}'s "
-                               f"tokenizer {tokenizer.convert_ids_to_tokens(ids)}; give one token (e.g. 'toy')")
-        initial[tower] = ids[0]
-    modules, rows = dict(pre.modules), {}
-    for tower, tokenizer in towers:
+    initial, modules, rows = initializer_ids(config, pre), dict(pre.modules), {}
+    for tower, tokenizer in tower_tokenizers(pre):
         table = _table(pre.params[tower])
         if isinstance(table, jax.ShapeDtypeStruct):  # an abstract model (the memory estimate)
             rows[tower] = jax.ShapeDtypeStruct((ti.vectors, table.shape[1]), jnp.float32)
         else:
             rows[tower] = np.repeat(np.asarray(table[initial[tower]], np.float32)[None], ti.vectors, 0)
-        _, modules[tower] = add_tokens(tokens, modules[tower], tokenizer, table.shape[0])
+        _, modules[tower] = add_tokens(vector_tokens(ti.placeholder, ti.vectors), modules[tower], tokenizer,
+                                       table.shape[0])
     return dataclasses.replace(pre, modules=modules, params={**pre.params, COMPONENT: rows})
 
 
