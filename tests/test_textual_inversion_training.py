@@ -142,3 +142,49 @@ def test_exported_embedding_gives_sdjax_images_in_diffusers(run, torch_folder):
     assert sd.load_textual_inversion(run["diffusers"]) == "learned_embeds"
     np.testing.assert_array_equal(sd.encode_prompts([PROMPT.replace(PLACEHOLDER, "learned_embeds")]), states)
     np.testing.assert_allclose(StableDiffusion.load(run["folder"]).encode_prompts([PROMPT]), states, atol=1e-6)
+
+
+def test_sdxl_placeholder_on_both_towers(sdxl_folders, tmp_path):
+    """SDXL: the placeholder's rows start from "toy" in each tower; the towers' tables with the rows (what the step
+    and sampling see) are those of sdjax loading the A1111 export (clip_l + clip_g), whose text is that of diffusers
+    loading the diffusers export (a file per tower, as its SDXL example writes them)."""
+    import diffusers
+    import optax
+    from configs.train import tiny as train_tiny
+    from sdjax.train import run_config
+    from sdjax.train.ldm import ldm_stage
+    from sdjax.train.state import create_state
+    config = train_tiny.get_config("sdxl")
+    config.pretrained, prompt = sdxl_folders["base"], "a <xl> circle"
+    config.textual_inversion.update(placeholder="<xl>", initializer="toy", vectors=2)
+    pre, sd = ldm_stage.load(config), StableDiffusion.load(sdxl_folders["base"])
+    for tower in ("text_encoder", "text_encoder_2"):
+        toy = _table(sd.params[tower])[sd.tokenizer.convert_tokens_to_ids("toy</w>")]
+        np.testing.assert_array_equal(pre.params["textual_inversion"][tower], [toy, toy])
+        assert pre.modules[tower].vocab_size == 49410
+    rng = np.random.default_rng(3)
+    rows = {"textual_inversion": {t: rng.standard_normal((2, 32)).astype(np.float32) for t in ("text_encoder",
+                                                                                                 "text_encoder_2")}}
+    workdir = str(tmp_path / "run")
+    run_config.save_config(config, workdir)
+    ckpt = Checkpointer(workdir)
+    ckpt.save(create_state(rows, optax.adam(1e-3), 0), {"process_count": 1, "states": [{}]})
+    ckpt.close()
+    a1111, learned = str(tmp_path / "xl.safetensors"), str(tmp_path / "learned_embeds.safetensors")
+    export_embedding(workdir, a1111)
+    assert sorted(load_file(a1111)) == ["clip_g", "clip_l"]
+    assert export_embedding(workdir, learned, "diffusers") == [learned, learned.replace(".safe", "_2.safe")]
+    sd.load_textual_inversion(a1111, token="<xl>")
+    ours = sd.encode_prompts([prompt])
+    trained = textual_inversion.model_params(config, pre, {**pre.params, **rows})
+    for tower in ("text_encoder", "text_encoder_2"):
+        np.testing.assert_array_equal(_table(trained[tower]), _table(sd.params[tower]))
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folders["base"])
+    for path, tower, tokenizer in ((learned, pipe.text_encoder, pipe.tokenizer),
+                                   (learned.replace(".safe", "_2.safe"), pipe.text_encoder_2, pipe.tokenizer_2)):
+        pipe.load_textual_inversion(path, text_encoder=tower, tokenizer=tokenizer)
+    with torch.no_grad():
+        text, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    for a, b in zip(ours, (text.numpy(), pooled.numpy())):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert np.abs(ours[0] - sd.encode_prompts(["a toy toy circle"])[0]).max() > 1e-2  # the rows show
