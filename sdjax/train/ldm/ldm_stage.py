@@ -133,7 +133,8 @@ def make_train_step(pre, config, tx, schedule, mesh=None):
 
 
 def export(config, params, out_dir):
-    """Write a diffusers folder: the trained {component: params} + the frozen ones rebuilt from the config."""
+    """Write a diffusers folder: the trained {component: params} + the frozen ones rebuilt from the config (textual
+    inversion: the placeholder's tokens in the tokenizers, its rows in the towers' tables)."""
     pre = load(config, abstract=() if config.get("pretrained") else tuple(params))  # the trained parts: not rebuilt
     params = textual_inversion.model_params(config, pre, {**jax.device_get(pre.params), **params})
     save_pretrained(dataclasses.replace(pre, params=params), out_dir)
