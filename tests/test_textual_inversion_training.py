@@ -38,8 +38,9 @@ def _table(params):
 
 @pytest.fixture(scope="module")
 def run(torch_folder, tmp_path_factory):
-    """train.py: 3 steps (a large learning rate: the vectors move) on 4 images captioned with the placeholder,
-    --export_embedding (A1111's format) and --export_dir; then the diffusers format of the same run."""
+    """train.py: 3 steps (a large learning rate: the vectors move) on 4 images captioned with the placeholder, a
+    sample of the prompt at the last, --export_embedding (A1111's format) and --export_dir; then the diffusers
+    format of the same run."""
     from absl import flags
     tmp = tmp_path_factory.mktemp("ti_train")
     rng = np.random.default_rng(0)
@@ -54,7 +55,9 @@ def run(torch_folder, tmp_path_factory):
               "data.data_dir": str(tmp / "tfds"), "data.image_size": SIZE, "batch_size": 2, "total_steps": 3,
               "mesh.data": 1, "ema_decay": 0.0, "loss.caption_dropout": 0.0, "optimizer.learning_rate": 0.1,
               "optimizer.warmup_steps": 0, "optimizer.schedule": "constant", "textual_inversion.placeholder":
-              PLACEHOLDER, "textual_inversion.initializer": "toy", "textual_inversion.vectors": 2}
+              PLACEHOLDER, "textual_inversion.initializer": "toy", "textual_inversion.vectors": 2,
+              "sample.every": 3, "sample.prompts": (PROMPT,), "sample.num_steps": STEPS,
+              "sample.guidance_scale": GUIDANCE}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", argv)
         try:
@@ -138,6 +141,9 @@ def test_exported_embedding_gives_sdjax_images_in_diffusers(run, torch_folder):
     err, effect = np.abs(ours - ref).mean(), np.abs(ours - initial).mean()
     print(f"textual inversion training: mean abs diff {err:.2e}, effect {effect:.2e}")
     assert err <= TOL and effect > 100 * TOL, (err, effect)
+    sampled = np.asarray(Image.open(os.path.join(run["workdir"], "samples", "step_0000003.png")))  # in training
+    np.testing.assert_array_equal(sd.generate(PROMPT, num_steps=STEPS, guidance_scale=GUIDANCE, seed=0,
+                                              progress=False)[0], sampled)
     states = sd.encode_prompts([PROMPT])
     assert sd.load_textual_inversion(run["diffusers"]) == "learned_embeds"
     np.testing.assert_array_equal(sd.encode_prompts([PROMPT.replace(PLACEHOLDER, "learned_embeds")]), states)
