@@ -233,7 +233,7 @@ TRAIN_BAD_CONFIG = [
     ({"tokenizer": "{tmp}/nope"}, "CLIP tokenizer: {tmp}/nope holds neither tokenizer.json nor vocab.json"),
     ({"textual_inversion.initializer": "toy"}, "textual_inversion.placeholder is empty: give the token the captions "
                                                "write for what is learned (e.g. '<cat-toy>')"),
-    ({"textual_inversion.placeholder": "<x>"}, "textual_inversion.initializer is empty: give the token whose embedding"),
+    ({"textual_inversion.placeholder": "<x>"}, "textual_inversion.initializer is empty: give the token whose "),
     *[({"textual_inversion.placeholder": "<x>", "textual_inversion.initializer": "toy", **more}, message)
       for more, message in [
           ({"textual_inversion.placeholder": "a <x>"}, "textual_inversion.placeholder must be one word, got 'a <x>'"),

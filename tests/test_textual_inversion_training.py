@@ -129,9 +129,9 @@ def test_exported_embedding_gives_sdjax_images_in_diffusers(run, torch_folder):
     noise = np.random.default_rng(1).standard_normal((1, SIZE // 2, SIZE // 2, 4), np.float32)
     sd = StableDiffusion.load(torch_folder[1])
     assert sd.load_textual_inversion(run["a1111"], token=PLACEHOLDER) == PLACEHOLDER
-    generate = lambda prompt: sd.generate(prompt, num_steps=STEPS, sampler="ddim", height=SIZE, width=SIZE,  # noqa: E731
-                                          guidance_scale=GUIDANCE, noise={"initial": noise}, output_type="np",
-                                          progress=False)
+    generate = lambda prompt: sd.generate(  # noqa: E731
+        prompt, num_steps=STEPS, sampler="ddim", height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
+        noise={"initial": noise}, output_type="np", progress=False)
     ours, initial = generate(PROMPT), generate(INITIAL)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(torch_folder[1])
     pipe.set_progress_bar_config(disable=True)

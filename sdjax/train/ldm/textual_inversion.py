@@ -42,14 +42,15 @@ def check(config):
     if not ti:
         return
     if not ti.placeholder:
-        require(ti.to_dict() == default_config().to_dict(), "textual_inversion.placeholder is empty: give the token the captions write for "
-                                         "what is learned (e.g. '<cat-toy>'), or leave textual_inversion as it is")
+        require(ti.to_dict() == default_config().to_dict(), "textual_inversion.placeholder is empty: give the token "
+                "the captions write for what is learned (e.g. '<cat-toy>'), or leave textual_inversion as it is")
         return
     require(ti.placeholder.split() == [ti.placeholder],
             f"textual_inversion.placeholder must be one word, got {ti.placeholder!r}")
     require(bool(ti.initializer), "textual_inversion.initializer is empty: give the token whose embedding the "
                                   "placeholder starts from (e.g. 'toy')")
-    require(isinstance(ti.vectors, int) and ti.vectors >= 1, f"textual_inversion.vectors must be >= 1, got {ti.vectors!r}")
+    require(isinstance(ti.vectors, int) and ti.vectors >= 1,
+            f"textual_inversion.vectors must be >= 1, got {ti.vectors!r}")
     require(not ti.template or ti.template.count("{}") == 1,
             f"textual_inversion.template must hold {{}} once (where the placeholder goes), got {ti.template!r}")
     require(not config.get("train_text_encoder"), "textual_inversion trains the placeholder's embedding only: "
@@ -131,7 +132,7 @@ class CaptionTokenizer:
         self.tokenizer, self.template, self.placeholder = tokenizer, template, placeholder
 
     def __call__(self, texts, **kwargs):
-        texts = [self.template.format(self.placeholder) if self.template else t for t in texts]
+        texts = [self.template.replace("{}", self.placeholder) if self.template else t for t in texts]
         return self.tokenizer([expand(self.tokenizer, t) for t in texts], **kwargs)
 
 
