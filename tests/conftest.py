@@ -167,3 +167,20 @@ def sdxl_folders(tmp_path_factory):
     for kind, folder in folders.items():
         build_sdxl(folder, kind == "refiner")
     return folders
+
+
+@pytest.fixture
+def refused_files(tmp_path):
+    """check(load, {name: (tensors, message)}): each tensor dict saved as a .safetensors file, load(path) refuses
+    it with one line that starts with the path and holds the message."""
+    from safetensors.numpy import save_file
+
+    def check(load, cases):
+        for name, (tensors, message) in cases.items():
+            path = str(tmp_path / f"{name}.safetensors")
+            save_file(tensors, path)
+            with pytest.raises(ValueError) as e:
+                load(path)
+            text = str(e.value)
+            assert text.startswith(f"{path}: ") and message in text and "\n" not in text, text
+    return check
