@@ -1,6 +1,6 @@
-"""DreamBooth (config.dreambooth) through the training loop on the tiny config: class images generated once (image i from
-seed + i, so a partly generated folder continues with the same images), batches of instance then class examples with
-their prompts, and the data position resumed exactly. (The loss: tests/test_train_losses.py.)"""
+"""DreamBooth (config.dreambooth) through the training loop on the tiny config: class images generated once (image i
+from seed + i, so a partly generated folder continues with the same images), batches of instance then class examples
+with their prompts, and the data position resumed exactly. (The loss: tests/test_train_losses.py.)"""
 import os
 
 import numpy as np

@@ -128,10 +128,13 @@ def write_listing(path, images, caption):
     lines = [json.dumps({"image": os.path.abspath(p), "caption": caption, "size": os.path.getsize(p),
                          "mtime_ns": os.stat(p).st_mtime_ns}) + "\n" for p in images]
     text = "".join(lines)
-    if not os.path.exists(path) or open(path, encoding="utf-8").read() != text:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
     return path
 
 
@@ -167,20 +170,25 @@ class PriorBatches(grain.DatasetIterator):
 def data_maker(config, pre, workdir):
     """make_data(config, tokenizers, batch_size, seed, process_index, process_count) of a DreamBooth run (the loop's
     signature): the class images made first (`class_images`)."""
-    from sdjax.data.input_pipeline import make_iterator
+    from sdjax.data.input_pipeline import make_iterator, prepare
     db, folder = config.dreambooth, os.path.join(workdir, "dreambooth")
     sets = [("instance", list_images(db.instance_data_dir), db.instance_prompt)]
     if prior(config):
         sets.append(("class", class_images(config, pre, workdir), db.class_prompt))
-    listings = [write_listing(os.path.join(folder, f"{name}.jsonl"), images, caption) for name, images, caption in sets]
+    listings = [os.path.join(folder, f"{name}.jsonl") for name, _, _ in sets]
+    data = [{**config.data.to_dict(), "source": "jsonl", "path": path, "bucket_step": 0} for path in listings]
+    if jax.process_index() == 0:  # written and built once, then all processes read them
+        for (_, images, caption), path, data_config in zip(sets, listings, data):
+            write_listing(path, images, caption)
+            prepare(data_config)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("sdjax dreambooth listings")
 
     def make(config, tokenizers, batch_size, seed, process_index, process_count):
         n = batch_size // len(listings)
         require(n * len(listings) == batch_size, f"dreambooth with prior preservation: each process's batch "
                 f"({batch_size}) must be even")
-        its = [make_iterator({**config.data.to_dict(), "source": "jsonl", "path": path, "bucket_step": 0},
-                             tokenizers, n, seed + j, process_index, process_count)
-               for j, path in enumerate(listings)]
+        its = [make_iterator(d, tokenizers, n, seed + j, process_index, process_count) for j, d in enumerate(data)]
         return its[0] if len(its) == 1 else PriorBatches(*its)
 
     return make
