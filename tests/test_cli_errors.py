@@ -246,6 +246,20 @@ TRAIN_BAD_CONFIG = [
                                                        "text_encoder's tokenizer ['a</w>', 'toy</w>']; give one token"),
           ({"textual_inversion.placeholder": "a"}, "textual_inversion.placeholder: the token 'a' is in "
                                                    "text_encoder's vocabulary already; give another token")]],
+    ({"dreambooth.instance_prompt": "a photo of sks dog"}, "dreambooth.instance_data_dir is empty: give the folder "),
+    ({"dreambooth.instance_data_dir": "{tmp}/missing", "dreambooth.instance_prompt": "a photo of sks dog"},
+     "dreambooth.instance_data_dir '{tmp}/missing' is no folder with images"),
+    *[({"dreambooth.instance_data_dir": f"{ROOT}/docs", "dreambooth.instance_prompt": "a photo of sks dog",
+        "dreambooth.with_prior_preservation": True, "dreambooth.class_prompt": "a photo of dog", **more}, message)
+      for more, message in [
+          ({"dreambooth.instance_prompt": ""}, "dreambooth.instance_prompt is empty: give the instance images' "),
+          ({"dreambooth.class_prompt": ""}, "dreambooth.with_prior_preservation needs dreambooth.class_prompt"),
+          ({"dreambooth.num_class_images": 0}, "dreambooth.num_class_images must be >= 1, got 0"),
+          ({"dreambooth.prior_loss_weight": -1.0}, "dreambooth.prior_loss_weight must be >= 0, got -1.0"),
+          ({"dreambooth.class_data_dir": "{tmp}/nope"}, "dreambooth.class_data_dir '{tmp}/nope' is no folder"),
+          ({"batch_size": 6, "optimizer.grad_accum_steps": 2},
+           "dreambooth with prior preservation: batch_size=6 must be twice a multiple of optimizer.grad_accum_steps=2"),
+          ({"data.source": "cache"}, "dreambooth reads its own images: data.source must not be 'cache'")]],
 ]
 
 

@@ -107,3 +107,19 @@ def test_draws_statistics():
     assert abs(float(jnp.mean(d["drop"])) - 0.25) < 0.03
 
 
+
+
+def test_prior_preservation_loss(toy):
+    """DreamBooth's loss (rows marked "class_example"): the instance rows' loss + prior_loss_weight x the class rows',
+    each the closed form above on its half of the same draws (diffusers' train_dreambooth.py splits its batch so);
+    the effect: it differs from the mean over all rows by far more than the tolerance."""
+    modules, params, micro = toy
+    cfg = loss_config("epsilon", 5.0)
+    cfg.dreambooth = dict(prior_loss_weight=0.3)
+    trainable, frozen = {"unet": params["unet"]}, {k: params[k] for k in ("vae", "text_encoder")}
+    is_class = jnp.asarray([0, 1, 0, 0, 1, 1, 0, 1], jnp.float32)  # rows 1, 4, 5, 7: class examples
+    loss = make_loss_fn(modules, cfg, jnp.asarray(ABAR), EMPTY)(trainable, frozen, {**micro, "class_example": is_class})
+    half = lambda rows: reference_loss(modules, params, jax.tree.map(lambda x: x[rows], micro), cfg)[0]  # noqa: E731
+    want = half(np.array([0, 2, 3, 6])) + 0.3 * half(np.array([1, 4, 5, 7]))
+    assert abs(float(loss) - want) <= 1e-5 * want
+    assert abs(reference_loss(modules, params, micro, cfg)[0] - want) > 100 * 1e-5 * want

@@ -4,7 +4,7 @@ import ml_collections
 
 from configs.models import tiny, tiny_xl
 from sdjax.data import input_pipeline
-from sdjax.train.ldm import textual_inversion
+from sdjax.train.ldm import dreambooth, textual_inversion
 
 
 MODELS = {"": tiny.get_config, "sdxl": tiny_xl.get_config}
@@ -24,6 +24,7 @@ def get_config(arg=""):
     c.tokenizer = ""                 # a CLIPTokenizer folder; "" = the bundled CLIP vocabulary
     c.train_text_encoder = False
     c.textual_inversion = textual_inversion.default_config()  # placeholder "<cat-toy>": train its embedding only
+    c.dreambooth = dreambooth.default_config()  # instance_data_dir + instance_prompt: DreamBooth (dreambooth.py)
     c.data = input_pipeline.default_config()  # fields: see sdjax.data.input_pipeline.default_config
     c.data.update(source="shapes", image_size=32, random_flip=False,  # a flip would contradict "on the left"
                   num_threads=2, shapes=dict(num_train=5000, num_test=200, num_heldout=200, seed=0))

@@ -13,6 +13,7 @@ from sdjax.models import attention
 from sdjax.text.tokenizer import batch_tokenizers
 from sdjax.train import config as config_lib, distributed, run_config
 from sdjax.train.checkpoint import Checkpointer
+from sdjax.train.ldm import dreambooth
 from sdjax.train.ldm.textual_inversion import caption_tokenizers, model_params
 from sdjax.train.metrics_log import MetricsLogger
 from sdjax.train.sharding import compile_step, global_batch, make_mesh, tree_shardings
@@ -119,6 +120,8 @@ def setup(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
     plan = plan_step(stage, config, pre, mesh)
     names = stage.trainable_names(config)
     frozen = jax.device_put({k: v for k, v in pre.params.items() if k not in names}, plan.frozen_sharding)
+    if dreambooth.enabled(config):  # its instance and class images (generated here when missing)
+        make_data = dreambooth.data_maker(config, pre, workdir)
     data = make_data(config, caption_tokenizers(config, batch_tokenizers(pre)), config.batch_size // pcount,
                      config.seed, pindex, pcount)
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)

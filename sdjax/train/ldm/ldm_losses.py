@@ -31,7 +31,20 @@ def drop_captions(drop, input_ids, empty_ids):
     return jnp.where(drop[:, None], empty_ids[None, :], input_ids)
 
 
+def example_mse(prediction, tgt):
+    """Per-example MSE of [B, ...] arrays (float32): [B]."""
+    err = jnp.square(prediction.astype(jnp.float32) - tgt.astype(jnp.float32))
+    return jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+
+
 def weighted_mse(prediction, tgt, weights):
     """Mean over examples of weights [B] * per-example MSE of [B, ...] arrays (float32): scalar."""
-    err = jnp.square(prediction.astype(jnp.float32) - tgt.astype(jnp.float32))
-    return jnp.mean(weights * jnp.mean(err.reshape(err.shape[0], -1), axis=1))
+    return jnp.mean(weights * example_mse(prediction, tgt))
+
+
+def prior_preservation_mse(prediction, tgt, weights, is_class, prior_weight):
+    """DreamBooth's loss: the weighted MSE of the instance rows + prior_weight x that of the class rows (is_class [B]:
+    1 for a class row), each a mean over its own rows."""
+    err = weights * example_mse(prediction, tgt)
+    mean = lambda m: jnp.sum(m * err) / jnp.maximum(jnp.sum(m), 1)  # noqa: E731
+    return mean(1 - is_class) + prior_weight * mean(is_class)

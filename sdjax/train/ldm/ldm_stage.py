@@ -19,7 +19,7 @@ from sdjax.errors import UnsupportedConfig
 from sdjax.text.tokenizer import batch_tokenizers, load_tokenizer, tokenize
 from sdjax.train import optim
 from sdjax.train.config import check_common, compute_dtype, require
-from sdjax.train.ldm import ldm_step, textual_inversion
+from sdjax.train.ldm import dreambooth, ldm_step, textual_inversion
 from sdjax.weights.diffusers import KINDS
 from sdjax.weights.pretrained import Pretrained, load_pretrained, save_pretrained
 
@@ -38,6 +38,7 @@ def check(config):
     require(0 <= loss.caption_dropout <= 1, f"loss.caption_dropout must be in [0, 1], got {loss.caption_dropout}")
     require(loss.latent in LATENTS, f"loss.latent must be one of {LATENTS}, got {loss.latent!r}")
     textual_inversion.check(config)
+    dreambooth.check(config)
 
 
 def trainable_names(config):

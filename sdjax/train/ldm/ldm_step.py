@@ -101,6 +101,9 @@ def make_loss_fn(modules, config, abar_table, empty_ids, empty_text=None, zero_d
         prediction = unet.apply({"params": p["unet"]}, x_t, d["t"], **cond)
         tgt = schedules.target(z, d["eps"], alpha, sigma, loss_cfg.prediction_type)
         weights = losses.min_snr_weight(schedules.snr(abar), loss_cfg.min_snr_gamma, loss_cfg.prediction_type)
+        if "class_example" in micro:  # DreamBooth's prior preservation (sdjax.train.ldm.dreambooth)
+            return losses.prior_preservation_mse(prediction, tgt, weights, micro["class_example"],
+                                                 config.dreambooth.prior_loss_weight)
         return losses.weighted_mse(prediction, tgt, weights)
 
     return loss_fn
