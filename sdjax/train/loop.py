@@ -12,6 +12,7 @@ from jax.experimental import multihost_utils
 from sdjax.models import attention
 from sdjax.text.tokenizer import batch_tokenizers
 from sdjax.train import config as config_lib, distributed, run_config
+from sdjax.train.ldm.lora_params import model_params
 from sdjax.train.checkpoint import Checkpointer
 from sdjax.train.metrics_log import MetricsLogger
 from sdjax.train.sharding import compile_step, global_batch, make_mesh, tree_shardings
@@ -171,7 +172,7 @@ class _Window:
 def sample_images(pipe, run, step, logger):
     """Generate the config's sample prompts with the current EMA params, as they are sharded over the run's mesh
     (no gathered copy), and log them. Every process takes part; process 0 logs."""
-    pipe.params = {**run.frozen, **run.state.ema_params}
+    pipe.params = model_params(run.config, {**run.frozen, **run.state.ema_params})
     c = run.config.sample
     images = pipe.generate(list(c.prompts), num_steps=c.num_steps, guidance_scale=c.guidance_scale,
                            seed=c.seed, progress=False)
@@ -251,8 +252,8 @@ def train(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
     pipe = None
     if sampling:
         from sdjax.pipeline import StableDiffusion
-        pipe = StableDiffusion(dataclasses.replace(run.pretrained, params={**run.frozen, **run.state.ema_params}),
-                               run.mesh)
+        params = model_params(config, {**run.frozen, **run.state.ema_params})
+        pipe = StableDiffusion(dataclasses.replace(run.pretrained, params=params), run.mesh)
     term = {"seen": False}
     single = jax.process_count() == 1  # several processes: jax's preemption notifier handles SIGTERM
     previous = signal.signal(signal.SIGTERM, lambda *_: term.update(seen=True)) if single else None

@@ -18,7 +18,7 @@ from sdjax.errors import UnsupportedConfig
 from sdjax.text.tokenizer import batch_tokenizers, load_tokenizer, tokenize
 from sdjax.train import optim
 from sdjax.train.config import check_common, compute_dtype, require
-from sdjax.train.ldm import ldm_step
+from sdjax.train.ldm import ldm_step, lora_params
 from sdjax.weights.diffusers import KINDS
 from sdjax.weights.pretrained import Pretrained, load_pretrained, save_pretrained
 
@@ -36,19 +36,26 @@ def check(config):
             f"loss.prediction_type must be one of {PREDICTION_TYPES} or '' (the scheduler's), got {loss.prediction_type!r}")
     require(0 <= loss.caption_dropout <= 1, f"loss.caption_dropout must be in [0, 1], got {loss.caption_dropout}")
     require(loss.latent in LATENTS, f"loss.latent must be one of {LATENTS}, got {loss.latent!r}")
+    if lora_params.enabled(config):
+        lora_params.check(config)
 
 
 def trainable_names(config):
-    """Components whose params the optimizer updates (SDXL's text_encoder_2 with the text encoder)."""
+    """Components whose params the optimizer updates (SDXL's text_encoder_2 with the text encoder; with `lora`,
+    only its adapters)."""
+    if lora_params.enabled(config):
+        return ("lora",)
     return ("unet", "text_encoder", "text_encoder_2") if config.get("train_text_encoder") else ("unet",)
 
 
-def load(config, abstract=()):
-    """Pretrained (modules computing in the config's dtype, float32 params) from `pretrained` or `model` + seed.
+def load(config, abstract=(), cast_base=True):
+    """Pretrained (modules computing in the config's dtype, float32 params) from `pretrained` or `model` + seed;
+    with `lora`, its fresh adapters as the params' "lora" component and, cast_base, the U-Net in lora.base_dtype.
 
     Random init is keyed by the seed, so the frozen parts of a from-scratch run can be rebuilt exactly.
-    abstract: components (KINDS: all) whose params are ShapeDtypeStructs of the `model` architecture, neither
-    read nor initialised (an init compiles its whole module: most of an export's time).
+    abstract: components (KINDS: all; "lora": the adapters, as when any is) whose params are ShapeDtypeStructs of
+    the `model` architecture, neither read nor initialised (an init compiles its whole module: most of an export's
+    time).
     """
     dtype = compute_dtype(config)
     tokenizer_2 = None
@@ -76,6 +83,12 @@ def load(config, abstract=()):
     if config.get("remat"):
         modules["unet"] = modules["unet"].clone(remat=True)
     scheduler["prediction_type"] = config.loss.prediction_type or scheduler.get("prediction_type", "epsilon")
+    if lora_params.enabled(config):
+        if cast_base and config.lora.base_dtype != "float32":
+            dtype = lora_params.BASE_DTYPES[config.lora.base_dtype]
+            params["unet"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(
+                x, jax.ShapeDtypeStruct) else x.astype(dtype), params["unet"])
+        params = {**params, "lora": lora_params.init(config.lora, params, config.seed, abstract=bool(abstract))}
     return Pretrained(modules, params, tokenizer, scheduler, config.get("pretrained") or "", tokenizer_2, options)
 
 
@@ -123,8 +136,9 @@ def make_train_step(pre, config, tx, schedule, mesh=None):
 
 
 def export(config, params, out_dir):
-    """Write a diffusers folder: the trained {component: params} + the frozen ones rebuilt from the config."""
-    pre = load(config, abstract=() if config.get("pretrained") else tuple(params))  # the trained parts: not rebuilt
-    params = {**jax.device_get(pre.params), **params}
+    """Write a diffusers folder: the trained {component: params} + the frozen ones rebuilt from the config (a LoRA
+    run's: merged into the base)."""
+    pre = load(config, abstract=() if config.get("pretrained") else tuple(params), cast_base=False)  # the trained
+    params = lora_params.model_params(config, {**jax.device_get(pre.params), **params})  # parts: not rebuilt
     save_pretrained(dataclasses.replace(pre, params=params), out_dir)
     return out_dir
