@@ -5,7 +5,8 @@
 
 A run resumes from the latest checkpoint in --workdir (a changed config: refused where the change defines the
 run, unless --allow_config_change); SIGTERM saves and exits; --export_dir writes a diffusers folder of the EMA
-weights at the end (usable as `sample.py --model`), replacing an earlier export there (--overwrite: any folder).
+weights at the end (usable as `sample.py --model`), replacing an earlier export there (--overwrite: any folder);
+a LoRA run's --export_lora writes its LoRA file (diffusers' format or --export_lora_format=kohya) the same way.
 With several processes, a lost one stops the others, naming it: restart them all to resume.
 """
 import logging
@@ -20,8 +21,12 @@ from sdjax import compile_cache, host_memory
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/train/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here")
 _EXPORT = flags.DEFINE_string("export_dir", None, "after training, write a diffusers folder here")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "--export_dir may replace a non-empty folder that is not an "
-                               "earlier export")
+_EXPORT_LORA = flags.DEFINE_string("export_lora", None, "a LoRA run (config.lora): after training, write its LoRA "
+                                  "(the EMA adapters) to this .safetensors file")
+_LORA_FORMAT = flags.DEFINE_enum("export_lora_format", "diffusers", ["diffusers", "kohya"], "--export_lora's format: "
+                                 "diffusers' (PEFT names, load_lora_weights) or kohya's (A1111, ComfyUI)")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "--export_dir / --export_lora may replace a non-empty folder / a "
+                               "file that is not an earlier export")
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume even with changes to what defines the run "
                                   "(model, data, seed, batch size, optimizer, loss, precision); recorded in "
                                   "metrics.jsonl")
@@ -57,17 +62,22 @@ def main(argv):
     if _CPU_COLLECTIVES.value:
         jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
     from sdjax.train import config as config_lib, distributed, loop
-    from sdjax.train.export import check_export_dir, export
+    from sdjax.train.export import check_export_dir, check_lora_file, export, export_lora
     with distributed.joined(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value):
         try:
             if config_lib.matmul_precision(config):
                 jax.config.update("jax_default_matmul_precision", config.precision.matmul)
             if _EXPORT.value:  # refused now, not after the training
                 check_export_dir(_EXPORT.value, config, _WORKDIR.value, _OVERWRITE.value)
+            if _EXPORT_LORA.value:
+                check_lora_file(_EXPORT_LORA.value, config, _WORKDIR.value, _LORA_FORMAT.value, _OVERWRITE.value)
             loop.train(config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
             if _EXPORT.value:  # every process takes part in the restore; process 0 writes
                 export(_WORKDIR.value, _EXPORT.value, overwrite=_OVERWRITE.value)
                 logging.getLogger("sdjax").info("exported to %s", _EXPORT.value)
+            if _EXPORT_LORA.value:
+                export_lora(_WORKDIR.value, _EXPORT_LORA.value, _LORA_FORMAT.value, overwrite=_OVERWRITE.value)
+                logging.getLogger("sdjax").info("exported the LoRA to %s", _EXPORT_LORA.value)
         except (ValueError, OSError, loop.TrainingDiverged) as e:  # bad config, data or weights; bugs trace back
             sys.exit(f"train.py: {e}")
 

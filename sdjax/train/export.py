@@ -1,9 +1,11 @@
-"""From a run's workdir to weights: the trained params pytree, or a diffusers folder for `sample.py --model`.
+"""From a run's workdir to weights: the trained params pytree, a diffusers folder for `sample.py --model`, or a LoRA
+run's LoRA file (`export_lora`) for `sample.py --lora`, diffusers' `load_lora_weights`, A1111 and ComfyUI.
 
 An export is written whole into a fresh sibling of its folder and renamed into place: an interrupted export
 leaves the folder as it was, and a new one leaves no file of the old (an old `*.fp16.safetensors` would be
 loaded by `variant="fp16"`). Each export holds MARKER; a non-empty folder without it is replaced only when
-asked (overwrite), and never one that is or holds the run's pretrained weights or its checkpoints.
+asked (overwrite), and never one that is or holds the run's pretrained weights or its checkpoints. A LoRA file is
+written next to its place and renamed into it; its header's LORA_MARKER says it is an export.
 """
 import json
 import os
@@ -11,12 +13,17 @@ import shutil
 import uuid
 
 import jax
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from sdjax.train.checkpoint import Checkpointer, checkpoint_dir
+from sdjax.train.ldm import ldm_stage, lora_params
 from sdjax.train.run_config import read_config
 from sdjax.train.stages import stage_for
+from sdjax.weights import lora_files
 
 MARKER = "sdjax_export.json"
+LORA_MARKER = "sdjax_export"  # a LoRA file's header entry: {"workdir", "step", "ema"}
 
 
 def load_params(workdir, step=None, ema=True):
@@ -33,14 +40,19 @@ def _overlap(a, b):
     return os.path.commonpath([a, b]) in (a, b)
 
 
+def _check_overlap(what, out, config, workdir):
+    """ValueError if `out` is, holds or lies in the run's `pretrained` weights or checkpoints."""
+    for name, path in (("pretrained weights", config.get("pretrained")), ("checkpoints", checkpoint_dir(workdir))):
+        if path and _overlap(os.path.realpath(out), os.path.realpath(path)):
+            raise ValueError(f"{what} {out}: it overlaps the run's {name} {path}; export elsewhere")
+
+
 def check_export_dir(out_dir, config, workdir, overwrite=False):
     """ValueError unless an export of the run in `workdir` (its `config`) may write `out_dir`: not the run's
     `pretrained` weights or checkpoints (nor a folder holding them or inside them); when it exists, a folder,
     empty or an earlier export (MARKER), or any folder with overwrite."""
     out = os.path.realpath(out_dir)
-    for name, path in (("pretrained weights", config.get("pretrained")), ("checkpoints", checkpoint_dir(workdir))):
-        if path and _overlap(out, os.path.realpath(path)):
-            raise ValueError(f"export folder {out_dir}: it overlaps the run's {name} {path}; export elsewhere")
+    _check_overlap("export folder", out_dir, config, workdir)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"export folder {out_dir}: a file is there, not a folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite and not os.path.isfile(os.path.join(out, MARKER)):
@@ -84,3 +96,55 @@ def export(workdir, out_dir, step=None, ema=True, overwrite=False):
                 json.dump({"workdir": os.path.abspath(workdir), "step": step, "ema": ema}, f)
         _write_in_place(out_dir, write)
     return out_dir
+
+
+def _earlier_lora_export(path):
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return LORA_MARKER in (f.metadata() or {})
+    except (OSError, SafetensorError):
+        return False
+
+
+def check_lora_file(path, config, workdir, fmt="diffusers", overwrite=False):
+    """ValueError unless the LoRA of the run in `workdir` (its `config`) may be written to `path` in `fmt`: a LoRA run,
+    a .safetensors name in an existing folder, outside the run's pretrained weights and checkpoints; an existing file
+    only when an earlier LoRA export (LORA_MARKER), or any with overwrite."""
+    what = "LoRA export"
+    if not lora_params.enabled(config):
+        raise ValueError(f"{what} {path}: the run trains no LoRA (its config has no `lora` section); export the "
+                         "model with --export_dir")
+    if fmt not in lora_files.WRITE_FORMATS:
+        raise ValueError(f"{what} {path}: the format must be one of {lora_files.WRITE_FORMATS}, got {fmt!r}")
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{what} {path}: the file name must end in .safetensors")
+    _check_overlap(what, path, config, workdir)
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path}: a folder is there, not a file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"{what} {path}: no folder {os.path.dirname(os.path.abspath(path))}")
+    if os.path.exists(path) and not overwrite and not _earlier_lora_export(path):
+        raise ValueError(f"{what} {path}: a file that is no earlier LoRA export is there: choose another name, or "
+                         "replace it with --overwrite (export_lora(..., overwrite=True))")
+
+
+def export_lora(workdir, path, fmt="diffusers", step=None, ema=True, overwrite=False):
+    """Write the LoRA of the run in `workdir` (its adapters at `step`, default the latest, EMA or raw) to the
+    .safetensors file `path` as `fmt` writes it ("diffusers": PEFT's names, its config in the header; "kohya": A1111's
+    and ComfyUI's), whole or not at all (`check_lora_file` says what may be replaced). With several processes every
+    one must call it; process 0 writes. Returns path."""
+    config = read_config(workdir)
+    check_lora_file(path, config, workdir, fmt, overwrite)
+    adapters = jax.device_get(load_params(workdir, step, ema))["lora"]
+    if jax.process_index() == 0:
+        tensors, header = ldm_stage.lora_file(config, adapters, fmt)
+        header[LORA_MARKER] = json.dumps({"workdir": os.path.abspath(workdir), "step": step, "ema": ema})
+        partial = os.path.join(os.path.dirname(os.path.abspath(path)),
+                               f".{os.path.basename(path)}.partial-{uuid.uuid4().hex[:8]}")
+        try:
+            save_file(tensors, partial, metadata=header)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    return path

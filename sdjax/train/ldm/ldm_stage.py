@@ -20,6 +20,7 @@ from sdjax.train import optim
 from sdjax.train.config import check_common, compute_dtype, require
 from sdjax.train.ldm import ldm_step, lora_params
 from sdjax.weights.diffusers import KINDS
+from sdjax.weights.lora_files import lora_tensors
 from sdjax.weights.pretrained import Pretrained, load_pretrained, save_pretrained
 
 LATENTS = ("sample", "mean")
@@ -142,3 +143,10 @@ def export(config, params, out_dir):
     params = lora_params.model_params(config, {**jax.device_get(pre.params), **params})  # parts: not rebuilt
     save_pretrained(dataclasses.replace(pre, params=params), out_dir)
     return out_dir
+
+
+def lora_file(config, adapters, fmt):
+    """(tensors, header) of a LoRA run's trained `adapters` as a LoRA file in `fmt` (lora_files.lora_tensors), named
+    after the layers of the model (read from `pretrained`, else the architecture's shapes)."""
+    pre = load(config, abstract=() if config.get("pretrained") else KINDS, cast_base=False)
+    return lora_tensors(lora_params.low_rank(config.lora, adapters), pre.params, fmt)
