@@ -208,8 +208,9 @@ def lora_tensors(layers, params, fmt):
         kohya = kohya_names(component, params[component], xl) if fmt == "kohya" else None
         (rank, factor), = {(layer.up.shape[0], layer.factor) for layer in by_path.values()}
         for path, layer in by_path.items():
-            down = torch_layout(np.asarray(layer.down, np.float32))
-            up = torch_layout(np.asarray(layer.up, np.float32))
+            # contiguous: safetensors writes an array's buffer as it lies (a transposed view's would be scrambled)
+            down = np.ascontiguousarray(torch_layout(np.asarray(layer.down, np.float32)))
+            up = np.ascontiguousarray(torch_layout(np.asarray(layer.up, np.float32)))
             up = up[..., None, None] if down.ndim == 4 else up  # a convolution's B: a 1x1 convolution
             if kohya:
                 name = kohya[path]

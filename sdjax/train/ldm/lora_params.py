@@ -12,6 +12,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import ml_collections
 from flax import traverse_util
 
@@ -140,4 +141,45 @@ def adapted(config, modules, params, dropout_keys):
         return modules, params
     if config.lora.dropout == 0:
         return modules, merged(config.lora, params)
-    raise NotImplementedError
+    return branched(config.lora, modules, params, dropout_keys)
+
+
+def branched(c, modules, params, keys):
+    """(modules, params without "lora"): each adapted component's module computing every adapted layer as PEFT does
+    with dropout, W x + alpha/r * up(down(dropout(x))); the dropout of example i in layer j of component k keyed by
+    fold_in(fold_in(keys[i], k), j) (k: its COMPONENTS index; j: the layer's place in path order)."""
+    layers = low_rank(c, params["lora"])
+    out = {k: _Branched(m, layers[k], c.dropout, keys, COMPONENTS.index(k)) if k in layers else m
+           for k, m in modules.items()}
+    return out, {k: v for k, v in params.items() if k != "lora"}
+
+
+class _Branched:
+    """A module whose `apply` adds the adapter's path to the output of each adapted Dense / Conv layer (a flax
+    interceptor: found by the layer's path, which is its kernel's without "kernel"); other attributes: the module's."""
+
+    def __init__(self, module, layers, rate, keys, index):
+        self.module, self.rate, self.keys = module, rate, jax.vmap(lambda k: jax.random.fold_in(k, index))(keys)
+        self.layers = {path[:-1]: (j, layer) for j, (path, layer) in enumerate(sorted(layers.items()))}
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def apply(self, variables, *args, **kwargs):
+        with nn.intercept_methods(self._intercept):
+            return self.module.apply(variables, *args, **kwargs)
+
+    def _intercept(self, call, args, kwargs, context):
+        y = call(*args, **kwargs)
+        m = context.module
+        if context.method_name != "__call__" or not isinstance(m, (nn.Dense, nn.Conv)) or m.path not in self.layers:
+            return y
+        j, layer = self.layers[m.path]
+        x = args[0]
+        require(x.shape[0] == self.keys.shape[0], f"lora.dropout: layer {'/'.join(m.path)} takes a batch of "
+                                                  f"{x.shape[0]}, not the {self.keys.shape[0]} examples")
+        keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, j), 1 - self.rate, x.shape[1:]))(self.keys)
+        x = jnp.where(keep, x / (1 - self.rate), 0).astype(x.dtype)
+        rank = layer.up.shape[0]  # down as the layer's own kind (a convolution's strides and padding), rank wide
+        h = m.clone(parent=None, features=rank, use_bias=False).apply({"params": {"kernel": layer.down}}, x)
+        return y + (layer.factor * jnp.dot(h, layer.up.astype(h.dtype))).astype(y.dtype)
