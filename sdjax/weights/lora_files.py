@@ -1,4 +1,5 @@
-"""LoRA files as people share them, read into `adapters.lora.LowRank` layers of a model's params.
+"""LoRA files as people share them, read into `adapters.lora.LowRank` layers of a model's params, and written
+(`lora_tensors`: a trained LoRA, in the diffusers and kohya formats below).
 
 - diffusers / PEFT (`save_lora_weights`): `unet.` / `text_encoder.` / `text_encoder_2.` + module + `.lora_A.weight` /
   `.lora_B.weight` (older files: `.lora.down.weight`, `.lora_linear_layer.down.weight`, attention processors'

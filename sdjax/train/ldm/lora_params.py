@@ -65,7 +65,7 @@ def check(config):
     require(c.base_dtype in BASE_DTYPES, f"lora.base_dtype must be one of {tuple(BASE_DTYPES)}, got {c.base_dtype!r}")
     require(not config.get("train_text_encoder"), "train_text_encoder trains the whole tower; with lora, add "
             "text_encoder to lora.components instead")
-    require(config.get("data", {}).get("source") != "cache" or c.components == ("unet",),
+    require(config.get("data", {}).get("source") != "cache" or tuple(c.components) == ("unet",),
             "data.source 'cache' holds the text conditioning: lora.components can only be ('unet',)")
 
 
