@@ -156,3 +156,38 @@ def test_dropout_drops_the_adapters_input_as_peft():
     out = run(0.5)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     assert np.abs(out - merged).mean() > 100 * 1e-4  # what the dropout changes
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_sdxl_lora_file_fuses_in_diffusers_to_the_merged_weights(sdxl_folders, tmp_path, fmt):
+    """A LoRA of the SDXL U-Net (LoCon too) and both towers written as `export_lora` writes it: diffusers' fused
+    weights are sdjax's merged ones, and every adapted layer changed (kohya: the U-Net under its original names)."""
+    import diffusers
+    from safetensors.numpy import save_file
+    from conftest import torch_state
+    from sdjax.weights.convert import to_state_dict
+    from sdjax.weights.lora_files import lora_tensors
+    folder = sdxl_folders["base"]
+    pre = load_pretrained(folder)
+    c = lora_params.default_config()
+    c.update(rank=2, alpha=3.0, conv=True, components=lora_params.COMPONENTS,
+             targets=tuple(c.targets) + ("conv1", "time_emb_proj", "fc1"))
+    adapters = jax.tree_util.tree_map_with_path(  # random, non-zero up
+        lambda p, x: x + 0.1 * jax.random.normal(jax.random.key(len(p)), x.shape) if p[-1].key == "up" else x,
+        lora_params.init(c, pre.params, 0))
+    tensors, header = lora_tensors(lora_params.low_rank(c, adapters), pre.params, fmt)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in tensors) == (fmt == "kohya")
+    path = str(tmp_path / "xl.safetensors")
+    save_file(tensors, path, metadata=header)
+    merged = lora_params.merged(c, {**pre.params, "lora": adapters})
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    base = {k: {n: v.copy() for n, v in torch_state(getattr(pipe, k)).items()} for k in c.components}  # (views)
+    pipe.load_lora_weights(path)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    for k in c.components:
+        fused, ours = torch_state(getattr(pipe, k)), to_state_dict(jax.device_get(merged[k]))
+        assert fused.keys() == ours.keys()
+        err = max(np.abs(fused[n] - ours[n]).max() for n in fused)
+        changed = sum(not np.array_equal(fused[n], base[k][n]) for n in fused)
+        assert err <= 1e-5 and changed == len(lora_params.targeted(c, k, pre.params[k])), (k, err, changed)
