@@ -6,7 +6,8 @@
 A run resumes from the latest checkpoint in --workdir (a changed config: refused where the change defines the
 run, unless --allow_config_change); SIGTERM saves and exits; --export_dir writes a diffusers folder of the EMA
 weights at the end (usable as `sample.py --model`), replacing an earlier export there (--overwrite: any folder);
---export_embedding the embedding a textual-inversion run learned (`sample.py --embedding`; A1111 or diffusers).
+--export_embedding the embedding a textual-inversion run learned (`sample.py --embedding`; A1111 or diffusers);
+a LoRA run's --export_lora writes its LoRA file (diffusers' format or --export_lora_format=kohya) the same way.
 With several processes, a lost one stops the others, naming it: restart them all to resume.
 """
 import logging
@@ -26,8 +27,12 @@ _EMBEDDING = flags.DEFINE_string("export_embedding", None, "after textual-invers
                                  "embedding to this .safetensors file")
 _EMBEDDING_FORMAT = flags.DEFINE_enum("export_embedding_format", "a1111", FORMATS, "a1111: emb_params (SDXL: clip_l "
                                       "+ clip_g); diffusers: learned_embeds {placeholder: vectors} (SDXL: and _2)")
+_EXPORT_LORA = flags.DEFINE_string("export_lora", None, "a LoRA run (config.lora): after training, write its LoRA "
+                                   "(the EMA adapters) to this .safetensors file")
+_LORA_FORMAT = flags.DEFINE_enum("export_lora_format", "diffusers", ["diffusers", "kohya"], "--export_lora's format: "
+                                 "diffusers' (PEFT names, load_lora_weights) or kohya's (A1111, ComfyUI)")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "--export_dir may replace a non-empty folder that is not an "
-                               "earlier export, --export_embedding a file that is not one")
+                               "earlier export, --export_embedding / --export_lora a file that is not one")
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume even with changes to what defines the run "
                                   "(model, data, seed, batch size, optimizer, loss, precision); recorded in "
                                   "metrics.jsonl")
@@ -63,7 +68,8 @@ def main(argv):
     if _CPU_COLLECTIVES.value:
         jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
     from sdjax.train import config as config_lib, distributed, loop
-    from sdjax.train.export import check_embedding_export, check_export_dir, export, export_embedding
+    from sdjax.train.export import (check_embedding_export, check_export_dir, check_lora_file, export,
+                                    export_embedding, export_lora)
     with distributed.joined(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value):
         try:
             if config_lib.matmul_precision(config):
@@ -72,6 +78,8 @@ def main(argv):
                 check_export_dir(_EXPORT.value, config, _WORKDIR.value, _OVERWRITE.value)
             if _EMBEDDING.value:
                 check_embedding_export(_EMBEDDING.value, config, _WORKDIR.value, _OVERWRITE.value)
+            if _EXPORT_LORA.value:
+                check_lora_file(_EXPORT_LORA.value, config, _WORKDIR.value, _LORA_FORMAT.value, _OVERWRITE.value)
             loop.train(config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
             if _EXPORT.value:  # every process takes part in the restore; process 0 writes
                 export(_WORKDIR.value, _EXPORT.value, overwrite=_OVERWRITE.value)
@@ -80,6 +88,9 @@ def main(argv):
                 paths = export_embedding(_WORKDIR.value, _EMBEDDING.value, _EMBEDDING_FORMAT.value,
                                          overwrite=_OVERWRITE.value)
                 logging.getLogger("sdjax").info("embedding written to %s", ", ".join(paths))
+            if _EXPORT_LORA.value:
+                export_lora(_WORKDIR.value, _EXPORT_LORA.value, _LORA_FORMAT.value, overwrite=_OVERWRITE.value)
+                logging.getLogger("sdjax").info("exported the LoRA to %s", _EXPORT_LORA.value)
         except (ValueError, OSError, loop.TrainingDiverged) as e:  # bad config, data or weights; bugs trace back
             sys.exit(f"train.py: {e}")
 

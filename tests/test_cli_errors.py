@@ -177,10 +177,11 @@ def test_library_refuses_what_the_cli_does(torch_folder):
 
 
 def train_error(tmp_path, overrides, capsys, monkeypatch, more_flags=()):
-    """train.py's exit message with the config's fields set as `--config.key=value` would set them, and
-    `more_flags` (for this call only)."""
+    """train.py's exit message with the config's fields set as `--config.key=value` would set them (on
+    configs/train/tiny.py, its LoRA variant when a `lora.` field is set), and `more_flags` (for this call only)."""
     from absl import flags
-    argv = ["train.py", f"--config={ROOT}/configs/train/tiny.py", f"--workdir={tmp_path / 'run'}", *more_flags]
+    variant = ":lora" if any(k.startswith("lora.") for k in overrides) else ""
+    argv = ["train.py", f"--config={ROOT}/configs/train/tiny.py{variant}", f"--workdir={tmp_path / 'run'}", *more_flags]
     monkeypatch.setattr(sys, "argv", argv)  # config_flags defines --config.x flags from sys.argv: none here,
     flags.FLAGS(argv)                       # so re-parsing (a fresh config each time) defines nothing twice
     for key, value in overrides.items():
@@ -260,6 +261,22 @@ TRAIN_BAD_CONFIG = [
           ({"batch_size": 6, "optimizer.grad_accum_steps": 2},
            "dreambooth with prior preservation: batch_size=6 must be twice a multiple of optimizer.grad_accum_steps=2"),
           ({"data.source": "cache"}, "dreambooth reads its own images: data.source must not be 'cache'")]],
+    ({"lora.rank": 0}, "lora.rank must be an integer >= 1, got 0"),
+    ({"lora.alpha": 0.0}, "lora.alpha must be a number > 0, got 0.0"),
+    ({"lora.dropout": 1.0}, "lora.dropout must be in [0, 1), got 1.0"),
+    ({"lora.targets": ()}, "lora.targets must be a non-empty list of layer-name patterns, got ()"),
+    ({"lora.targets": ("to_q", "(")}, "lora.targets: '(' is no regular expression (missing ),"),
+    ({"lora.components": ("unet", "vae")}, "lora.components must be a non-empty list of distinct names of ('unet', "
+                                           "'text_encoder', 'text_encoder_2'), got ('unet', 'vae')"),
+    ({"lora.components": ("text_encoder_2",)}, "lora.components: 'text_encoder_2' is not a component of this model "
+                                               "(unet, text_encoder)"),
+    ({"lora.targets": ("to_qq",)}, "lora.targets ('to_qq',) name no linear layer of the unet (convolutions: "
+                                   "lora.conv is false)"),
+    ({"lora.base_dtype": "float16"}, "lora.base_dtype must be one of ('float32', 'bfloat16'), got 'float16'"),
+    ({"lora.rank": 4, "train_text_encoder": True}, "train_text_encoder trains the whole tower; with lora, add "
+                                                   "text_encoder to lora.components instead"),
+    ({"lora.components": ("unet", "text_encoder"), "data.source": "cache"},
+     "data.source 'cache' holds the text conditioning: lora.components can only be ('unet',)"),
 ]
 
 
@@ -285,6 +302,22 @@ def test_train_bad_export_embedding(tmp_path, capsys, monkeypatch):
     for overrides, name, message in cases:
         line = train_error(tmp_path, overrides, capsys, monkeypatch, [f"--export_embedding={tmp_path / name}"])
         assert line == "train.py: " + message.format(tmp=tmp_path), line
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_train_bad_lora_export(tmp_path, capsys, monkeypatch):
+    """--export_lora is checked before anything is set up: a run without LoRA, a name, a folder, a foreign file."""
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": np.ones(2, np.float32)}, str(foreign))
+    cases = [({}, "x.safetensors", "the run trains no LoRA (its config has no `lora` section); export the model with "
+              "--export_dir"),
+             ({"lora.rank": 2}, "x.pt", "a .safetensors file is written; name one"),
+             ({"lora.rank": 2}, f"{tmp_path}/nope/x.safetensors", f"no folder {tmp_path}/nope"),
+             ({"lora.rank": 2}, str(foreign), "the file exists and is no earlier export (sdjax_export.json in its "
+              "header): choose another, or replace it with --overwrite")]
+    for overrides, path, message in cases:
+        line = train_error(tmp_path, overrides, capsys, monkeypatch, [f"--export_lora={path}"])
+        assert f"train.py: LoRA export {path}: {message}" in line, line
     assert not os.path.exists(tmp_path / "run")
 
 

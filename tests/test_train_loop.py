@@ -46,7 +46,7 @@ def run(args, cache, devices=8, timeout=600, check=True):
 
 def worker(workdir, steps, cache, devices=8, **flags):
     args = [WORKER, "--workdir", str(workdir), "--steps", str(steps)]
-    args += [f"--{k}={v}" for k, v in flags.items()]
+    args += [f"--{k}" if v is True else f"--{k}={v}" for k, v in flags.items()]  # True: a switch
     return run(args, cache, devices)
 
 
@@ -66,13 +66,16 @@ def assert_params_close(a, b, atol=1e-6):
 
 
 @pytest.mark.slow
-def test_sharding_is_only_layout(tmp_path, cache):
-    """1 device vs 8 (data x fsdp = 4 x 2): same losses; checkpoints move between the two layouts."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sharding_is_only_layout(tmp_path, cache, lora):
+    """1 device vs 8 (data x fsdp = 4 x 2): same losses; checkpoints move between the two layouts. The same for a
+    LoRA of the U-Net and text tower (the adapters sharded, the frozen base too)."""
     one, mixed = tmp_path / "one", tmp_path / "mixed"
-    worker(one, 4, cache, devices=1, data=1)
-    worker(mixed, 2, cache, data=4, fsdp=2)             # 8 devices, params sharded over fsdp
-    worker(mixed, 3, cache, devices=1, data=1)          # resumed on 1 device
-    worker(mixed, 4, cache, data=4, fsdp=2)             # and back on 8
+    flags = {"lora": True} if lora else {}
+    worker(one, 4, cache, devices=1, data=1, **flags)
+    worker(mixed, 2, cache, data=4, fsdp=2, **flags)    # 8 devices, params sharded over fsdp
+    worker(mixed, 3, cache, devices=1, data=1, **flags)  # resumed on 1 device
+    worker(mixed, 4, cache, data=4, fsdp=2, **flags)    # and back on 8
     np.testing.assert_allclose(losses(mixed), losses(one), rtol=1e-5)
     assert_params_close(load_params(mixed, ema=False), load_params(one, ema=False))
 

@@ -11,10 +11,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def tiny_config(steps):
-    """configs/train/tiny.py at 16x16, batch 8, every step logged; small arrays are fsdp-sharded too."""
+def tiny_config(steps, lora=False):
+    """configs/train/tiny.py (lora: its LoRA variant, on the U-Net and text tower) at 16x16, batch 8, every step
+    logged; small arrays are fsdp-sharded too."""
     from configs.train import tiny as train_tiny
-    c = train_tiny.get_config()
+    c = train_tiny.get_config("lora" if lora else "")
+    if lora:
+        c.lora.components = ("unet", "text_encoder")
     c.model.vae.sample_size, c.model.unet.sample_size, c.data.image_size = 16, 8, 16
     c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 8, steps, 1, 2
     c.optimizer.warmup_steps = 2
@@ -56,6 +59,7 @@ def main():
     p.add_argument("--export_dir", help="after training, export (every process calls it, as train.py does)")
     p.add_argument("--sample_every", type=int, default=0, help="sample the config's 2 prompts (4 steps) this often")
     p.add_argument("--ema_decay", type=float, default=0.99)
+    p.add_argument("--lora", action="store_true", help="train a LoRA of the U-Net and text tower (config.lora)")
     p.add_argument("--device_bytes", help="write here, as JSON, what device 0 holds after each sampling")
     p.add_argument("--shapes", help="train on 64 synthetic shapes built in this tfds folder (the real input "
                                     "pipeline) instead of in-memory data")
@@ -66,7 +70,7 @@ def main():
         jax.distributed.initialize(a.coordinator, a.num_processes, a.process_id)
     from sdjax.train import loop
     from train_fakes import fake_data
-    c = tiny_config(a.steps)
+    c = tiny_config(a.steps, a.lora)
     c.mesh.data, c.mesh.fsdp, c.optimizer.grad_accum_steps = a.data, a.fsdp, a.grad_accum
     c.sample.update(every=a.sample_every, num_steps=4)
     c.ema_decay = a.ema_decay

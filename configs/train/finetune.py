@@ -5,13 +5,15 @@
         --config.pretrained=/path/to/stable-diffusion-v1-5 --config.data.source=jsonl --config.data.path=...
 
 MODEL: sd15 (512², epsilon), sd21 (768², v-prediction) or sdxl (the SDXL base, 1024², epsilon; the
-micro-conditioning from each example's size and crop). TARGET: a row of TARGETS (the devices jax sees
-there, their memory, and the per-device batch that fits it, as `sdjax.train.memory` measured: the table in the README).
-Every device holds an FSDP shard of the weights, optimizer and EMA; the U-Net recomputes activations in
-the backward pass (remat) and computes in bfloat16 over float32 master weights.
+micro-conditioning from each example's size and crop); sd15_lora / sdxl_lora: a LoRA of the U-Net's attention
+(rank 16; the frozen U-Net in bfloat16) instead, for the one GPU or TPU chip people have. TARGET: a row of TARGETS (the
+devices jax sees there, their memory, and the per-device batch that fits it, as `sdjax.train.memory` measured: the
+table in the README). Every device holds an FSDP shard of the weights, optimizer and EMA; the U-Net recomputes
+activations in the backward pass (remat) and computes in bfloat16 over float32 master weights.
 """
 from configs.models import sd15, sd21, sdxl
 from configs.train import tiny
+from sdjax.train.ldm import lora_params
 
 # devices: what jax.devices() lists (a v5p-8 has 4 chips of 2 cores each, one device per chip);
 # hbm_gib: memory per device; batch: per-device batch for each model
@@ -19,8 +21,12 @@ TARGETS = {
     "v5e-16": dict(devices=16, hbm_gib=16, batch=dict(sd15=4, sd21=2)),  # SDXL at 1024²: 18.6 GiB per example
     "v5p-8": dict(devices=4, hbm_gib=95, batch=dict(sd15=16, sd21=8, sdxl=4)),
     "h100x8": dict(devices=8, hbm_gib=80, batch=dict(sd15=16, sd21=8, sdxl=2)),
+    # one GPU of 24 GB (RTX 3090 / 4090, A10G, L4); sdxl_lora's batch is not measured (its estimate compiles ~21 min)
+    "gpu24": dict(devices=1, hbm_gib=24, batch=dict(sd15_lora=8, sdxl_lora=1)),
+    "v5e-1": dict(devices=1, hbm_gib=16, batch=dict(sd15_lora=4)),  # one TPU v5e chip
 }
-MODELS = {"sd15": (sd15.get_config, 512), "sd21": (sd21.get_config, 768), "sdxl": (sdxl.get_config, 1024)}
+MODELS = {"sd15": (sd15.get_config, 512), "sd21": (sd21.get_config, 768), "sdxl": (sdxl.get_config, 1024),
+          "sd15_lora": (sd15.get_config, 512), "sdxl_lora": (sdxl.get_config, 1024)}
 
 
 def get_config(arg="sd15,v5e-16"):
@@ -52,4 +58,10 @@ def get_config(arg="sd15,v5e-16"):
     c.log_every = 50
     c.sample.update(every=0, num_steps=30, guidance_scale=7.5,
                     prompts=("a photograph of an astronaut riding a horse", "a castle on a hill at sunset"))
+    if name.endswith("_lora"):  # diffusers' LoRA scripts' settings: the attention projections, lr 1e-4
+        c.lora = lora_params.default_config()
+        c.lora.update(rank=16, alpha=16.0, base_dtype="bfloat16")
+        c.optimizer.update(learning_rate=1e-4, warmup_steps=0)
+        c.total_steps, c.checkpoint_every = 5000, 500
+        c.ema_decay = 0.999
     return c

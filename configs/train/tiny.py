@@ -1,20 +1,23 @@
 """The tiny SD architecture (configs/models/tiny.py; `tiny.py:sdxl`: the tiny SDXL one, configs/models/tiny_xl.py)
-trained from scratch on 32x32 captioned shapes: seconds per step on a CPU."""
+trained from scratch on 32x32 captioned shapes: seconds per step on a CPU. `tiny.py:lora` / `tiny.py:sdxl,lora`:
+a LoRA of it instead (sdjax.train.ldm.lora_params; set `pretrained` to adapt a trained model)."""
 import ml_collections
 
 from configs.models import tiny, tiny_xl
 from sdjax.data import input_pipeline
-from sdjax.train.ldm import dreambooth, textual_inversion
+from sdjax.train.ldm import dreambooth, lora_params, textual_inversion
 
 
 MODELS = {"": tiny.get_config, "sdxl": tiny_xl.get_config}
 
 
 def get_config(arg=""):
-    if arg not in MODELS:
-        raise ValueError(f"tiny config: the argument is one of {sorted(MODELS)}, got {arg!r}")
+    model, _, lora = arg.partition(",") if arg != "lora" else ("", ",", "lora")
+    if model not in MODELS or lora not in ("", "lora"):
+        raise ValueError(f"tiny config: the argument is one of {sorted(MODELS)}, optionally with ',lora' "
+                         f"('lora' alone: the SD one), got {arg!r}")
     c = ml_collections.ConfigDict()
-    c.model = MODELS[arg]()          # unet / vae / text_encoder(s) / scheduler in diffusers keys
+    c.model = MODELS[model]()        # unet / vae / text_encoder(s) / scheduler in diffusers keys
     c.model.vae.sample_size = 32
     # The VAE is random and frozen: its posterior mean has std ~0.44 on shapes (its variance ~1 is
     # pure noise), so train on the mean, scaled to about unit variance.
@@ -25,6 +28,8 @@ def get_config(arg=""):
     c.train_text_encoder = False
     c.textual_inversion = textual_inversion.default_config()  # placeholder "<cat-toy>": train its embedding only
     c.dreambooth = dreambooth.default_config()  # instance_data_dir + instance_prompt: DreamBooth (dreambooth.py)
+    if lora:
+        c.lora = lora_params.default_config()
     c.data = input_pipeline.default_config()  # fields: see sdjax.data.input_pipeline.default_config
     c.data.update(source="shapes", image_size=32, random_flip=False,  # a flip would contradict "on the left"
                   num_threads=2, shapes=dict(num_train=5000, num_test=200, num_heldout=200, seed=0))

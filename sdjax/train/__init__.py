@@ -1,4 +1,5 @@
-"""Training: `sdjax.train.loop.train(config, workdir)`; `load_params` / `export` read a run's workdir."""
-from sdjax.train.export import export, load_params
+"""Training: `sdjax.train.loop.train(config, workdir)`; `load_params` / `export` / `export_lora` read a run's
+workdir."""
+from sdjax.train.export import export, export_lora, load_params
 
-__all__ = ["export", "load_params"]
+__all__ = ["export", "export_lora", "load_params"]

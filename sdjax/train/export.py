@@ -1,11 +1,11 @@
-"""From a run's workdir to weights: the trained params pytree, a diffusers folder for `sample.py --model`, or a
-textual-inversion run's embedding file for `sample.py --embedding` (and diffusers, A1111, ComfyUI).
+"""From a run's workdir to weights: the trained params pytree, a diffusers folder for `sample.py --model`, a
+textual-inversion run's embedding file for `sample.py --embedding`, or a LoRA run's LoRA file (`export_lora`) for
+`sample.py --lora` (and diffusers, A1111, ComfyUI).
 
 An export is written whole into a fresh sibling of its folder (file) and renamed into place: an interrupted export
 leaves the folder as it was, and a new one leaves no file of the old (an old `*.fp16.safetensors` would be
-loaded by `variant="fp16"`). Each export holds MARKER (an embedding: in its safetensors header); a non-empty folder
-or a file without it is replaced only when asked (overwrite), and never one that is or is in the run's pretrained
-weights or its checkpoints.
+loaded by `variant="fp16"`). Each export holds MARKER (a file: in its safetensors header); a non-empty folder or a file without it is replaced only when asked (overwrite), and never
+one that is or is in the run's pretrained weights or its checkpoints.
 """
 import json
 import os
@@ -17,9 +17,10 @@ import safetensors
 from safetensors.numpy import save_file
 
 from sdjax.train.checkpoint import Checkpointer, checkpoint_dir
-from sdjax.train.ldm import textual_inversion
+from sdjax.train.ldm import ldm_stage, lora_params, textual_inversion
 from sdjax.train.run_config import read_config
 from sdjax.train.stages import stage_for
+from sdjax.weights import lora_files
 from sdjax.weights.embedding_files import embedding_files
 
 MARKER = "sdjax_export.json"
@@ -107,20 +108,41 @@ def _exported_file(path):
         return False
 
 
+def _check_file(what, path, config, workdir, overwrite):
+    """ValueError unless an export may write the .safetensors file `path`: in an existing folder, not in the run's
+    pretrained weights or checkpoints; when it exists, an earlier export (MARKER in its header), or any with
+    overwrite."""
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{what} {path}: a .safetensors file is written; name one")
+    _check_overlap(what, path, config, workdir)
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path}: a folder is there; name a file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"{what} {path}: no folder {os.path.dirname(os.path.abspath(path))}")
+    if os.path.exists(path) and not overwrite and not _exported_file(path):
+        raise ValueError(f"{what} {path}: the file exists and is no earlier export ({MARKER} in its header): choose "
+                         "another, or replace it with --overwrite")
+
+
+def _write_file(tensors, path, header, workdir, step, ema):
+    """Write a .safetensors file whole or not at all (a sibling renamed into place), MARKER in its header."""
+    header = {**header, MARKER: json.dumps({"workdir": os.path.abspath(workdir), "step": step, "ema": ema})}
+    partial = os.path.join(os.path.dirname(os.path.abspath(path)),
+                           f".{os.path.basename(path)}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        save_file(tensors, partial, metadata=header)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
 def check_embedding_export(path, config, workdir, overwrite=False):
-    """ValueError unless the textual-inversion run in `workdir` (its `config`) may write its embedding to `path`: a
-    .safetensors file, not in the run's pretrained weights or checkpoints; when it exists, an earlier export (MARKER
-    in its header), or any file with overwrite."""
+    """ValueError unless the textual-inversion run in `workdir` (its `config`) may write its embedding to `path`
+    (_check_file)."""
     if not textual_inversion.enabled(config):
         raise ValueError(f"--export_embedding {path}: the run trains no embedding (set textual_inversion.placeholder)")
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"--export_embedding {path}: a .safetensors file is written; name one")
-    _check_overlap("--export_embedding", path, config, workdir)
-    if os.path.isdir(path):
-        raise ValueError(f"--export_embedding {path}: a folder is there; name a file")
-    if os.path.exists(path) and not overwrite and not _exported_file(path):
-        raise ValueError(f"--export_embedding {path}: the file exists and is no earlier export ({MARKER} in its "
-                         "header): choose another, or replace it with --overwrite")
+    _check_file("--export_embedding", path, config, workdir, overwrite)
 
 
 def export_embedding(workdir, path, fmt="a1111", step=None, ema=True, overwrite=False):
@@ -135,14 +157,32 @@ def export_embedding(workdir, path, fmt="a1111", step=None, ema=True, overwrite=
              embedding_files(vectors, config.textual_inversion.placeholder, fmt).items()}
     for target in files:
         check_embedding_export(target, config, workdir, overwrite)
-    marker = json.dumps({"workdir": os.path.abspath(workdir), "step": step, "ema": ema})
     for target, tensors in files.items() if jax.process_index() == 0 else ():
-        partial = os.path.join(os.path.dirname(os.path.abspath(target)),
-                               f".{os.path.basename(target)}.partial-{uuid.uuid4().hex[:8]}")
-        try:
-            save_file(tensors, partial, metadata={MARKER: marker})
-            os.replace(partial, target)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+        _write_file(tensors, target, {}, workdir, step, ema)
     return list(files)
+
+
+def check_lora_file(path, config, workdir, fmt="diffusers", overwrite=False):
+    """ValueError unless the LoRA of the run in `workdir` (its `config`) may be written to `path` in `fmt`
+    (_check_file)."""
+    what = "LoRA export"
+    if not lora_params.enabled(config):
+        raise ValueError(f"{what} {path}: the run trains no LoRA (its config has no `lora` section); export the "
+                         "model with --export_dir")
+    if fmt not in lora_files.WRITE_FORMATS:
+        raise ValueError(f"{what} {path}: the format must be one of {lora_files.WRITE_FORMATS}, got {fmt!r}")
+    _check_file(what, path, config, workdir, overwrite)
+
+
+def export_lora(workdir, path, fmt="diffusers", step=None, ema=True, overwrite=False):
+    """Write the LoRA of the run in `workdir` (its adapters at `step`, default the latest, EMA or raw) to the
+    .safetensors file `path` as `fmt` writes it ("diffusers": PEFT's names, its config in the header; "kohya": A1111's
+    and ComfyUI's), whole or not at all (`check_lora_file` says what may be replaced). With several processes every
+    one must call it; process 0 writes. Returns path."""
+    config = read_config(workdir)
+    check_lora_file(path, config, workdir, fmt, overwrite)
+    adapters = jax.device_get(load_params(workdir, step, ema))["lora"]
+    if jax.process_index() == 0:
+        tensors, header = ldm_stage.lora_file(config, adapters, fmt)
+        _write_file(tensors, path, header, workdir, step, ema)
+    return path

@@ -12,6 +12,7 @@ from jax.experimental import multihost_utils
 from sdjax.models import attention
 from sdjax.text.tokenizer import batch_tokenizers
 from sdjax.train import config as config_lib, distributed, run_config
+from sdjax.train.ldm import lora_params
 from sdjax.train.checkpoint import Checkpointer
 from sdjax.train.ldm import dreambooth
 from sdjax.train.ldm.textual_inversion import caption_tokenizers, model_params
@@ -174,8 +175,10 @@ class _Window:
 
 
 def sampled_params(run):
-    """The models' params of the run's frozen and current EMA params (textual inversion: its rows in the tables)."""
-    return model_params(run.config, run.pretrained, {**run.frozen, **run.state.ema_params})
+    """The models' params of the run's frozen and current EMA params (textual inversion: its rows in the tables; LoRA:
+    the adapters merged)."""
+    params = model_params(run.config, run.pretrained, {**run.frozen, **run.state.ema_params})
+    return lora_params.model_params(run.config, params)
 
 
 def sample_images(pipe, run, step, logger):

@@ -49,8 +49,20 @@ def _shard_bytes(tree, shardings):
     return sum(jax.tree.leaves(sizes))
 
 
-def estimate(config, devices=None):
-    """Estimate of the LDM train step of `config` over `devices` (default all: jax's, fake CPU ones here)."""
+@dataclasses.dataclass
+class Lowered:
+    """The LDM train step of a config compiled from shapes alone, and what it takes."""
+    compiled: object      # the executable: compiled(state, frozen, batch)
+    plan: object          # loop.StepPlan (init, abstract state, shardings)
+    frozen: dict          # the frozen params as ShapeDtypeStructs
+    batch: dict           # the batch as ShapeDtypeStructs
+    batch_sharding: object
+    mesh: object
+
+
+def compile_step(config, devices=None):
+    """Lowered of the LDM train step of `config` over `devices` (default all: jax's, fake CPU ones here), attention
+    `config.estimate_attention` (default "chunked")."""
     import jax
 
     from sdjax.train import config as config_lib, loop
@@ -74,10 +86,16 @@ def estimate(config, devices=None):
     with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
     compiled = plan.step_fn.lower(with_sh(plan.abstract, plan.state_sharding),
                                   with_sh(frozen, plan.frozen_sharding), with_sh(batch, batch_sh)).compile()
-    mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    return Lowered(compiled, plan, frozen, batch, batch_sh, mesh)
+
+
+def estimate(config, devices=None, lowered=None):
+    """Estimate of the LDM train step of `config` over `devices` (`compile_step`'s, or `lowered`)."""
+    low = lowered or compile_step(config, devices)
+    mem, cost = low.compiled.memory_analysis(), low.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return Estimate(mesh.size, _shard_bytes(plan.abstract, plan.state_sharding),
-                    _shard_bytes(frozen, plan.frozen_sharding), _shard_bytes(batch, batch_sh),
+    return Estimate(low.mesh.size, _shard_bytes(low.plan.abstract, low.plan.state_sharding),
+                    _shard_bytes(low.frozen, low.plan.frozen_sharding), _shard_bytes(low.batch, low.batch_sharding),
                     mem.temp_size_in_bytes, mem.argument_size_in_bytes, float(cost.get("flops", math.nan)))
 
 

@@ -71,6 +71,12 @@ def kernel_layout(weight):
     return weight.transpose(2, 3, 1, 0) if weight.ndim == 4 else weight.T
 
 
+def torch_layout(kernel):
+    """A Flax kernel [in, out] / [kh, kw, in, out] in PyTorch's Linear [out, in] / Conv2d [out, in, kh, kw] layout
+    (the inverse of kernel_layout)."""
+    return kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T
+
+
 def _to_flax(name, array, leaf, shape):
     """Re-layout one PyTorch tensor for the Flax leaf of `shape`."""
     if leaf == "kernel" and array.ndim in (2, 4):
@@ -120,9 +126,7 @@ def to_state_dict(params):
     out = {}
     for path, value in traverse_util.flatten_dict(params).items():
         name, array = torch_name(path), np.asarray(value)
-        if path[-1] == "kernel" and array.ndim == 4:
-            array = array.transpose(3, 2, 0, 1)
-        elif path[-1] == "kernel" and array.ndim == 2:
-            array = array.T
+        if path[-1] == "kernel" and array.ndim in (2, 4):
+            array = torch_layout(array)
         out[name] = np.ascontiguousarray(array)
     return out

@@ -1,4 +1,5 @@
-"""LoRA files as people share them, read into `adapters.lora.LowRank` layers of a model's params.
+"""LoRA files as people share them, read into `adapters.lora.LowRank` layers of a model's params, and written
+(`lora_tensors`: a trained LoRA, in the diffusers and kohya formats below).
 
 - diffusers / PEFT (`save_lora_weights`): `unet.` / `text_encoder.` / `text_encoder_2.` + module + `.lora_A.weight` /
   `.lora_B.weight` (older files: `.lora.down.weight`, `.lora_linear_layer.down.weight`, attention processors'
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from sdjax.adapters.lora import LowRank
 from sdjax.errors import WeightLoadError
 from sdjax.weights import ldm_names
-from sdjax.weights.convert import kernel_layout, torch_name
+from sdjax.weights.convert import kernel_layout, torch_layout, torch_name
 from sdjax.weights.files import read_tensors
 
 # A tensor name's prefix -> the model component it adapts
@@ -58,6 +59,12 @@ def module_names(component, params):
     table = ldm_names.unet_export_table([torch_name(p) for p in flat])
     original = {p: ldm_names.rename(f"{n}.weight", table) for p, n in names.items()}
     return {p: (n, original[p] and original[p][0].removesuffix(".weight")) for p, n in names.items()}
+
+
+def names(pattern, module):
+    """Whether the regex `pattern` names the layer `module` (its dotted name), as PEFT's target_modules and
+    alpha_pattern do: the whole name, or its end after a dot."""
+    return re.match(rf"(.*\.)?({pattern})$", module) is not None
 
 
 def layer_names(component, params):
@@ -118,7 +125,7 @@ def _factor(module, rank, alpha, config):
         return float(alpha) / rank
     if not config:
         return 1.0
-    pattern = next((p for p in config.get("alpha_pattern") or {} if re.match(rf"(.*\.)?({p})$", module)), None)
+    pattern = next((p for p in config.get("alpha_pattern") or {} if names(p, module)), None)
     alpha = config["alpha_pattern"][pattern] if pattern else config.get("lora_alpha", rank)
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
@@ -184,3 +191,39 @@ def read_lora(path, params):
         out.setdefault(component, {})[kernel] = _layer(path, f"{component} {module}", parts, shape,
                                                                factor)
     return out
+
+
+WRITE_FORMATS = ("diffusers", "kohya")
+
+
+def lora_tensors(layers, params, fmt):
+    """({tensor name: float32 PyTorch-layout array}, header metadata {str: str}) of the LoRA `layers` ({component:
+    {kernel path: LowRank}}, one rank and factor per component) of the model of `params` ({component: params tree})
+    as `fmt` writes them: "diffusers" as `save_lora_weights` (PEFT's lora_A / lora_B under the modules' names, the
+    PEFT config of each component in the header's `lora_adapter_metadata`), "kohya" as kohya's trainers (lora_down /
+    lora_up / alpha; SDXL's U-Net under its original names)."""
+    xl = "text_encoder_2" in params
+    tensors, configs = {}, {}
+    for component, by_path in layers.items():
+        modules = module_names(component, params[component])
+        kohya = kohya_names(component, params[component], xl) if fmt == "kohya" else None
+        (rank, factor), = {(layer.up.shape[0], layer.factor) for layer in by_path.values()}
+        for path, layer in by_path.items():
+            # contiguous: safetensors writes an array's buffer as it lies (a transposed view's would be scrambled)
+            down = np.ascontiguousarray(torch_layout(np.asarray(layer.down, np.float32)))
+            up = np.ascontiguousarray(torch_layout(np.asarray(layer.up, np.float32)))
+            up = up[..., None, None] if down.ndim == 4 else up  # a convolution's B: a 1x1 convolution
+            if kohya:
+                name = kohya[path]
+                tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                                f"{name}.alpha": np.asarray(factor * rank, np.float32)})
+            else:
+                name = f"{component}.{modules[path][0]}"
+                tensors.update({f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up})
+        # target_modules: the text towers' names without `text_model.` (transformers 5's CLIPTextModel has none)
+        configs[component] = dict(r=rank, lora_alpha=factor * rank, target_modules=sorted(
+            modules[p][0].removeprefix("text_model.") for p in by_path))
+    if kohya:
+        return tensors, {}
+    packed = {f"{c}.{k}": v for c, config in configs.items() for k, v in config.items()}
+    return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True)}

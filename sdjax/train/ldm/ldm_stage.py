@@ -19,8 +19,9 @@ from sdjax.errors import UnsupportedConfig
 from sdjax.text.tokenizer import batch_tokenizers, load_tokenizer, tokenize
 from sdjax.train import optim
 from sdjax.train.config import check_common, compute_dtype, require
-from sdjax.train.ldm import dreambooth, ldm_step, textual_inversion
+from sdjax.train.ldm import dreambooth, ldm_step, lora_params, textual_inversion
 from sdjax.weights.diffusers import KINDS
+from sdjax.weights.lora_files import lora_tensors
 from sdjax.weights.pretrained import Pretrained, load_pretrained, save_pretrained
 
 LATENTS = ("sample", "mean")
@@ -39,23 +40,31 @@ def check(config):
     require(loss.latent in LATENTS, f"loss.latent must be one of {LATENTS}, got {loss.latent!r}")
     textual_inversion.check(config)
     dreambooth.check(config)
+    if lora_params.enabled(config):
+        lora_params.check(config)
+        require(not textual_inversion.enabled(config), "lora and textual_inversion train different parameters: "
+                "choose one per run")
 
 
 def trainable_names(config):
     """Components whose params the optimizer updates (SDXL's text_encoder_2 with the text encoder; textual inversion:
-    the placeholder's rows only)."""
+    the placeholder's rows only; with `lora`, only its adapters)."""
     if textual_inversion.enabled(config):
         return (textual_inversion.COMPONENT,)
+    if lora_params.enabled(config):
+        return ("lora",)
     return ("unet", "text_encoder", "text_encoder_2") if config.get("train_text_encoder") else ("unet",)
 
 
-def load(config, abstract=()):
-    """Pretrained (modules computing in the config's dtype, float32 params) from `pretrained` or `model` + seed.
+def load(config, abstract=(), cast_base=True):
+    """Pretrained (modules computing in the config's dtype, float32 params) from `pretrained` or `model` + seed;
+    with `lora`, its fresh adapters as the params' "lora" component and, cast_base, the U-Net in lora.base_dtype.
 
     Random init is keyed by the seed, so the frozen parts of a from-scratch run can be rebuilt exactly. Textual
     inversion: with the placeholder's tokens and rows (textual_inversion.prepare).
-    abstract: components (KINDS: all) whose params are ShapeDtypeStructs of the `model` architecture, neither
-    read nor initialised (an init compiles its whole module: most of an export's time).
+    abstract: components (KINDS: all; "lora": the adapters, as when any is) whose params are ShapeDtypeStructs of
+    the `model` architecture, neither read nor initialised (an init compiles its whole module: most of an export's
+    time).
     """
     dtype = compute_dtype(config)
     tokenizer_2 = None
@@ -86,6 +95,12 @@ def load(config, abstract=()):
     if config.get("remat"):
         modules["unet"] = modules["unet"].clone(remat=True)
     scheduler["prediction_type"] = config.loss.prediction_type or scheduler.get("prediction_type", "epsilon")
+    if lora_params.enabled(config):
+        if cast_base and config.lora.base_dtype != "float32":
+            dtype = lora_params.BASE_DTYPES[config.lora.base_dtype]
+            params["unet"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(
+                x, jax.ShapeDtypeStruct) else x.astype(dtype), params["unet"])
+        params = {**params, "lora": lora_params.init(config.lora, params, config.seed, abstract=bool(abstract))}
     return textual_inversion.prepare(config, dataclasses.replace(pre, modules=modules, params=params))
 
 
@@ -135,8 +150,17 @@ def make_train_step(pre, config, tx, schedule, mesh=None):
 
 def export(config, params, out_dir):
     """Write a diffusers folder: the trained {component: params} + the frozen ones rebuilt from the config (textual
-    inversion: the placeholder's tokens in the tokenizers, its rows in the towers' tables)."""
-    pre = load(config, abstract=() if config.get("pretrained") else tuple(params))  # the trained parts: not rebuilt
-    params = textual_inversion.model_params(config, pre, {**jax.device_get(pre.params), **params})
+    inversion: the placeholder's tokens in the tokenizers, its rows in the towers' tables; a LoRA run's adapters:
+    merged into the base)."""
+    pre = load(config, abstract=() if config.get("pretrained") else tuple(params), cast_base=False)  # the trained
+    params = textual_inversion.model_params(config, pre, {**jax.device_get(pre.params), **params})  # parts: not
+    params = lora_params.model_params(config, params)  # rebuilt
     save_pretrained(dataclasses.replace(pre, params=params), out_dir)
     return out_dir
+
+
+def lora_file(config, adapters, fmt):
+    """(tensors, header) of a LoRA run's trained `adapters` as a LoRA file in `fmt` (lora_files.lora_tensors), named
+    after the layers of the model (read from `pretrained`, else the architecture's shapes)."""
+    pre = load(config, abstract=() if config.get("pretrained") else KINDS, cast_base=False)
+    return lora_tensors(lora_params.low_rank(config.lora, adapters), pre.params, fmt)

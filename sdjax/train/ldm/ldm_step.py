@@ -7,20 +7,21 @@ from jax.sharding import NamedSharding
 from sdjax.diffusion import schedules
 from sdjax.models.autoencoder import scaled_latents, to_latents
 from sdjax.models.clip_text import text_conditioning
-from sdjax.train.ldm import ldm_losses as losses
+from sdjax.train.ldm import ldm_losses as losses, lora_params
 from sdjax.train.optim import guarded_update
 from sdjax.train.sharding import BATCH
 
 
 def example_draws(key, latent_shape, num_timesteps, loss):
-    """Randomness of one example from its own key: t, eps [h, w, c], posterior noise, caption drop."""
+    """Randomness of one example from its own key: t, eps [h, w, c], posterior noise, caption drop; the key of its
+    LoRA dropout (fold_in(key, 5): split(key, 5)[i] is fold_in(key, i))."""
     kt, ke, ko, kp, kd = jax.random.split(key, 5)
     eps = jax.random.normal(ke, latent_shape)
     if loss.offset_noise > 0:
         eps = eps + losses.offset_noise(ko, latent_shape, loss.offset_noise)
     return dict(t=jax.random.randint(kt, (), 0, num_timesteps), eps=eps,
                 posterior=jax.random.normal(kp, latent_shape),
-                drop=jax.random.uniform(kd) < loss.caption_dropout)
+                drop=jax.random.uniform(kd) < loss.caption_dropout, adapter_dropout=jax.random.fold_in(key, 5))
 
 
 def latents(vae, vae_params, images, noise, sample):
@@ -81,7 +82,7 @@ def make_loss_fn(modules, config, abar_table, empty_ids, empty_text=None, zero_d
     SDXL model with force_zeros_for_empty_prompt samples its unconditional branch from zeros). model_params: the
     models' {component: params} from the run's, frozen and trained (textual_inversion.model_params; default: those)."""
     loss_cfg = config.loss
-    unet, vae = modules["unet"], modules["vae"]
+    vae = modules["vae"]
     num_t = abar_table.shape[0]
 
     def loss_fn(trainable, frozen, micro):
@@ -89,16 +90,17 @@ def make_loss_fn(modules, config, abar_table, empty_ids, empty_text=None, zero_d
         cached = "latent_mean" in micro
         shape = micro["latent_mean"].shape[1:] if cached else latent_shape(vae, p["vae"], micro["images"])
         d = jax.vmap(lambda k: example_draws(k, shape, num_t, loss_cfg))(micro["key"])
+        mods, p = lora_params.adapted(config, modules, p, d["adapter_dropout"])
         if cached:
             noise = d["posterior"] if loss_cfg.latent == "sample" else None
             z = scaled_latents(vae, micro["latent_mean"], micro["latent_std"], noise)
         else:
             z = latents(vae, p["vae"], micro["images"], d["posterior"], loss_cfg.latent == "sample")
-        cond = conditioning(modules, p, micro, d["drop"], empty_ids, empty_text, zero_dropped)
+        cond = conditioning(mods, p, micro, d["drop"], empty_ids, empty_text, zero_dropped)
         abar = abar_table[d["t"]]
         alpha, sigma = (losses.per_example(jnp.sqrt(a), z) for a in (abar, 1 - abar))
         x_t = schedules.add_noise(z, d["eps"], alpha, sigma)
-        prediction = unet.apply({"params": p["unet"]}, x_t, d["t"], **cond)
+        prediction = mods["unet"].apply({"params": p["unet"]}, x_t, d["t"], **cond)
         tgt = schedules.target(z, d["eps"], alpha, sigma, loss_cfg.prediction_type)
         weights = losses.min_snr_weight(schedules.snr(abar), loss_cfg.min_snr_gamma, loss_cfg.prediction_type)
         if "class_example" in micro:  # DreamBooth's prior preservation (sdjax.train.ldm.dreambooth)
