@@ -21,8 +21,10 @@ TARGETS = {
     "v5e-16": dict(devices=16, hbm_gib=16, batch=dict(sd15=4, sd21=2)),  # SDXL at 1024²: 18.6 GiB per example
     "v5p-8": dict(devices=4, hbm_gib=95, batch=dict(sd15=16, sd21=8, sdxl=4)),
     "h100x8": dict(devices=8, hbm_gib=80, batch=dict(sd15=16, sd21=8, sdxl=2)),
-    # one GPU of 24 GB (RTX 3090 / 4090, A10G, L4); sdxl_lora's batch is not measured (its estimate compiles ~21 min)
-    "gpu24": dict(devices=1, hbm_gib=24, batch=dict(sd15_lora=8, sdxl_lora=1)),
+    # one GPU of 24 GB (RTX 3090 / 4090, A10G, L4); SDXL's LoRA takes 30.4 GiB at batch 1 (README): one of 48 GB
+    # (L40S, RTX 6000 Ada, A6000)
+    "gpu24": dict(devices=1, hbm_gib=24, batch=dict(sd15_lora=8)),
+    "gpu48": dict(devices=1, hbm_gib=48, batch=dict(sdxl_lora=1)),
     "v5e-1": dict(devices=1, hbm_gib=16, batch=dict(sd15_lora=4)),  # one TPU v5e chip
 }
 MODELS = {"sd15": (sd15.get_config, 512), "sd21": (sd21.get_config, 768), "sdxl": (sdxl.get_config, 1024),
