@@ -12,6 +12,27 @@ from configs.models import tiny
 from sdjax.text.clip_vocab import write_clip_tokenizer
 
 torch.set_num_threads(1)
+
+
+def _torchvision_without_ops():
+    """The registry's torchvision (pytorch-fid's, open_clip's) is built for CUDA torch: with the CPU torch of these
+    machines its C++ ops do not load, and its import then fails registering fakes of two of them. Declaring those
+    two lets it import; the references used here (models, transforms) never call its C++ ops."""
+    import ctypes
+    import importlib.util
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        return
+    try:
+        ctypes.CDLL(os.path.join(os.path.dirname(spec.origin), "_C.so"))
+    except OSError:
+        lib = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _torchvision_without_ops.lib = lib  # kept alive: the definitions go with it
+
+
+_torchvision_without_ops()
 # XLA compiles with little LLVM optimisation here and in the subprocesses (which inherit it): the tiny test
 # programs compile ~1/3 faster and run little slower (tests/test_ae_step.py: 131 -> 89 s); the numerics are XLA's
 # same HLO (the backend level does not change fusion or buffer assignment)
