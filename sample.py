@@ -5,89 +5,34 @@
     python sample.py --model path/to/sdxl-base --refiner path/to/sdxl-refiner --prompt "a lighthouse at dusk"
 """
 import argparse
-import inspect
-import math
 import os
 import sys
 import time
 
-from sdjax import compile_cache, host_memory
-from sdjax.demo import DEMO_MODEL
-
-
-def finite_float(text):
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def lora_arg(text):
-    """--lora PATH[:SCALE] -> (path, scale): the scale after the last colon, when it reads as a number (a path may hold
-    colons: C:\\loras\\x.safetensors)."""
-    path, _, scale = text.rpartition(":")
-    try:
-        return (path, finite_float(scale)) if path else (text, 1.0)
-    except ValueError:
-        return text, 1.0
-
-
-def backend_note():
-    """The backend jax computes on, and a hint when a GPU is present but jax has no CUDA plugin."""
-    import jax
-    backend = f"{jax.default_backend()} ({jax.device_count()} device(s))"
-    if jax.default_backend() == "cpu" and os.path.exists("/dev/nvidia0"):
-        backend += ": this machine has an NVIDIA GPU, but jax has no CUDA plugin: pip install -e '.[cuda]'"
-    return backend
+from sdjax import host_memory
+from sdjax.sample_options import (add_model_arguments, add_sampling_arguments, check_model, finite_float,
+                                  generate_options, load, load_options, sampler_help)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: the bundled demo model)")
-    p.add_argument("--config-name", default=None, help="architecture of a single file when shapes can't tell (sd15, sd21, sd21-base, ...)")
-    p.add_argument("--variant", default=None, help="weight files of a diffusers folder: fp16, non_ema, ema, ...")
-    p.add_argument("--vae", default=None, help="replacement VAE: a diffusers VAE folder or a .safetensors/.ckpt file")
-    p.add_argument("--raw-weights", action="store_true", help="single-file training checkpoints: the raw U-Net, not its EMA")
+    add_model_arguments(p)
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompts-file", help="one prompt per line")
-    p.add_argument("--negative-prompt", default=None)
     p.add_argument("--prompt-2", default=None, help="SDXL: the second text tower's prompt (default: the prompt)")
     p.add_argument("--negative-prompt-2", default=None, help="SDXL: the second tower's negative prompt")
     p.add_argument("--refiner", default=None, help="SDXL: a refiner (folder or file) that takes over the base's "
                    "latents at --refiner-start")
     p.add_argument("--refiner-start", type=finite_float, default=None,
                    help="SDXL: the fraction of the noise the base removes before the refiner continues (0.8)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=finite_float, default=None, help="guidance scale (default 7.5; SDXL 5.0)")
-    p.add_argument("--sampler", default=None,
-                   help="sampler name (default: the model's own scheduler, as diffusers); 'help' lists them")
-    p.add_argument("--clip-skip", type=int, default=0, help="condition on the text encoder's layer this many before the last")
-    p.add_argument("--sigmas", choices=["karras", "exponential", "beta"], default=None,
-                   help="the noise levels' ramp, for the samplers that offer it (UIs' 'DPM++ 2M Karras': "
-                        "--sampler dpmpp_2m --sigmas karras)")
-    p.add_argument("--eta", type=finite_float, default=None, help="eta in [0, 1] of the samplers that take one "
-                   "(ddim, tcd; default 0, as diffusers' pipelines)")
-    p.add_argument("--no-prompt-weighting", action="store_true",
-                   help="read prompts literally: no (word:1.3) emphasis or BREAK (diffusers' behaviour)")
+    add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="image i of the run uses seed + i")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--attention", default="auto", choices=["auto", "flash", "chunked", "xla", "cudnn"],
-                   help="attention implementation (auto: flash kernels on GPU/TPU, chunked on CPU)")
-    p.add_argument("--lora", action="append", default=[], type=lora_arg, metavar="PATH[:SCALE]",
-                   help="a LoRA file (diffusers/PEFT or kohya/A1111) merged at SCALE (default 1); repeatable")
-    p.add_argument("--embedding", action="append", default=[], metavar="PATH",
-                   help="a textual-inversion embedding (A1111 .pt/.safetensors, diffusers' learned_embeds), written in "
-                        "prompts as its file's stem; repeatable")
     p.add_argument("--init-image", help="img2img / inpainting source image")
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
     p.add_argument("--strength", type=finite_float, default=None,
                    help="img2img strength in (0, 1] (default 0.8, SDXL 0.3; inpainting 1.0, as diffusers)")
     p.add_argument("--out", default="outputs")
-    p.add_argument("--compilation-cache", default=None,
-                   help="jax's compilation cache folder (default $SDJAX_COMPILATION_CACHE or ~/.cache/sdjax/xla; off: none)")
     p.add_argument("--grid", action="store_true", help="also write all images as one grid.png")
     return p.parse_args(argv)
 
@@ -96,14 +41,6 @@ def report(sd, steps, n, part):
     t = sd.last_timings
     print(f"{part + ': ' if part else ''}compile {t.get('compile_sample', 0.0):.1f} s, sampling {t['sample']:.2f} s "
           f"({t['sample'] / steps:.3f} s/step for {n} image(s))")
-
-
-def sampler_help():
-    """The samplers, each with the diffusers scheduler it reproduces."""
-    from sdjax.diffusion.samplers import SAMPLERS, SCHEDULER_CLASSES, plan_options
-    ramps = lambda name: "  --sigmas" if "use_karras_sigmas" in plan_options(name) else ""  # noqa: E731
-    return "samplers (--sampler NAME; default: the model's own scheduler):\n" + "\n".join(
-        f"  {name:14s} {SCHEDULER_CLASSES[name]:34s}{ramps(name)}".rstrip() for name in sorted(SAMPLERS))
 
 
 def next_number(folder):
@@ -133,15 +70,9 @@ def run(args):
             prompts += [line.strip() for line in f if line.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt (or --prompts-file)")
-    model = args.model or DEMO_MODEL
-    if not os.path.exists(model):
-        raise FileNotFoundError(f"model not found: {model}" + ("" if args.model else
-                                " (the bundled demo model is not in this install; pass --model PATH)"))
+    model = check_model(args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out} is a file; give a folder for the images")
-    cache = args.compilation_cache
-    if cache and cache != "off" and os.path.exists(cache) and not os.path.isdir(cache):
-        raise FileExistsError(f"--compilation-cache {cache} is a file; give a folder (or 'off')")
     if args.refiner_start is not None and not args.refiner:
         raise ValueError("--refiner-start is for --refiner: give the refiner model too")
     if args.strength is not None and not args.init_image:
@@ -150,63 +81,36 @@ def run(args):
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
 
     from sdjax.images import make_grid, open_image, save_png
-    from sdjax.diffusion.samplers import SAMPLERS, plan_options
     from sdjax.pipeline import StableDiffusion, StableDiffusionXL
-    compile_cache.enable(cache)
-
-    for flag, path in [("--lora", path) for path, _ in args.lora] + [("--embedding", p) for p in args.embedding]:
-        if not os.path.isfile(path):  # before the slow load
-            raise FileNotFoundError(f"{flag}: no such file: {path}")
     image = open_image(args.init_image, "--init-image") if args.init_image else None  # before the slow load
     mask = open_image(args.mask, "--mask") if args.mask else None
-    t0 = time.perf_counter()
-    load = dict(dtype=args.dtype, attention=args.attention, config_name=args.config_name, variant=args.variant,
-                vae=args.vae, use_ema=False if args.raw_weights else None)
-    sd = StableDiffusion.load(model, **load)
-    print(f"loaded {model} in {time.perf_counter() - t0:.1f} s; running on {backend_note()}")
-    host_memory.release_freed_memory()  # the file buffers of loading
-    for path, scale in args.lora:
-        sd.load_lora(path, scale)
-    for path in args.embedding:
-        sd.load_textual_inversion(path)
+    sd = load(args)
     xl = isinstance(sd, StableDiffusionXL)
     extra = dict(prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2) if xl else {}
     if not xl and (args.prompt_2 or args.negative_prompt_2 or args.refiner):
         raise ValueError("--prompt-2, --negative-prompt-2 and --refiner are for SDXL models; "
                          f"{model} is Stable Diffusion 1.x/2.x")
-    sampler = args.sampler or sd.default_sampler()
-    takes_eta = sorted(name for name in SAMPLERS if "eta" in plan_options(name))
-    if args.eta and sampler not in takes_eta:
-        raise ValueError(f"--eta is for the samplers {', '.join(takes_eta)}; {sampler} takes none")
-    kw = dict(negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=sampler, seed=args.seed,
-              height=args.height, width=args.width, mask=mask, strength=args.strength,
-              clip_skip=args.clip_skip, num_images_per_prompt=args.num_images,
-              prompt_weighting=not args.no_prompt_weighting, **extra)
-    if args.sigmas:
-        kw[f"use_{args.sigmas}_sigmas"] = True
-    if args.eta is not None:
-        kw["eta"] = args.eta
-    if args.guidance is not None:
-        kw["guidance_scale"] = args.guidance
+    kw = dict(generate_options(args, sd), seed=args.seed, mask=mask, strength=args.strength,
+              num_images_per_prompt=args.num_images, **extra)
+    sampler = kw["sampler"]
     if args.refiner:  # the base's latents at --refiner-start; the base leaves memory before the refiner loads
         start = 0.8 if args.refiner_start is None else args.refiner_start
         latents = sd.generate(prompts, image=image, denoising_end=start, output_type="latent", **kw)
         report(sd, args.steps, len(latents), "base")
         del sd
         t0 = time.perf_counter()
-        sd = StableDiffusion.load(args.refiner, **{**load, "config_name": None})
+        sd = StableDiffusion.load(args.refiner, **{**load_options(args), "config_name": None})
         print(f"loaded the refiner {args.refiner} in {time.perf_counter() - t0:.1f} s")
         images = sd.generate(prompts, image=latents, denoising_start=start, **kw)
     else:
         images = sd.generate(prompts, image=image, **kw)
     report(sd, args.steps, len(images), "refiner" if args.refiner else "")
-    guidance = kw.get("guidance_scale", inspect.signature(sd.generate).parameters["guidance_scale"].default)
     paths, first = [], next_number(args.out)  # never overwrite: numbers continue after the folder's highest
     for i, img in enumerate(images):
         meta = {"prompt": prompts[i // args.num_images], "negative_prompt": args.negative_prompt or "",
                 "seed": args.seed + i, "sampler": " ".join(filter(None, (sampler, args.sigmas))),
                 "steps": args.steps,
-                "guidance": guidance, "model": os.path.basename(os.path.normpath(model)), "software": "sdjax"}
+                "guidance": kw["guidance_scale"], "model": os.path.basename(os.path.normpath(model)), "software": "sdjax"}
         if args.lora:
             meta["lora"] = " ".join(f"{os.path.basename(path)}:{scale:g}" for path, scale in args.lora)
         if args.embedding:

@@ -173,6 +173,9 @@ def test_library_refuses_what_the_cli_does(torch_folder):
         sd.generate("a", num_steps=2, progress=False, num_images_per_prompt=0)
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\], got 1.5"):
         sd.generate("a", num_steps=2, progress=False, sampler="ddim", eta=1.5)
+    for seeds in ([1], [1, 2, 3], [1, -2], [1, 2 ** 32]):  # a list: one seed in [0, 2^32) per image
+        with pytest.raises(ValueError, match=r"seed: a list of seeds must hold 2 integers in \[0, 2\^32\)"):
+            sd.generate(["a", "b"], num_steps=2, progress=False, seed=seeds)
     assert sd.compile_count == 0
 
 

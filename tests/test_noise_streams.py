@@ -38,3 +38,13 @@ def test_seed_wraps_and_images_differ():
     for kind in NOISE_KINDS:
         np.testing.assert_array_equal(jax.random.key_data(keys[kind][1]), jax.random.key_data(wrapped[kind][0]))
         assert not np.array_equal(jax.random.key_data(keys[kind][0]), jax.random.key_data(keys[kind][1]))
+
+
+def test_a_list_of_seeds_gives_each_image_its_own():
+    """seed=[s0, s1, ...]: image i's keys are those of seed s_i alone (python -m sdjax.eval's per-image seeds); the
+    pad rows repeat the last seed's."""
+    listed, alone = image_keys([7, SEEDS - 1, 3], 4), [image_keys(s, 1) for s in (7, SEEDS - 1, 3, 3)]
+    for kind in NOISE_KINDS:
+        for i, one in enumerate(alone):
+            np.testing.assert_array_equal(jax.random.key_data(listed[kind][i]), jax.random.key_data(one[kind][0]))
+        assert not np.array_equal(jax.random.key_data(listed[kind][0]), jax.random.key_data(listed[kind][2]))

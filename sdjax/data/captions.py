@@ -3,15 +3,15 @@
 Images are stored as their original encoded bytes (decoded with Pillow by the input pipeline,
 which skips and counts undecodable ones), so no TensorFlow is needed to build or read.
 """
-import csv
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from sdjax.data.listings import pick, read_records
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 IMAGE_KEYS = ("image", "path", "file_name")
@@ -39,24 +39,12 @@ def folder_examples(folder):
     return pairs
 
 
-def _pick(record, keys, where):
-    for key in keys:
-        if key in record:
-            return record[key]
-    raise ValueError(f"captions: {where} has none of the columns {keys}; found {sorted(record)}")
-
-
 def listing_examples(path, source):
     """[(image path, caption)] from a JSONL or CSV file; image paths are relative to the file's folder."""
-    with open(path, encoding="utf-8", newline="") as f:
-        if source == "jsonl":
-            records = [json.loads(line) for line in f if line.strip()]
-        else:
-            records = list(csv.DictReader(f))
     base = os.path.dirname(os.path.abspath(path))
-    return [(os.path.join(base, str(_pick(r, IMAGE_KEYS, f"{path} row {i + 1}"))),
-             str(_pick(r, CAPTION_KEYS, f"{path} row {i + 1}")).strip())
-            for i, r in enumerate(records)]
+    return [(os.path.join(base, str(pick(r, IMAGE_KEYS, f"captions: {path} row {i + 1}"))),
+             str(pick(r, CAPTION_KEYS, f"captions: {path} row {i + 1}")).strip())
+            for i, r in enumerate(read_records(path, source))]
 
 
 def fingerprint(path, source):

@@ -49,6 +49,9 @@ def validate(pipe, num_steps, sampler, height, width, strength, image, mask, see
         raise ValueError("this is an inpainting U-Net (9 input channels): give image= and mask=")
     if inpaint_unet and latents:
         raise ValueError("an inpainting U-Net (9 input channels) needs the image itself, not latents")
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= noise_streams.SEEDS - n:
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        if len(seed) != n or not all(isinstance(s, (int, np.integer)) and 0 <= s < noise_streams.SEEDS for s in seed):
+            raise ValueError(f"seed: a list of seeds must hold {n} integers in [0, 2^32), one per image; got {seed!r}")
+    elif not isinstance(seed, (int, np.integer)) or not 0 <= seed <= noise_streams.SEEDS - n:
         raise ValueError(f"seed must be an integer in [0, 2^32 - {n}] for {n} image(s), got {seed!r}")
     pipe.conditioning.validate_clip_skip(clip_skip)

@@ -162,8 +162,8 @@ class Pipeline:
         or the final latents [N, H/f, W/f, c] with output_type="latent").
 
         sampler: a name of diffusion.samplers.SAMPLERS; None: the model's own scheduler (`default_sampler`), as
-        diffusers. Image i of the batch is drawn from seed `seed + i` (seeds in [0, 2^32)), so it is the same
-        picture alone or in a batch. Prompts may be longer than the text tower's 77 tokens (75-token chunks) and
+        diffusers. Image i of the batch is drawn from seed `seed + i` (seeds in [0, 2^32)), or from `seed[i]`
+        when `seed` is a list of one seed per image, so it is the same picture alone or in a batch. Prompts may be longer than the text tower's 77 tokens (75-token chunks) and
         use AUTOMATIC1111's emphasis, `(word:1.3)`, `[word]`, `BREAK` (prompt_weighting=False: read literally).
         image (+ mask, white = repaint): img2img with `strength` (default 0.8, SDXL 0.3; the output keeps the
         image's size, rounded down to a multiple of the VAE's factor, unless height/width are given), or

@@ -1,4 +1,5 @@
-"""The noise of a run: every unit-normal draw comes from image i's seed `seed + i`, by purpose, or is given."""
+"""The noise of a run: every unit-normal draw comes from image i's seed (`seed + i`, or the i-th of a list of
+seeds), by purpose, or is given."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,14 +14,23 @@ STREAMS = {"initial": 0, "steps": 1, "image": 2, "masked_image": 3}
 NOISE_KINDS = tuple(STREAMS)
 
 
+def image_seeds(seed, n):
+    """uint32 [n]: seed, seed + 1, ... (modulo 2^32) for an int `seed`; a list of seeds as given, its last repeated
+    up to n."""
+    if np.ndim(seed) == 0:
+        return ((np.arange(n, dtype=np.uint64) + np.uint64(seed)) % SEEDS).astype(np.uint32)
+    seeds = np.asarray(seed, np.uint64)
+    return np.concatenate([seeds, np.repeat(seeds[-1:], n - len(seeds))]).astype(np.uint32)
+
+
 def image_keys(seed, n):
-    """Keys of images seed..seed+n-1 by stream: {kind: [n] keys} for kind in NOISE_KINDS (seeds modulo 2^32).
+    """Keys of images seed..seed+n-1 (or of the list `seed`, `image_seeds`) by stream: {kind: [n] keys} for kind in
+    NOISE_KINDS (seeds modulo 2^32).
 
     initial: the starting noise; steps: the per-iteration noise (folded with the iteration); image /
     masked_image: the VAE posterior samples of img2img and inpainting. Seed s is jax.random.key(s)'s.
     """
-    seeds = jnp.asarray((np.arange(n, dtype=np.uint64) + np.uint64(seed)) % SEEDS, jnp.uint32)
-    root = jax.vmap(jax.random.key)(seeds)
+    root = jax.vmap(jax.random.key)(jnp.asarray(image_seeds(seed, n)))
     return {kind: jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(root) for kind, i in STREAMS.items()}
 
 
@@ -41,7 +51,7 @@ def check(given, shape, iterations, f):
 def draw(given, shape, pad, start, end, iterations, seed):
     """{"initial", "image", "masked_image": [b,h,w,c]; "keys": [b] step keys; "steps": [iterations,b,h,w,c] if
     given, for the iterations [start, end) that run}: the given unit noise (checked by `check`), the rest drawn
-    from image i's seed + i; b = N + pad rows (the pad rows repeat the last image's)."""
+    from image i's seed (`image_seeds`); b = N + pad rows (the pad rows repeat the last image's)."""
     keys = image_keys(seed, shape[0] + pad)
     out = {"keys": keys["steps"]}
     for kind in ("initial", "image", "masked_image"):
