@@ -21,12 +21,14 @@ def open_image(path, what="image"):
 
 
 def save_png(image, path, metadata):
-    """image: uint8 [H, W, 3]; metadata: {key: value} stored as PNG text chunks."""
+    """image: uint8 [H, W, 3]; metadata: {key: value} stored as PNG text chunks. The file appears whole or not at all
+    (written beside it, then renamed): an interrupted run leaves no half image under `path`."""
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, str(value))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image).save(path, pnginfo=info)
+    Image.fromarray(image).save(f"{path}.part", format="PNG", pnginfo=info)
+    os.replace(f"{path}.part", path)
     return path
 
 

@@ -11,11 +11,10 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sdjax.data.listings import pick, read_records
+from sdjax.data.listings import CAPTION_KEYS, pick, read_records
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 IMAGE_KEYS = ("image", "path", "file_name")
-CAPTION_KEYS = ("caption", "text")
 SOURCES = ("folder", "jsonl", "csv")
 
 

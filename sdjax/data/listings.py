@@ -3,6 +3,7 @@ import csv
 import json
 import os
 
+CAPTION_KEYS = ("caption", "text")  # the caption's column, as named in listings
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".csv": "csv"}
 
 

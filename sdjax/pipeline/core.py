@@ -67,6 +67,14 @@ class Pipeline:
         # adapters: functions of the params (and of the towers' vocabularies), applied outside the compiled pieces
         self._loras, self._embeddings = Loras(self.params), Embeddings(self.params, conditioning)
 
+    def replicate(self, mesh):
+        """Lay the params (LoRAs and embeddings as loaded) out whole on every device of `mesh`, which may span several
+        processes (each calls this with the same model), before the first `generate`: a batch is then split over
+        all the mesh's devices; every process calls `generate` with the same arguments and gets all the images."""
+        sharding = NamedSharding(mesh, P())
+        self.params.update(jax.tree.map(lambda x: _put(np.asarray(x), sharding), dict(self.params)))
+        self.mesh, self._rows = mesh, P(mesh.axis_names)
+
     @property
     def compile_count(self):
         """Compilations so far (a repeated call with the same shapes and options compiles nothing)."""
