@@ -29,6 +29,7 @@ def parse_args(argv=None):
                                     "ml_collections file (configs/eval/mlperf_sd.py); flags given here win")
     p.add_argument("--captions", help="COCO-style captions: JSONL, CSV or TSV with an id and a caption column")
     p.add_argument("--images-per-caption", type=int, default=1)
+    p.add_argument("--limit", type=int, default=0, help="only the first LIMIT captions (0: all)")
     p.add_argument("--out", help="folder of the images (images/), settings.json, report.json and metrics.jsonl")
     add_model_arguments(p)
     add_sampling_arguments(p)
@@ -54,7 +55,8 @@ def parse_args(argv=None):
 
 
 def config_defaults(spec, options):
-    """{option: value} of get_config(ARG) in the file of `spec` (FILE[:ARG]); ValueError for a key that is no option."""
+    """{option: value} of get_config(ARG) in the file of `spec` (FILE[:ARG]), and its "targets" (the report says
+    whether they are met); exits naming a key that is no option."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise SystemExit(f"{PROG}: --config: no such file: {path}")
@@ -62,8 +64,7 @@ def config_defaults(spec, options):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     config = (module.get_config(arg) if arg else module.get_config()).to_dict()
-    config.pop("targets", None)
-    unknown = sorted(set(config) - set(options))
+    unknown = sorted(set(config) - set(options) - {"targets"})  # targets: {"fid_max", "clip_cosine_min"}
     if unknown:
         raise SystemExit(f"{PROG}: --config {path}: {unknown} are not options of {PROG}")
     return config

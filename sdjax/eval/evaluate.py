@@ -15,6 +15,8 @@ def check(args):
             raise ValueError(f"give --{flag}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out} is a file; give a folder")
+    if args.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {args.limit}")
     for flag, value in (("--images-per-caption", args.images_per_caption), ("--batch-size", args.batch_size or 1),
                         ("--score-batch-size", args.score_batch_size)):
         if value < 1:
@@ -43,7 +45,7 @@ def run(args):
     from tqdm import tqdm
     from sdjax.eval import image_set
     from sdjax.train import distributed
-    todo = image_set.items(image_set.read_captions(args.captions), args.images_per_caption)
+    todo = image_set.items(image_set.read_captions(args.captions)[:args.limit or None], args.images_per_caption)
     sd = load(args)
     options = generate_options(args, sd)
     if jax.process_count() > 1:  # the batches split over every process's devices
@@ -92,6 +94,10 @@ def score(args, todo, folder, settings, scorer):
     report = dict(metrics, images=len(todo), captions=len(todo) // args.images_per_caption, settings=settings,
                   captions_file=os.path.abspath(args.captions), fid_ref=args.fid_ref and os.path.abspath(args.fid_ref),
                   dims=args.dims if args.fid_ref else None, clip=args.clip and os.path.abspath(args.clip))
+    targets = getattr(args, "targets", None)  # a --config's
+    if targets and {"fid", "clip_cosine"} <= set(metrics):
+        report["targets"] = dict(targets, met=bool(metrics["fid"] <= targets["fid_max"] and
+                                                   metrics["clip_cosine"] >= targets["clip_cosine_min"]))
     path = os.path.join(args.out, REPORT)
     with open(f"{path}.part", "w") as f:
         json.dump(report, f, indent=1)

@@ -90,10 +90,9 @@ def missing(todo, folder):
 
 
 def make_images(sd, todo, folder, batch_size, options, metadata=None, write=True, progress=None):
-    """Sample the images of `todo` ([Item]) with `sd.generate(**options)`, `batch_size` at a time (the last batch
-    padded: one compiled program), and write each to `folder` (write=False: another process writes) by a thread
+    """Sample the images of `todo` ([Item]) with `sd.generate(**options)`, `batch_size` at a time (a short batch
+    padded: one compiled program, a resumed run's too), and write each to `folder` (write=False: another process writes) by a thread
     while the next batch samples; `progress` (a tqdm bar) advances by batch. metadata: PNG text of every image."""
-    batch_size = min(batch_size, len(todo))
     with concurrent.futures.ThreadPoolExecutor(1) as writer:
         written = []
         for lo in range(0, len(todo), batch_size):

@@ -1,0 +1,174 @@
+"""python -m sdjax.eval (issue 33, item 4) on the tiny SD model: each image is the API's image of its caption and seed,
+an interrupted evaluation resumes making only what is missing, and two processes make the same images and report as
+one."""
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdjax.eval import __main__ as eval_cli
+from sdjax.pipeline import StableDiffusion
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTIONS = {7: "a red circle", 2: "a blue square on the left", 40: "a green triangle"}
+PER_CAPTION, STEPS = 2, 2
+
+
+def write_captions(folder):
+    """A COCO-style JSONL listing (ids not in order, an image_id column beside)."""
+    path = os.path.join(folder, "captions.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"image_id": 100 + k, "id": k, "caption": c}) + "\n" for k, c in CAPTIONS.items())
+    return path
+
+
+def argv(model, captions, out, *more):
+    return ["--model", model, "--captions", captions, "--out", str(out), "--images-per-caption", str(PER_CAPTION),
+            "--steps", str(STEPS), "--sampler", "ddim", "--batch-size", "4", *more]
+
+
+def images_of(out):
+    return {name: np.asarray(Image.open(os.path.join(out, "images", name)))
+            for name in sorted(os.listdir(os.path.join(out, "images")))}
+
+
+def report_of(out):
+    with open(os.path.join(out, "report.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def first_run(torch_folder, tmp_path_factory):
+    """One evaluation of the tiny model: 3 captions x 2 images in batches of 4 (the last padded); its folder."""
+    folder = tmp_path_factory.mktemp("eval")
+    captions = write_captions(str(folder))
+    eval_cli.main(argv(torch_folder[1], captions, folder / "out"))
+    return folder / "out", captions
+
+
+def test_images_are_the_apis_of_each_caption_and_seed(first_run, torch_folder):
+    """Image j of caption id k is generate(caption, seed=k*N + j), bit for bit; the seeds make them differ."""
+    out, _ = first_run
+    got = images_of(out)
+    assert sorted(got) == sorted(f"{k}-{j}.png" for k in CAPTIONS for j in range(PER_CAPTION))
+    sd = StableDiffusion.load(torch_folder[1])
+    for k, caption in CAPTIONS.items():
+        ref = sd.generate(caption, seed=k * PER_CAPTION, num_images_per_prompt=PER_CAPTION, num_steps=STEPS,
+                          sampler="ddim", progress=False)
+        for j in range(PER_CAPTION):
+            np.testing.assert_array_equal(got[f"{k}-{j}.png"], ref[j])
+    assert np.abs(got["7-0.png"].astype(int) - got["7-1.png"]).mean() > 5  # another seed, another image
+    report = report_of(out)
+    assert report["images"] == 6 and report["captions"] == 3
+    assert report["settings"]["num_steps"] == STEPS and report["settings"]["guidance_scale"] == 7.5
+
+
+def test_an_interrupted_evaluation_resumes_without_regenerating(first_run, torch_folder, tmp_path, monkeypatch,
+                                                                 capsys):
+    """A run killed mid-way leaves some images, and a half-written one under a .part name: the rerun makes only the
+    missing ones (the others' files untouched), the same bits, and the same report; a third run makes none. Other
+    settings in the same folder are refused."""
+    out, captions = first_run
+    resumed = tmp_path / "out"
+    shutil.copytree(out, resumed)
+    os.remove(resumed / "report.json")
+    for name in ("2-1.png", "40-0.png"):
+        os.rename(resumed / "images" / name, resumed / "images" / f"{name}.part")  # as a kill leaves it
+    kept = {name: (os.stat(resumed / "images" / name).st_ino, os.stat(resumed / "images" / name).st_mtime_ns)
+            for name in os.listdir(resumed / "images") if name.endswith(".png")}
+    made, generate = [], StableDiffusion.generate
+
+    @functools.wraps(generate)
+    def counted(self, prompt, **kw):
+        made.append(list(prompt))
+        return generate(self, prompt, **kw)
+    monkeypatch.setattr(StableDiffusion, "generate", counted)
+    eval_cli.main(argv(torch_folder[1], captions, resumed))
+    assert made == [[CAPTIONS[2]] + [CAPTIONS[40]] * 3]  # one batch: the two missing images, padded to 4
+    for name, stat in kept.items():
+        assert (os.stat(resumed / "images" / name).st_ino, os.stat(resumed / "images" / name).st_mtime_ns) == stat
+    assert images_of(resumed).keys() == images_of(out).keys()  # the half-written files replaced
+    for name, image in images_of(out).items():
+        np.testing.assert_array_equal(images_of(resumed)[name], image)
+    assert report_of(resumed) == report_of(out)
+    made.clear()
+    eval_cli.main(argv(torch_folder[1], captions, resumed))
+    assert made == []
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(argv(torch_folder[1], captions, resumed, "--steps", "3"))
+    assert f"--out {resumed} holds images made with other settings (num_steps 2 there, 3 here)" in str(e.value)
+
+
+def test_two_processes_make_the_images_and_report_of_one(first_run, torch_folder, tmp_path):
+    """Two processes on 127.0.0.1 (gloo), the batches split over both: the same images, bit for bit, and report."""
+    out, captions = first_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-m", "sdjax.eval", *argv(torch_folder[1], captions, tmp_path / "out"),
+                               f"--coordinator=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}",
+                               "--cpu-collectives=gloo"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for p in procs:
+        output = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, output[-3000:]
+    two = images_of(tmp_path / "out")
+    assert two.keys() == images_of(out).keys()
+    for name, image in images_of(out).items():
+        np.testing.assert_array_equal(two[name], image)
+    assert report_of(tmp_path / "out") == report_of(out)
+
+
+BAD_CAPTIONS = {  # a captions file's text -> the message
+    "id,caption\n1,a\nx,b\n": "row 2: id 'x' is not an integer",
+    "id,caption\n1,a\n1,b\n": "row 2: id 1 is also row 1's",
+    "id,caption\n-3,a\n": "row 1: id -3 is negative",
+    "id,text_en\n1,a\n": "row 1 has none of the columns ('caption', 'text'); found ['id', 'text_en']",
+    "id,caption\n": "no captions",
+}
+
+
+def test_bad_input_ends_in_one_line(tmp_path, capsys):
+    """Refused before the model loads, with the option or file and row named."""
+    def message(*args):
+        with pytest.raises(SystemExit) as e:
+            eval_cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "out"), *args])
+        text = str(e.value)
+        assert text.startswith("python -m sdjax.eval: ") and "\n" not in text, text
+        return text
+    for i, (text, expected) in enumerate(BAD_CAPTIONS.items()):
+        path = tmp_path / f"bad{i}.csv"
+        path.write_text(text)
+        text = message("--captions", str(path))
+        assert text.startswith(f"python -m sdjax.eval: --captions {path}") and expected in text, text
+    good = write_captions(str(tmp_path))
+    assert "--captions: no such file" in message("--captions", str(tmp_path / "none.tsv"))
+    assert "give --captions" in message()
+    assert "--images-per-caption must be >= 1, got 0" in message("--captions", good, "--images-per-caption", "0")
+    assert "--fid-ref: no such file or folder" in message("--captions", good, "--fid-ref", str(tmp_path / "x.npz"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(["--captions", good, "--out", str(tmp_path / "file")])
+    assert f"--out {tmp_path / 'file'} is a file" in str(e.value)
+    config = tmp_path / "config.py"
+    config.write_text("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({'stepz': 3})\n")
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(["--config", str(config), "--captions", good, "--out", str(tmp_path / "out")])
+    assert "['stepz'] are not options of python -m sdjax.eval" in str(e.value)
+
+
+def test_mlperf_config_sets_the_options():
+    """configs/eval/mlperf_sd.py: MLPerf's sampling (DDIM, 50 steps, guidance 8, 512²); flags given win."""
+    args = eval_cli.parse_args(["--config", os.path.join(ROOT, "configs/eval/mlperf_sd.py"), "--steps", "20"])
+    assert (args.sampler, args.guidance, args.height, args.width, args.dims, args.limit) == ("ddim", 8.0, 512, 512,
+                                                                                           2048, 0)
+    assert args.steps == 20 and args.targets == {"fid_max": 90.0, "clip_cosine_min": 0.15}
+    assert eval_cli.parse_args(["--config", os.path.join(ROOT, "configs/eval/mlperf_sd.py:1k")]).limit == 1000
