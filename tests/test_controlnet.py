@@ -7,8 +7,7 @@ import torch
 
 from conftest import SDXL_PROJECTION, _randomize, _sdxl_unet, torch_state
 from configs.models import tiny
-from sdjax.models.controlnet import ControlNetModel
-from sdjax.models.unet import UNet2DConditionModel
+from sdjax.models import registry
 from sdjax.weights.convert import to_params
 
 EMBED_CHANNELS = (8, 16)  # the tiny VAE's factor 2: one strided conv in the conditioning embedding
@@ -43,10 +42,9 @@ def _nchw(x):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def _convert(torch_model, cls, example):
-    module = cls.from_config(dict(torch_model.config))
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *example))["params"]
-    return module, to_params(cls.__name__, torch_state(torch_model), shapes)
+def _convert(torch_model, kind):
+    module = registry.build(kind, dict(torch_model.config))
+    return module, to_params(kind, torch_state(torch_model), registry.param_shapes(kind, module))
 
 
 def _run(unet, net, inp, scale=0.8, guess_mode=False, added=None):
@@ -64,10 +62,8 @@ def _run(unet, net, inp, scale=0.8, guess_mode=False, added=None):
     ref = ([nhwc(d) for d in down], nhwc(mid), nhwc(out))
 
     kw = {k: jnp.asarray(v) for k, v in added.items()}
-    cn, cn_params = _convert(net, ControlNetModel, (inp["x"], inp["t"], inp["text"], inp["cond"], 1.0,
-                                                    kw.get("text_embeds"), kw.get("time_ids")))
-    un, un_params = _convert(unet, UNet2DConditionModel, (inp["x"], inp["t"], inp["text"], kw.get("text_embeds"),
-                                                         kw.get("time_ids")))
+    cn, cn_params = _convert(net, "controlnet")
+    un, un_params = _convert(unet, "unet")
     d, m = cn.apply({"params": cn_params}, inp["x"], inp["t"], inp["text"], inp["cond"], scale, guess_mode=guess_mode,
                     **kw)
     o = un.apply({"params": un_params}, inp["x"], inp["t"], inp["text"], down_residuals=d, mid_residual=m, **kw)
