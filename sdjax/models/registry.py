@@ -7,11 +7,12 @@ import jax.numpy as jnp
 
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+from sdjax.models.controlnet import ControlNetModel
 from sdjax.models.model_config import NOT_CONFIG
 from sdjax.models.unet import UNet2DConditionModel
 
 MODELS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-          "text_encoder_2": CLIPTextModelWithProjection}
+          "text_encoder_2": CLIPTextModelWithProjection, "controlnet": ControlNetModel}
 
 
 def build(kind, config, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -35,6 +36,9 @@ def example_inputs(kind, module):
     if kind == "vae":
         return (image,)
     inputs = (image, jnp.zeros((1,)), jnp.zeros((1, 1, module.cross_attention_dim)))
+    if kind == "controlnet":  # the conditioning image, at the latents' size times the embedding's factor
+        f = 2 ** (len(module.conditioning_embedding_out_channels) - 1)
+        inputs += (jnp.zeros((1, side * f, side * f, module.conditioning_channels)), 1.0)
     if module.addition_embed_type:  # SDXL's text_embeds, time_ids: only their total width shapes add_embedding
         width = module.projection_class_embeddings_input_dim - module.addition_time_embed_dim
         inputs += (jnp.zeros((1, width)), jnp.zeros((1, 1)))

@@ -114,23 +114,23 @@ class UNet2DConditionModel(nn.Module):
         if context.ndim != 3 or context.shape[-1] not in _per_block(self.cross_attention_dim, 1):
             raise ValueError(f"encoder_hidden_states must be [B, L, {self.cross_attention_dim}], got {context.shape}")
 
-    @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None):
-        """sample [B, H, W, in], timesteps scalar or [B] (float ok), text [B, L, D] -> [B, H, W, out].
+    def _stage_args(self):
+        """Per-block settings (heads, layers, transformer depth, cross-only) and the blocks' common keywords."""
+        n = len(self.block_out_channels)
+        stage = dict(groups=self.norm_num_groups, eps=self.norm_eps, act_fn=self.act_fn,
+                     use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+                     dtype=self.dtype, param_dtype=self.param_dtype)
+        return (_per_block(self.num_attention_heads or self.attention_head_dim, n), _per_block(self.layers_per_block, n),
+                _per_block(self.transformer_layers_per_block, n), _per_block(self.only_cross_attention, n), stage)
 
-        With addition_embed_type="text_time" (SDXL): text_embeds [B, P] (the pooled, projected text) and
-        time_ids [B, N] (original size, crop top-left, target size; the refiner: aesthetic score instead of
-        the target size), diffusers' `added_cond_kwargs`."""
+    def encode(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None, hint=None):
+        """The first half, shared with the ControlNet (which is built from it, with the same names): the time
+        embedding temb [B, T], conv_in (+ `hint`, a function adding the ControlNet's conditioning), the down
+        blocks and the mid block -> (temb, the mid block's output, the skips [B, h, w, c] of every level)."""
         self._check_inputs(sample, encoder_hidden_states, text_embeds, time_ids)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        heads, layers, tlayers, only_cross, stage = self._stage_args()
         n = len(self.block_out_channels)
-        heads = _per_block(self.num_attention_heads or self.attention_head_dim, n)
-        layers = _per_block(self.layers_per_block, n)
-        tlayers = _per_block(self.transformer_layers_per_block, n)
-        only_cross = _per_block(self.only_cross_attention, n)
-        stage = dict(groups=self.norm_num_groups, eps=self.norm_eps, act_fn=self.act_fn,
-                     use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention, **kw)
-
         x = sample.astype(self.dtype)
         context = encoder_hidden_states.astype(self.dtype)
         if self.center_input_sample:
@@ -146,10 +146,11 @@ class UNet2DConditionModel(nn.Module):
             temb = temb + TimestepEmbedding(dim=temb.shape[-1], act_fn=self.act_fn, name="add_embedding", **kw)(added)
 
         x = Conv(self.block_out_channels[0], (3, 3), padding=1, name="conv_in", **kw)(x)
-        # nn.remat keeps names (and so params); `size` (argument 5 counting self) is static.
-        down, mid, up = ((nn.remat(DownBlock2D), nn.remat(UNetMidBlock2DCrossAttn),
-                          nn.remat(UpBlock2D, static_argnums=(5,)))
-                         if self.remat else (DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D))
+        if hint is not None:
+            x = hint(x)
+        # nn.remat keeps names (and so params)
+        down, mid = ((nn.remat(DownBlock2D), nn.remat(UNetMidBlock2DCrossAttn)) if self.remat
+                     else (DownBlock2D, UNetMidBlock2DCrossAttn))
         skips = [x]
         for i, block_type in enumerate(self.down_block_types):
             x, res = down(
@@ -158,11 +159,34 @@ class UNet2DConditionModel(nn.Module):
                 add_downsample=i < n - 1, downsample_padding=self.downsample_padding,
                 name=f"down_blocks_{i}", **stage)(x, temb, context)
             skips += res
-
         x = mid(
             out_channels=self.block_out_channels[-1], num_heads=heads[-1], transformer_layers=tlayers[-1],
             output_scale_factor=self.mid_block_scale_factor, name="mid_block", **stage)(x, temb, context)
+        return temb, x, skips
 
+    @nn.compact
+    def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None,
+                 down_residuals=None, mid_residual=None):
+        """sample [B, H, W, in], timesteps scalar or [B] (float ok), text [B, L, D] -> [B, H, W, out].
+
+        With addition_embed_type="text_time" (SDXL): text_embeds [B, P] (the pooled, projected text) and
+        time_ids [B, N] (original size, crop top-left, target size; the refiner: aesthetic score instead of
+        the target size), diffusers' `added_cond_kwargs`. down_residuals (one per skip) / mid_residual: what
+        ControlNets add to the skips and to the mid block's output (diffusers' down_block_additional_residuals,
+        mid_block_additional_residual)."""
+        temb, x, skips = self.encode(sample, timesteps, encoder_hidden_states, text_embeds, time_ids)
+        context = encoder_hidden_states.astype(self.dtype)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals: {len(skips)} expected (one per skip), got {len(down_residuals)}")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
+        if mid_residual is not None:
+            x = x + mid_residual.astype(x.dtype)
+        heads, layers, tlayers, only_cross, stage = self._stage_args()
+        n = len(self.block_out_channels)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # `size` (argument 5 counting self) is static
+        up = nn.remat(UpBlock2D, static_argnums=(5,)) if self.remat else UpBlock2D
         for i, block_type in enumerate(self.up_block_types):
             r = n - 1 - i  # the matching down level
             k = layers[r] + 1

@@ -19,7 +19,7 @@ from sdjax.weights.files import release
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
 LIST_NAMES = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
-    "transformer_blocks", "to_out", "net", "layers",
+    "transformer_blocks", "to_out", "net", "layers", "controlnet_down_blocks", "blocks",  # ControlNet
     "main", "model", "slice1", "slice2", "slice3", "slice4", "slice5",  # discriminator, LPIPS
 })
 # Buffers that some checkpoints carry and that are not parameters.

@@ -31,7 +31,8 @@ SD_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "be
                 "clip_sample": False, "skip_prk_steps": True, "timestep_spacing": "leading"}
 _CLASS = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
           "text_encoder": ("transformers", "CLIPTextModel"),
-          "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
+          "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+          "controlnet": ("diffusers", "ControlNetModel")}
 # model_index.json keys that are pipeline settings (SDXL: zero embeddings for an empty negative prompt; the
 # refiner's aesthetic-score conditioning), kept as Pretrained.options
 PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
@@ -133,6 +134,12 @@ def load_component(root, kind, dtype=np.float32, variant=None):
     if not os.path.isdir(folder):
         raise WeightLoadError(f"{root}: no {kind}/ folder (a diffusers folder holds unet/, vae/, "
                               f"text_encoder/); found {sorted(os.listdir(root))}")
+    return load_model_folder(folder, kind, dtype, variant)
+
+
+def load_model_folder(folder, kind, dtype=np.float32, variant=None):
+    """(module, params) of a model folder of `kind` ({config.json, weights}: a pipeline's component, or a
+    model saved alone, as ControlNets are)."""
     config = read_json(os.path.join(folder, "config.json"))
     try:
         module = registry.build(kind, config)
