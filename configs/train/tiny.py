@@ -5,7 +5,7 @@ import ml_collections
 
 from configs.models import tiny, tiny_xl
 from sdjax.data import input_pipeline
-from sdjax.train.ldm import dreambooth, lora_params, textual_inversion
+from sdjax.train.ldm import dreambooth, lora_params, periodic_eval, textual_inversion
 
 
 MODELS = {"": tiny.get_config, "sdxl": tiny_xl.get_config}
@@ -57,4 +57,5 @@ def get_config(arg=""):
     c.sample = ml_collections.ConfigDict(dict(
         every=0, prompts=("a red circle", "a large blue square on the left"), num_steps=20,
         guidance_scale=3.0, seed=0))
+    c.eval = periodic_eval.default_config()  # every N steps: FID / CLIP score of a captions subset (periodic_eval.py)
     return c

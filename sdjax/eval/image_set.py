@@ -33,14 +33,15 @@ class Item:
         return f"{self.caption_id}-{self.index}.png"
 
 
-def read_captions(path):
-    """[(id, caption)] of a COCO-style captions file (JSONL, CSV, or TSV as MLPerf's captions_source.tsv): an "id"
-    column of integers >= 0, each once (none: the row numbers), and a "caption" (or "text") column."""
+def read_captions(path, what="--captions"):
+    """[(id, caption)] of a COCO-style captions file (JSONL, CSV, or TSV as MLPerf's val2014_30k.tsv): an "id"
+    column of integers >= 0, each once (none: the row numbers), and a "caption" (or "text") column. Errors name
+    `what` (the option or config field) and the row."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--captions: no such file: {path}")
+        raise FileNotFoundError(f"{what}: no such file: {path}")
     rows, seen = [], {}
     for i, record in enumerate(read_records(path)):
-        where = f"--captions {path} row {i + 1}"
+        where = f"{what} {path} row {i + 1}"
         raw = next((record[k] for k in ID_KEYS if k in record), i)
         try:
             caption_id = int(str(raw).strip())
@@ -52,7 +53,7 @@ def read_captions(path):
         seen[caption_id] = i
         rows.append((caption_id, str(pick(record, CAPTION_KEYS, where)).strip()))
     if not rows:
-        raise ValueError(f"--captions {path}: no captions")
+        raise ValueError(f"{what} {path}: no captions")
     return rows
 
 
@@ -89,17 +90,24 @@ def missing(todo, folder):
     return [i for i, item in enumerate(todo) if not os.path.isfile(os.path.join(folder, item.name))]
 
 
+def sample(sd, todo, batch_size, options):
+    """Batches ([Item], uint8 images [B, H, W, 3]) of `todo` sampled with `sd.generate(**options)`, `batch_size` at a
+    time (a short batch padded: one compiled program, a resumed run's too)."""
+    for lo in range(0, len(todo), batch_size):
+        batch = todo[lo:lo + batch_size]
+        padded = batch + batch[-1:] * (batch_size - len(batch))
+        images = sd.generate([item.caption for item in padded], seed=[item.seed for item in padded], progress=False,
+                             **options)
+        yield batch, images[:len(batch)]
+
+
 def make_images(sd, todo, folder, batch_size, options, metadata=None, write=True, progress=None):
-    """Sample the images of `todo` ([Item]) with `sd.generate(**options)`, `batch_size` at a time (a short batch
-    padded: one compiled program, a resumed run's too), and write each to `folder` (write=False: another process writes) by a thread
-    while the next batch samples; `progress` (a tqdm bar) advances by batch. metadata: PNG text of every image."""
+    """Sample the images of `todo` ([Item]) as `sample` does and write each to `folder` (write=False: another
+    process writes) by a thread while the next batch samples; `progress` (a tqdm bar) advances by batch. metadata:
+    PNG text of every image."""
     with concurrent.futures.ThreadPoolExecutor(1) as writer:
         written = []
-        for lo in range(0, len(todo), batch_size):
-            batch = todo[lo:lo + batch_size]
-            padded = batch + batch[-1:] * (batch_size - len(batch))
-            images = sd.generate([item.caption for item in padded], seed=[item.seed for item in padded],
-                                 progress=False, **options)
+        for batch, images in sample(sd, todo, batch_size, options):
             for done in written:  # the previous batch's: an error in writing stops the run here
                 done.result()
             if write:

@@ -14,7 +14,7 @@ from sdjax.text.tokenizer import batch_tokenizers
 from sdjax.train import config as config_lib, distributed, run_config
 from sdjax.train.ldm import lora_params
 from sdjax.train.checkpoint import Checkpointer
-from sdjax.train.ldm import dreambooth
+from sdjax.train.ldm import dreambooth, periodic_eval
 from sdjax.train.ldm.textual_inversion import caption_tokenizers, model_params
 from sdjax.train.metrics_log import MetricsLogger
 from sdjax.train.sharding import compile_step, global_batch, make_mesh, tree_shardings
@@ -261,10 +261,12 @@ def train(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
     if run.config_changes:
         logger.record(int(jax.device_get(run.state.step)), config_change=run.config_changes)
     sampling = bool(config.get("sample")) and config.sample.every > 0
-    pipe = None
-    if sampling:
+    pipe = evaluator = None
+    if sampling or periodic_eval.enabled(config):
         from sdjax.pipeline import StableDiffusion
         pipe = StableDiffusion(dataclasses.replace(run.pretrained, params=sampled_params(run)), run.mesh)
+    if periodic_eval.enabled(config):  # its captions read and scoring networks loaded once
+        evaluator = periodic_eval.Evaluator(config.eval, run.mesh)
     term = {"seen": False}
     single = jax.process_count() == 1  # several processes: jax's preemption notifier handles SIGTERM
     previous = signal.signal(signal.SIGTERM, lambda *_: term.update(seen=True)) if single else None
@@ -309,6 +311,9 @@ def train(config, workdir, make_data=pipeline_iterator, devices=None, pretrained
                 save(run, data_state)
             if sampling and step % config.sample.every == 0:
                 sample_images(pipe, run, step, logger)
+            if evaluator and step % config.eval.every == 0:  # the EMA params, as sampled
+                pipe.params = sampled_params(run)
+                logger.write(step, evaluator(pipe))
             if stop:
                 log.warning("SIGTERM: saved step %d, stopping", step)
                 break

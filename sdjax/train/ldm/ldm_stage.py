@@ -19,7 +19,7 @@ from sdjax.errors import UnsupportedConfig
 from sdjax.text.tokenizer import batch_tokenizers, load_tokenizer, tokenize
 from sdjax.train import optim
 from sdjax.train.config import check_common, compute_dtype, require
-from sdjax.train.ldm import dreambooth, ldm_step, lora_params, textual_inversion
+from sdjax.train.ldm import dreambooth, ldm_step, lora_params, periodic_eval, textual_inversion
 from sdjax.weights.diffusers import KINDS
 from sdjax.weights.lora_files import lora_tensors
 from sdjax.weights.pretrained import Pretrained, load_pretrained, save_pretrained
@@ -40,6 +40,7 @@ def check(config):
     require(loss.latent in LATENTS, f"loss.latent must be one of {LATENTS}, got {loss.latent!r}")
     textual_inversion.check(config)
     dreambooth.check(config)
+    periodic_eval.check(config)
     if lora_params.enabled(config):
         lora_params.check(config)
         require(not textual_inversion.enabled(config), "lora and textual_inversion train different parameters: "
