@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdjax.eval import __main__ as eval_cli
+from eval_fakes import build_clip_folder, write_fid_inception
+from sdjax.eval import __main__ as eval_cli, clip_score, fid
 from sdjax.pipeline import StableDiffusion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,11 +46,30 @@ def report_of(out):
 
 
 @pytest.fixture(scope="module")
-def first_run(torch_folder, tmp_path_factory):
-    """One evaluation of the tiny model: 3 captions x 2 images in batches of 4 (the last padded); its folder."""
+def scoring(tmp_path_factory, tokenizer):
+    """The scoring flags: FID (64 features) against a folder of 5 images with pytorch-fid's Inception (random
+    weights), and CLIP score with a tiny random CLIP."""
+    folder = tmp_path_factory.mktemp("scoring")
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / f"ref{i}.png")
+    weights = write_fid_inception(folder / "pt_inception.pth")
+    clip = build_clip_folder(str(tmp_path_factory.mktemp("openai_clip")), tokenizer)
+    return dict(fid_ref=str(folder), inception=weights, clip=clip)
+
+
+def score_flags(scoring):
+    return ["--fid-ref", scoring["fid_ref"], "--inception", scoring["inception"], "--dims", "64", "--clip",
+            scoring["clip"], "--score-batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def first_run(torch_folder, scoring, tmp_path_factory):
+    """One evaluation of the tiny model: 3 captions x 2 images in batches of 4 (the last padded), scored; its
+    folder."""
     folder = tmp_path_factory.mktemp("eval")
     captions = write_captions(str(folder))
-    eval_cli.main(argv(torch_folder[1], captions, folder / "out"))
+    eval_cli.main(argv(torch_folder[1], captions, folder / "out", *score_flags(scoring)))
     return folder / "out", captions
 
 
@@ -70,8 +90,32 @@ def test_images_are_the_apis_of_each_caption_and_seed(first_run, torch_folder):
     assert report["settings"]["num_steps"] == STEPS and report["settings"]["guidance_scale"] == 7.5
 
 
-def test_an_interrupted_evaluation_resumes_without_regenerating(first_run, torch_folder, tmp_path, monkeypatch,
-                                                                 capsys):
+def test_report_holds_the_metrics_of_the_images(first_run, scoring):
+    """report.json's FID and CLIP score are sdjax.eval.fid's and clip_score's of the written images and their
+    captions (each a few times its tolerance away from what other images or captions score); metrics.jsonl and
+    TensorBoard get them as a row at step 0."""
+    out, _ = first_run
+    report = report_of(out)
+    inception = fid.load_inception(scoring["inception"], 64)
+    fid_of = lambda folder: fid.fid_from_paths(str(folder), scoring["fid_ref"], inception, 64, 8)  # noqa: E731
+    assert report["fid"] == pytest.approx(fid_of(out / "images"), rel=1e-6)
+    names = sorted(images_of(out))
+    images = np.stack([images_of(out)[n] for n in names])
+    captions = [CAPTIONS[int(n.split("-")[0])] for n in names]
+    clip = clip_score.load_clip(scoring["clip"])
+    cosines = clip.cosines(images, captions)
+    assert report["clip_cosine"] == pytest.approx(np.mean(cosines), abs=1e-6)
+    assert report["clip_score"] == pytest.approx(clip_score.score(cosines), abs=1e-4)
+    assert abs(np.mean(clip.cosines(images, captions[::-1])) - report["clip_cosine"]) > 1e-4  # other captions
+    assert abs(fid_of(scoring["fid_ref"])) < 1e-6 < report["fid"] * 1e-4  # the reference against itself: 0
+    with open(out / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert rows == [{"step": 0, **{k: report[k] for k in ("fid", "clip_score", "clip_cosine")}}]
+    assert os.listdir(out / "tensorboard")
+
+
+def test_an_interrupted_evaluation_resumes_without_regenerating(first_run, torch_folder, scoring, tmp_path,
+                                                                 monkeypatch):
     """A run killed mid-way leaves some images, and a half-written one under a .part name: the rerun makes only the
     missing ones (the others' files untouched), the same bits, and the same report; a third run makes none. Other
     settings in the same folder are refused."""
@@ -90,7 +134,7 @@ def test_an_interrupted_evaluation_resumes_without_regenerating(first_run, torch
         made.append(list(prompt))
         return generate(self, prompt, **kw)
     monkeypatch.setattr(StableDiffusion, "generate", counted)
-    eval_cli.main(argv(torch_folder[1], captions, resumed))
+    eval_cli.main(argv(torch_folder[1], captions, resumed, *score_flags(scoring)))
     assert made == [[CAPTIONS[2]] + [CAPTIONS[40]] * 3]  # one batch: the two missing images, padded to 4
     for name, stat in kept.items():
         assert (os.stat(resumed / "images" / name).st_ino, os.stat(resumed / "images" / name).st_mtime_ns) == stat
@@ -99,14 +143,14 @@ def test_an_interrupted_evaluation_resumes_without_regenerating(first_run, torch
         np.testing.assert_array_equal(images_of(resumed)[name], image)
     assert report_of(resumed) == report_of(out)
     made.clear()
-    eval_cli.main(argv(torch_folder[1], captions, resumed))
+    eval_cli.main(argv(torch_folder[1], captions, resumed))  # (unscored)
     assert made == []
     with pytest.raises(SystemExit) as e:
         eval_cli.main(argv(torch_folder[1], captions, resumed, "--steps", "3"))
     assert f"--out {resumed} holds images made with other settings (num_steps 2 there, 3 here)" in str(e.value)
 
 
-def test_two_processes_make_the_images_and_report_of_one(first_run, torch_folder, tmp_path):
+def test_two_processes_make_the_images_and_report_of_one(first_run, torch_folder, scoring, tmp_path):
     """Two processes on 127.0.0.1 (gloo), the batches split over both: the same images, bit for bit, and report."""
     out, captions = first_run
     with socket.socket() as s:
@@ -114,6 +158,7 @@ def test_two_processes_make_the_images_and_report_of_one(first_run, torch_folder
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=ROOT)
     procs = [subprocess.Popen([sys.executable, "-m", "sdjax.eval", *argv(torch_folder[1], captions, tmp_path / "out"),
+                               *score_flags(scoring),
                                f"--coordinator=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}",
                                "--cpu-collectives=gloo"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
