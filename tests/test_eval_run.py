@@ -1,6 +1,6 @@
 """python -m sdjax.eval (issue 33, item 4) on the tiny SD model: each image is the API's image of its caption and seed,
-an interrupted evaluation resumes making only what is missing, and two processes make the same images and report as
-one."""
+the report's scores are the metrics' of those images, and an interrupted evaluation resumed by two processes makes
+only what is missing, the same images and report as one process."""
 import functools
 import json
 import os
@@ -114,19 +114,36 @@ def test_report_holds_the_metrics_of_the_images(first_run, scoring):
     assert os.listdir(out / "tensorboard")
 
 
-def test_an_interrupted_evaluation_resumes_without_regenerating(first_run, torch_folder, scoring, tmp_path,
-                                                                 monkeypatch):
-    """A run killed mid-way leaves some images, and a half-written one under a .part name: the rerun makes only the
-    missing ones (the others' files untouched), the same bits, and the same report; a third run makes none. Other
-    settings in the same folder are refused."""
+def test_two_processes_resume_an_interrupted_evaluation(first_run, torch_folder, scoring, tmp_path, monkeypatch):
+    """A run killed mid-way leaves some images, and half-written ones under .part names. Two processes on 127.0.0.1
+    (gloo) resume it, the batch of the 4 missing images split over both: the kept files untouched, the others the
+    first run's bits, the same report (FID and CLIP score included). A third run makes none; other settings in the
+    same folder are refused."""
     out, captions = first_run
     resumed = tmp_path / "out"
     shutil.copytree(out, resumed)
     os.remove(resumed / "report.json")
-    for name in ("2-1.png", "40-0.png"):
-        os.rename(resumed / "images" / name, resumed / "images" / f"{name}.part")  # as a kill leaves it
+    for name in ("7-1.png", "2-0.png", "2-1.png", "40-0.png"):
+        os.rename(resumed / "images" / name, resumed / "images" / f"{name}.part")  # as a kill leaves them
     kept = {name: (os.stat(resumed / "images" / name).st_ino, os.stat(resumed / "images" / name).st_mtime_ns)
-            for name in os.listdir(resumed / "images") if name.endswith(".png")}
+            for name in ("7-0.png", "40-1.png")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "sdjax.eval", *argv(torch_folder[1], captions, resumed),
+                               *score_flags(scoring), f"--coordinator=127.0.0.1:{port}", "--num-processes=2",
+                               f"--process-id={i}", "--cpu-collectives=gloo"],
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for p in procs:
+        output = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, output[-3000:]
+    for name, stat in kept.items():
+        assert (os.stat(resumed / "images" / name).st_ino, os.stat(resumed / "images" / name).st_mtime_ns) == stat
+    assert images_of(resumed).keys() == images_of(out).keys()  # the half-written files replaced
+    for name, image in images_of(out).items():
+        np.testing.assert_array_equal(images_of(resumed)[name], image)
+    assert report_of(resumed) == report_of(out)
     made, generate = [], StableDiffusion.generate
 
     @functools.wraps(generate)
@@ -134,42 +151,11 @@ def test_an_interrupted_evaluation_resumes_without_regenerating(first_run, torch
         made.append(list(prompt))
         return generate(self, prompt, **kw)
     monkeypatch.setattr(StableDiffusion, "generate", counted)
-    eval_cli.main(argv(torch_folder[1], captions, resumed, *score_flags(scoring)))
-    assert made == [[CAPTIONS[2]] + [CAPTIONS[40]] * 3]  # one batch: the two missing images, padded to 4
-    for name, stat in kept.items():
-        assert (os.stat(resumed / "images" / name).st_ino, os.stat(resumed / "images" / name).st_mtime_ns) == stat
-    assert images_of(resumed).keys() == images_of(out).keys()  # the half-written files replaced
-    for name, image in images_of(out).items():
-        np.testing.assert_array_equal(images_of(resumed)[name], image)
-    assert report_of(resumed) == report_of(out)
-    made.clear()
     eval_cli.main(argv(torch_folder[1], captions, resumed))  # (unscored)
     assert made == []
     with pytest.raises(SystemExit) as e:
         eval_cli.main(argv(torch_folder[1], captions, resumed, "--steps", "3"))
     assert f"--out {resumed} holds images made with other settings (num_steps 2 there, 3 here)" in str(e.value)
-
-
-def test_two_processes_make_the_images_and_report_of_one(first_run, torch_folder, scoring, tmp_path):
-    """Two processes on 127.0.0.1 (gloo), the batches split over both: the same images, bit for bit, and report."""
-    out, captions = first_run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    procs = [subprocess.Popen([sys.executable, "-m", "sdjax.eval", *argv(torch_folder[1], captions, tmp_path / "out"),
-                               *score_flags(scoring),
-                               f"--coordinator=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}",
-                               "--cpu-collectives=gloo"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    for p in procs:
-        output = p.communicate(timeout=300)[0]
-        assert p.returncode == 0, output[-3000:]
-    two = images_of(tmp_path / "out")
-    assert two.keys() == images_of(out).keys()
-    for name, image in images_of(out).items():
-        np.testing.assert_array_equal(two[name], image)
-    assert report_of(tmp_path / "out") == report_of(out)
 
 
 BAD_CAPTIONS = {  # a captions file's text -> the message
