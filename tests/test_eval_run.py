@@ -203,3 +203,54 @@ def test_mlperf_config_sets_the_options():
                                                                                            2048, 0)
     assert args.steps == 20 and args.targets == {"fid_max": 90.0, "clip_cosine_min": 0.15}
     assert eval_cli.parse_args(["--config", os.path.join(ROOT, "configs/eval/mlperf_sd.py:1k")]).limit == 1000
+
+
+def eval_config(scoring, captions, **fields):
+    """config.eval (configs/train/tiny.py's) scoring as score_flags does, on `captions`."""
+    from configs.train import tiny
+    c = tiny.get_config().eval
+    c.update(dict(dict(every=1, captions=captions, num_steps=STEPS, sampler="ddim", fid_ref=scoring["fid_ref"],
+                       inception=scoring["inception"], dims=64, clip=scoring["clip"], score_batch_size=8), **fields))
+    return c
+
+
+def test_training_s_evaluation_scores_as_the_cli(first_run, torch_folder, scoring):
+    """config.eval's Evaluator (what training runs every eval.every steps) gives a pipeline's images the scores
+    python -m sdjax.eval gives the same model and settings."""
+    from sdjax.train.ldm.periodic_eval import Evaluator
+    out, captions = first_run
+    sd = StableDiffusion.load(torch_folder[1])
+    c = eval_config(scoring, captions, num_captions=0, images_per_caption=PER_CAPTION, guidance_scale=7.5,
+                    batch_size=4)
+    got = Evaluator(c, sd.mesh)(sd)
+    report = report_of(out)
+    assert got == pytest.approx({f"eval/{k}": report[k] for k in ("fid", "clip_score", "clip_cosine")}, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_training_evaluates_its_ema_weights(scoring, tmp_path):
+    """A 4-step tiny run with config.eval every 2 steps: eval/fid, eval/clip_score and eval/clip_cosine rows at
+    steps 2 and 4 of metrics.jsonl (and TensorBoard); step 4's are python -m sdjax.eval's of the run's export (its
+    EMA weights), step 2's differ (the weights moved)."""
+    import train_worker
+    from train_fakes import fake_data
+    from sdjax.train import loop
+    from sdjax.train.export import export
+    captions = write_captions(str(tmp_path))
+    c = train_worker.tiny_config(4)
+    c.eval = eval_config(scoring, captions, every=2, num_captions=2, images_per_caption=1, guidance_scale=3.0,
+                         batch_size=2)
+    loop.train(c, str(tmp_path / "run"), fake_data())
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = {r["step"]: r for r in map(json.loads, f) if "eval/fid" in r}
+    assert sorted(rows) == [2, 4]
+    events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tensorboard").iterdir())
+    assert all(f"eval/{name}".encode() in events for name in ("fid", "clip_score", "clip_cosine"))
+    export(str(tmp_path / "run"), str(tmp_path / "exported"))
+    eval_cli.main(["--model", str(tmp_path / "exported"), "--captions", captions, "--limit", "2", "--out",
+                   str(tmp_path / "out"), "--steps", str(STEPS), "--sampler", "ddim", "--guidance", "3",
+                   "--batch-size", "2", *score_flags(scoring)])
+    report = report_of(tmp_path / "out")
+    for name in ("fid", "clip_score", "clip_cosine"):
+        assert rows[4][f"eval/{name}"] == pytest.approx(report[name], rel=1e-6)
+    assert abs(rows[2]["eval/fid"] - rows[4]["eval/fid"]) > 1e-3 * report["fid"]
