@@ -254,3 +254,19 @@ def test_training_evaluates_its_ema_weights(scoring, tmp_path):
     for name in ("fid", "clip_score", "clip_cosine"):
         assert rows[4][f"eval/{name}"] == pytest.approx(report[name], rel=1e-6)
     assert abs(rows[2]["eval/fid"] - rows[4]["eval/fid"]) > 1e-3 * report["fid"]
+
+
+def test_memory_estimate_counts_the_scoring_networks(scoring, tmp_path):
+    """sdjax.train.memory's `eval` bytes (from the networks' configurations) are what the loaded Inception and CLIP
+    hold; none without config.eval."""
+    import jax
+    from configs.train import tiny
+    from sdjax.train.ldm.periodic_eval import scoring_params
+    config = tiny.get_config()
+    assert scoring_params(config) == {}
+    config.eval = eval_config(scoring, write_captions(str(tmp_path)))
+    counted = {k: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(v)) for k, v in
+               scoring_params(config).items()}
+    held = lambda params: sum(x.nbytes for x in jax.tree.leaves(params))  # noqa: E731
+    assert counted == {"inception": held(fid.load_inception(scoring["inception"], 64).params),
+                       "clip": held(clip_score.load_clip(scoring["clip"]).params)}

@@ -7,8 +7,11 @@ mesh, from shapes alone (no weights read or initialised), and prints what one de
 weights and batch (arguments), temporaries, and their sum against `config.target.hbm_gib`. The CPU
 compile stands in for the accelerator's: the same program and shardings, with attention "chunked" (query
 chunks: memory like the flash kernels') in place of the TPU/GPU kernels, which only lower there. Sampling during
-training (`config.sample`) generates from the run's own shards of the weights: it keeps no copy of them to count
-(tests/test_train_loop.py measures what a device holds after sampling), only its temporaries while it runs.
+training (`config.sample`, and `config.eval`'s) generates from the run's own shards of the weights: it keeps no copy
+of them to count (tests/test_train_loop.py measures what a device holds after sampling), only its temporaries while
+it runs. The evaluation's scoring networks (`config.eval`: FID's Inception, the CLIP model) stay whole on every
+device for the run: their params are counted (`eval`, from their configurations), not their activations while they
+score, which, as sampling's, come between steps.
 """
 import dataclasses
 import math
@@ -33,12 +36,13 @@ class Estimate:
     temp: int         # XLA's temporaries (activations kept for the backward pass, workspace)
     arguments: int    # XLA's count of the arguments: state + batch + the frozen weights the step reads
     flops: float      # XLA's FLOP count of one step on one device
+    eval: int = 0     # the evaluation's scoring networks (config.eval: FID's Inception, CLIP), whole on every device
 
     @property
     def peak(self):
         """Everything held + temporaries (the donated state's outputs reuse its buffers; the frozen weights
         the step never reads, the VAE decoder, stay on the device though XLA does not count them)."""
-        return self.state + self.frozen + self.batch + self.temp
+        return self.state + self.frozen + self.batch + self.temp + self.eval
 
 
 def _shard_bytes(tree, shardings):
@@ -94,9 +98,12 @@ def estimate(config, devices=None, lowered=None):
     low = lowered or compile_step(config, devices)
     mem, cost = low.compiled.memory_analysis(), low.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    import jax
+    from sdjax.train.ldm import periodic_eval
+    scoring = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(periodic_eval.scoring_params(config)))
     return Estimate(low.mesh.size, _shard_bytes(low.plan.abstract, low.plan.state_sharding),
                     _shard_bytes(low.frozen, low.plan.frozen_sharding), _shard_bytes(low.batch, low.batch_sharding),
-                    mem.temp_size_in_bytes, mem.argument_size_in_bytes, float(cost.get("flops", math.nan)))
+                    mem.temp_size_in_bytes, mem.argument_size_in_bytes, float(cost.get("flops", math.nan)), scoring)
 
 
 def report(config, est):
@@ -107,7 +114,7 @@ def report(config, est):
              f"fsdp={config.mesh.fsdp}, batch {config.batch_size} ({config.batch_size // est.devices} per device) "
              f"at {config.data.image_size}², {config.precision.compute_dtype}, remat={bool(config.get('remat'))}",
              "per device (GiB):"]
-    for name in ("state", "frozen", "batch", "temp"):
+    for name in ("state", "frozen", "batch", "temp") + (("eval",) if est.eval else ()):
         lines.append(f"  {name:<7}{getattr(est, name) / GIB:9.3f}")
     lines.append(f"  {'peak':<7}{est.peak / GIB:9.3f}" + (f"   of {hbm} GiB: {100 * est.peak / (hbm * GIB):.0f}%"
                                                           f" ({'fits' if est.peak < 0.9 * hbm * GIB else 'too big'})"

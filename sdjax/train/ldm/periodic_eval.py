@@ -74,3 +74,36 @@ class Evaluator:
         for batch, images in image_set.sample(pipe, self.todo, self.batch_size, self.options):
             self.scorer.add(images, [item.caption for item in batch])
         return {f"eval/{name}": value for name, value in self.scorer.result().items()}
+
+
+def _clip_module(path):
+    """The CLIPModel (no weights) that sdjax.eval.clip_score.load_clip builds for `path`, from its config alone."""
+    from sdjax.eval.clip_score import OPEN_CLIP_FILES
+    from sdjax.models.clip_vision import CLIPModel
+    from sdjax.weights.clip_model import open_clip_config, transformers_config
+    from sdjax.weights.diffusers import read_json
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return CLIPModel.from_config(read_json(os.path.join(path, "config.json")))
+    if os.path.isdir(path):
+        path = next((os.path.join(path, f) for f in OPEN_CLIP_FILES if os.path.isfile(os.path.join(path, f))), path)
+    return CLIPModel.from_config(transformers_config(open_clip_config(None, path)[0]))
+
+
+def scoring_params(config):
+    """{"inception", "clip": params as ShapeDtypeStructs} of the scoring networks `config.eval` loads (none when
+    off), from their configurations alone: what every device holds for the run besides the training's arrays."""
+    import jax
+    import jax.numpy as jnp
+    if not enabled(config):
+        return {}
+    c, key, out = config.eval, jax.random.key(0), {}
+    if c.fid_ref:
+        from sdjax.models.inception import FIDInceptionV3
+        # every block's: load_inception keeps the whole network, whatever the dims
+        out["inception"] = jax.eval_shape(FIDInceptionV3().init, key, jnp.zeros((1, 299, 299, 3)))
+    if c.clip:
+        module = _clip_module(c.clip)
+        size = module.vision_model.image_size
+        out["clip"] = jax.eval_shape(module.init, key, jnp.zeros((1, size, size, module.vision_model.num_channels)),
+                                     jnp.zeros((1, 1), jnp.int32))
+    return out
