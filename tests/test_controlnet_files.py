@@ -4,17 +4,21 @@ import copy
 import functools
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save_file
 
-from conftest import SDXL_PROJECTION, _randomize, _sdxl_unet
+from conftest import SDXL_PROJECTION, _randomize, _sdxl_unet, torch_state
 from test_controlnet import _close, _nchw, tiny_controlnet
 from sdjax.errors import WeightLoadError
-from sdjax.weights.controlnet_files import load_controlnet
+from sdjax.models import registry
+from sdjax.weights.controlnet_files import PREFIX, controlnet_tensors, load_controlnet, save_controlnet, to_original
+from sdjax.weights.files import read_tensors
 
 # What an original file can say: 32 norm groups, SD1's 8 heads; the conditioning embedding of every released
 # ControlNet (16, 32, 96, 256): diffusers' reader of original files knows no other (conv_out = input_hint_block.14).
@@ -51,7 +55,6 @@ def _torch_residuals(net, inp):
 @functools.cache
 def _compiled(config):
     """The jitted apply of the ControlNet of `config` (JSON): compiled once for the tests sharing it."""
-    from sdjax.models import registry
     module = registry.build("controlnet", json.loads(config))
     return jax.jit(lambda params, x, t, text, cond, added: module.apply({"params": params}, x, t, text, cond, 0.8,
                                                                           **added))
@@ -59,7 +62,6 @@ def _compiled(config):
 
 def _residuals(loaded, inp):
     """sdjax's residuals (conditioning scale 0.8) of (module, params), NHWC numpy."""
-    from sdjax.models import registry
     module, params = loaded
     run = _compiled(json.dumps(registry.config_of(module), sort_keys=True))
     added = {k: jnp.asarray(v) for k, v in inp["added"].items()}
@@ -96,14 +98,124 @@ def test_diffusers_folders_load_as_diffusers_loads_them(net, tmp_path, how):
         assert max(np.abs(a - b).max() / np.abs(a).max() for a, b in zip(full, got)) > 1e-3
 
 
-def test_sdxl_controlnet_folder_loads_as_diffusers_loads_it(tmp_path):
-    """diffusers/controlnet-canny-sdxl-1.0's layout: text_time conditioning, per-level transformer depth."""
+def test_sdxl_controlnets_load_as_diffusers_loads_them(tmp_path):
+    """diffusers/controlnet-canny-sdxl-1.0's layout (text_time conditioning, per-level transformer depth) as a
+    folder and as its weights file alone (diffusers names); in ldm names (label_emb), as sdjax reads the others."""
     from diffusers import ControlNetModel
-    net = tiny_controlnet(_randomize(_sdxl_unet(64, 6, SDXL_PROJECTION, False), 0))
-    net.save_pretrained(tmp_path)
+    net = _randomize(ControlNetModel(
+        **{**FILE_SIZED, "block_out_channels": (64, 128), "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+           "attention_head_dim": (1, 2), "use_linear_projection": True, "transformer_layers_per_block": (1, 2),
+           "addition_embed_type": "text_time", "addition_time_embed_dim": 256,  # SDXL's time ids embedding
+           "projection_class_embeddings_input_dim": SDXL_PROJECTION + 6 * 256}), 5).eval()
+    net.save_pretrained(tmp_path / "folder")
+    single = str(tmp_path / "controlnet-canny-sdxl-1.0.safetensors")
+    os.rename(tmp_path / "folder" / "diffusion_pytorch_model.safetensors", single)
+    save_file(to_original(torch_state(net)), tmp_path / "ldm.safetensors")
+    save_file(torch_state(net), tmp_path / "folder" / "diffusion_pytorch_model.safetensors")
     r = np.random.default_rng(1)
     added = dict(text_embeds=r.standard_normal((2, SDXL_PROJECTION)).astype(np.float32),
-                 time_ids=np.tile(np.array([[16, 16, 0, 0, 16, 16]], np.float32), (2, 1)))
-    inp = _inputs(net.config, added, factor=2)
-    reference = ControlNetModel.from_pretrained(tmp_path).eval()
-    _close(_torch_residuals(reference, inp), _residuals(load_controlnet(str(tmp_path)), inp))
+                 time_ids=np.tile(np.array([[64, 64, 0, 0, 64, 64]], np.float32), (2, 1)))
+    inp = _inputs(net.config, added)
+    ref = _torch_residuals(ControlNetModel.from_pretrained(tmp_path / "folder").eval(), inp)
+    _close(ref, _residuals(load_controlnet(str(tmp_path / "folder")), inp))
+    reference = ControlNetModel.from_single_file(single, config=str(tmp_path / "folder")).eval()
+    _close(_torch_residuals(reference, inp), _residuals(load_controlnet(single), inp))
+    _close(ref, _residuals(load_controlnet(str(tmp_path / "ldm.safetensors")), inp))
+
+
+def _single_file(net, path, how):
+    """net written as the single files that circulate, in ldm names (controlnet_files.to_original)."""
+    state = to_original(torch_state(net))
+    if how == "stripped fp16":  # comfy/webui conversions: no control_model. prefix, half precision
+        save_file({k.removeprefix(PREFIX): v.astype(np.float16) for k, v in state.items()}, path)
+        return
+    if how == "1.0 whole model":  # control_sd15_*.pth: the SD model it was trained with beside it (ignored)
+        r = np.random.default_rng(0)
+        state.update({"model.diffusion_model." + k.removeprefix(PREFIX): r.standard_normal(v.shape).astype(np.float32)
+                      for k, v in state.items() if k.startswith((PREFIX + "input_blocks.", PREFIX + "middle_block."))})
+        state.update({"first_stage_model.encoder.conv_in.weight": np.ones((8, 3, 3, 3), np.float32),
+                      "cond_stage_model.transformer.text_model.final_layer_norm.weight": np.ones(64, np.float32),
+                      "betas": np.linspace(1e-4, 2e-2, 1000, dtype=np.float32)})
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+
+
+SINGLE_FILES = {"1.1": "control_v11p_sd15_canny.pth", "stripped fp16": "control_v11p_sd15_canny_fp16.safetensors",
+                "1.0 whole model": "control_sd15_canny.pth"}
+
+
+@pytest.mark.parametrize("how", SINGLE_FILES)
+def test_original_single_files_load_as_diffusers_reads_them(net, tmp_path, how):
+    from diffusers import ControlNetModel
+    path = str(tmp_path / SINGLE_FILES[how])
+    _single_file(net, path, how)
+    net.save_config(tmp_path / "config")  # diffusers' reader takes the architecture from a folder's config.json
+    reference = ControlNetModel.from_single_file(path, config=str(tmp_path / "config")).float().eval()
+    inp = _inputs(net.config)
+    loaded = load_controlnet(path)
+    _close(_torch_residuals(reference, inp), _residuals(loaded, inp))
+    if how == "1.1":  # the names table both ways: the file's tensors are the module's
+        assert {k: v.shape for k, v in controlnet_tensors(read_tensors(path)).items()} == {
+            k: v.shape for k, v in torch_state(net).items()}
+        assert registry.config_of(loaded[0]) == registry.config_of(registry.build("controlnet", dict(net.config)))
+
+
+@pytest.mark.slow  # the SD 1.x path again, with linear projections and 64-channel heads
+def test_sd2_single_file_loads_as_diffusers_reads_it(tmp_path):
+    from diffusers import ControlNetModel
+    net = _randomize(ControlNetModel(**{**FILE_SIZED, "block_out_channels": (64, 128), "attention_head_dim": (1, 2),
+                                        "use_linear_projection": True}), 4).eval()
+    path = str(tmp_path / "controlnet-sd21-canny.safetensors")
+    _single_file(net, path, "stripped fp16")
+    net.save_config(tmp_path / "config")
+    reference = ControlNetModel.from_single_file(path, config=str(tmp_path / "config")).float().eval()
+    inp = _inputs(net.config)
+    _close(_torch_residuals(reference, inp), _residuals(load_controlnet(path), inp))
+
+
+# Files sdjax refuses: (file name, a few of its keys, what the message says it is)
+OTHERS = {
+    "control-lora-canny-rank128.safetensors": (
+        ("lora_controlnet", "input_hint_block.0.weight", "input_blocks.1.0.in_layers.2.up", "time_embed.0.down"),
+        "Control-LoRA"),
+    "controlnet-union-sdxl-1.0.safetensors": (
+        ("controlnet_cond_embedding.conv_in.weight", "task_embedding", "spatial_ch_projs.weight",
+         "control_add_embedding.linear_1.weight", "transformer_layes.0.attn.in_proj_weight"), "ControlNet-Union"),
+    "t2iadapter_canny_sd15v2.pth": (("conv_in.weight", "body.0.block1.weight", "body.0.block2.bias"), "T2I-Adapter"),
+    "t2i-adapter-canny-sdxl.safetensors": (("adapter.conv_in.weight", "adapter.body.0.resnets.0.block1.weight"),
+                                           "T2I-Adapter"),
+    "controllllite_v01032064e_sdxl_canny.safetensors": (
+        ("lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.conditioning1.0.weight",), "ControlNet-LLLite"),
+    "v1-5-pruned-emaonly.safetensors": (
+        ("model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight",
+         "cond_stage_model.transformer.text_model.final_layer_norm.weight"), "Stable Diffusion checkpoint"),
+    "detail_lora.safetensors": (("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+                                 "lora_unet_down_blocks_0_attentions_0_proj_in.alpha"), "LoRA"),
+    "vae-ft-mse-840000-ema-pruned.safetensors": (("encoder.down.0.block.0.conv1.weight", "decoder.conv_in.weight"),
+                                                 "VAE"),
+    "unet.safetensors": (("conv_in.weight", "time_embedding.linear_1.weight", "down_blocks.0.resnets.0.conv1.weight",
+                          "up_blocks.0.resnets.0.conv1.weight"), "U-Net"),
+    "embedding.safetensors": (("emb_params",), "not a ControlNet: no control_model"),
+}
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_other_files_are_refused_naming_what_they_are(tmp_path, name):
+    keys, what = OTHERS[name]
+    path = str(tmp_path / name)
+    tensors = {k: torch.zeros(1) for k in keys}
+    torch.save(tensors, path) if name.endswith(".pth") else save_file({k: v.numpy() for k, v in tensors.items()}, path)
+    with pytest.raises(WeightLoadError, match=f"^{re.escape(path)}: .*{what}") as e:
+        load_controlnet(path)
+    assert "\n" not in str(e.value)
+
+
+def test_saved_controlnet_loads_in_diffusers(net, tmp_path):
+    """save_controlnet (training's export) writes a folder that diffusers' from_pretrained reads as sdjax's
+    params: the residuals of the ControlNet it came from."""
+    from diffusers import ControlNetModel
+    net.save_pretrained(tmp_path / "source")
+    save_controlnet(str(tmp_path / "export"), *load_controlnet(str(tmp_path / "source")))
+    with open(tmp_path / "export" / "config.json") as f:
+        assert json.load(f)["_class_name"] == "ControlNetModel"
+    inp = _inputs(net.config)
+    _close(_torch_residuals(net, inp), _torch_residuals(ControlNetModel.from_pretrained(tmp_path / "export"), inp))
