@@ -219,3 +219,13 @@ def test_saved_controlnet_loads_in_diffusers(net, tmp_path):
         assert json.load(f)["_class_name"] == "ControlNetModel"
     inp = _inputs(net.config)
     _close(_torch_residuals(net, inp), _torch_residuals(ControlNetModel.from_pretrained(tmp_path / "export"), inp))
+
+
+def test_shuffle_single_file_pools_its_residuals(net, tmp_path):
+    """Shapes cannot tell global_pool_conditions: the shuffle ControlNet's ldm config (beside it, or by its name)."""
+    path = str(tmp_path / "control_v11e_sd15_shuffle.pth")
+    _single_file(net, path, "1.1")
+    assert load_controlnet(path)[0].global_pool_conditions
+    (tmp_path / "control_v11e_sd15_shuffle.yaml").write_text("model:\n  params:\n    control_stage_config:\n"
+                                                            "      params:\n        global_average_pooling: False\n")
+    assert not load_controlnet(path)[0].global_pool_conditions
