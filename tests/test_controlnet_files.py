@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from conftest import SDXL_PROJECTION, _randomize, _sdxl_unet, torch_state
-from test_controlnet import _close, _nchw, tiny_controlnet
+from conftest import SDXL_PROJECTION, _randomize, torch_state
+from test_controlnet import _close, _nchw
 from sdjax.errors import WeightLoadError
 from sdjax.models import registry
 from sdjax.weights.controlnet_files import PREFIX, controlnet_tensors, load_controlnet, save_controlnet, to_original
