@@ -10,29 +10,10 @@ import torch
 
 from configs.models import tiny
 from sdjax.text.clip_vocab import write_clip_tokenizer
+from torchvision_ops import torchvision_without_ops
 
 torch.set_num_threads(1)
-
-
-def _torchvision_without_ops():
-    """The registry's torchvision (pytorch-fid's, open_clip's) is built for CUDA torch: with the CPU torch of these
-    machines its C++ ops do not load, and its import then fails registering fakes of two of them. Declaring those
-    two lets it import; the references used here (models, transforms) never call its C++ ops."""
-    import ctypes
-    import importlib.util
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        return
-    try:
-        ctypes.CDLL(os.path.join(os.path.dirname(spec.origin), "_C.so"))
-    except OSError:
-        lib = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _torchvision_without_ops.lib = lib  # kept alive: the definitions go with it
-
-
-_torchvision_without_ops()
+torchvision_without_ops()
 # XLA compiles with little LLVM optimisation here and in the subprocesses (which inherit it): the tiny test
 # programs compile ~1/3 faster and run little slower (tests/test_ae_step.py: 131 -> 89 s); the numerics are XLA's
 # same HLO (the backend level does not change fusion or buffer assignment)
@@ -67,7 +48,8 @@ def _randomize(model, seed):
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             is_scale = p.ndim == 1 and name.endswith("weight")
-            p.copy_(1 + 0.1 * noise if is_scale else noise * min(0.05, p[0].numel() ** -0.5))
+            fan_in = p[0].numel() if p.ndim else 1  # 0-d: CLIPModel's logit_scale
+            p.copy_(1 + 0.1 * noise if is_scale else noise * min(0.05, fan_in ** -0.5))
     return model
 
 

@@ -31,18 +31,19 @@ def eos_positions(input_ids, eos_token_id):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention: [B, L, D] -> [B, L, D]."""
+    """Multi-head self-attention, causal for text (the vision tower's is not): [B, L, D] -> [B, L, D]."""
     hidden_size: int
     num_attention_heads: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         dense = functools.partial(nn.Dense, self.hidden_size, dtype=self.dtype,
                                   param_dtype=self.param_dtype)
         q, k, v = (dense(name=n)(x) for n in ("q_proj", "k_proj", "v_proj"))
-        out = multi_head_attention(q, k, v, self.num_attention_heads, causal=True)
+        out = multi_head_attention(q, k, v, self.num_attention_heads, causal=self.causal)
         return dense(name="out_proj")(out)
 
 
@@ -71,19 +72,21 @@ class CLIPEncoderLayer(nn.Module):
     layer_norm_eps: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, **kw)
-        x = x + CLIPAttention(self.hidden_size, self.num_attention_heads, name="self_attn", **kw)(
-            norm(name="layer_norm1")(x))
+        attention = CLIPAttention(self.hidden_size, self.num_attention_heads, causal=self.causal, name="self_attn", **kw)
+        x = x + attention(norm(name="layer_norm1")(x))
         mlp = CLIPMLP(self.hidden_size, self.intermediate_size, self.hidden_act, name="mlp", **kw)
         return x + mlp(norm(name="layer_norm2")(x))
 
 
 class CLIPEncoder(nn.Module):
-    """Stack of encoder layers: [B, L, D] -> tuple of num_hidden_layers [B, L, D] layer outputs."""
+    """Stack of encoder layers: [B, L, D] -> tuple of num_hidden_layers [B, L, D] layer outputs (causal: the text
+    tower's; the vision tower's attends to all tokens)."""
     num_hidden_layers: int
     hidden_size: int
     intermediate_size: int
@@ -92,6 +95,7 @@ class CLIPEncoder(nn.Module):
     layer_norm_eps: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -99,7 +103,7 @@ class CLIPEncoder(nn.Module):
         for i in range(self.num_hidden_layers):
             x = CLIPEncoderLayer(self.hidden_size, self.intermediate_size, self.num_attention_heads,
                                  self.hidden_act, self.layer_norm_eps, self.dtype,
-                                 self.param_dtype, name=f"layers_{i}")(x)
+                                 self.param_dtype, self.causal, name=f"layers_{i}")(x)
             outputs.append(x)
         return tuple(outputs)
 

@@ -87,9 +87,10 @@ def pipeline_options(root):
     return {k: listed[k] for k in PIPELINE_OPTIONS if k in listed}
 
 
-def _weight_file(folder, kind, variant):
-    """Path of the weights (or of a shard index) in a component folder; falls back from a missing variant."""
-    names = _FILES[_CLASS[kind][0]]
+def _weight_file(folder, library, variant):
+    """Path of the weights (or of a shard index) in a `library` ("diffusers" / "transformers") model folder;
+    falls back from a missing variant."""
+    names = _FILES[library]
     candidates = [n for name in names for n in (name, name + ".index.json")]
     for v in ([variant, None] if variant else [None]):
         for name in candidates:
@@ -102,15 +103,20 @@ def _weight_file(folder, kind, variant):
                           f" (or a sharded *.index.json); found {found}")
 
 
-def read_component_tensors(folder, kind, variant=None):
-    """{torch name: np.ndarray} of one component folder (sharded or not), under today's names."""
-    path = _weight_file(folder, kind, variant)
+def read_folder_tensors(folder, library, variant=None):
+    """{torch name: np.ndarray} of a `library` ("diffusers" / "transformers") model folder, sharded or not."""
+    path = _weight_file(folder, library, variant)
     if not path.endswith(".json"):
-        return current_names(kind, read_tensors(path))
+        return read_tensors(path)
     tensors = {}
     for shard in sorted(set(read_json(path)["weight_map"].values())):
         tensors.update(read_tensors(os.path.join(folder, shard)))
-    return current_names(kind, tensors)
+    return tensors
+
+
+def read_component_tensors(folder, kind, variant=None):
+    """{torch name: np.ndarray} of one component folder (sharded or not), under today's names."""
+    return current_names(kind, read_folder_tensors(folder, _CLASS[kind][0], variant))
 
 
 def current_names(kind, tensors):
