@@ -14,6 +14,7 @@ have a row and every row an image. Prints `CLIP score: <value>` (torchmetrics') 
 """
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from sdjax.weights.clip_model import load_open_clip, load_transformers_clip
 OPEN_CLIP_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")  # in a hub folder
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BATCH_SIZE = 64  # images (captions) per device and compiled call
+log = logging.getLogger("sdjax")
 
 
 class CLIP:
@@ -66,7 +68,10 @@ class CLIP:
     def text_embeds(self, captions):
         """captions: list of B str -> unnormalised embeddings [B, P] float32 (captions cut to the context, keeping
         the end-of-text token)."""
-        ids, _ = tokenize(self.tokenizer, captions, max_length=self.module.text_model.max_position_embeddings)
+        context = self.module.text_model.max_position_embeddings
+        ids, cut = tokenize(self.tokenizer, captions, max_length=context)
+        if cut:
+            log.warning("CLIP score: captions over %d tokens cut, keeping the end-of-text token", context)
         return self._batches(self._text, ids)
 
     def cosines(self, images, captions):
@@ -98,6 +103,8 @@ def load_clip(path, mesh=None, open_clip_config=None, dtype=jnp.float32, batch_s
 
 def score(cosines):
     """torchmetrics' CLIPScore of per-pair cosines: 100 times their mean, clamped at 0 (after the mean)."""
+    if not len(cosines):
+        raise ValueError("CLIP score: no images")
     return max(100 * float(np.mean(cosines)), 0.0)
 
 

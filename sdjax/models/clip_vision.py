@@ -101,8 +101,9 @@ class CLIPModel(nn.Module):
         param_dtype) go to both towers."""
         if cfg.get("model_type", "clip") != "clip":
             raise model_config.unsupported("CLIPModel", "model_type", cfg["model_type"], "'clip'")
-        return cls(text_transformer(cfg.get("text_config", {}), **overrides),
-                   CLIPVisionTransformer.from_config(cfg.get("vision_config", {}), **overrides),
+        tower = lambda key: cfg.get(key) or cfg.get(key + "_dict") or {}  # noqa: E731 (transformers < 4.23: *_dict)
+        return cls(text_transformer(tower("text_config"), **overrides),
+                   CLIPVisionTransformer.from_config(tower("vision_config"), **overrides),
                    cfg.get("projection_dim", 512))
 
     def setup(self):

@@ -182,10 +182,14 @@ def note_ignored_components(root):
 
 
 def save_component(root, kind, module, params, max_shard_size=10**10):
-    """Write `root/kind/config.json` and the weights as float32 safetensors, readable by diffusers: past
-    max_shard_size bytes in shards with an index, as diffusers' and transformers' save_pretrained (10 GB
-    by default: the SDXL U-Net); converted shard by shard, so that a shard's copies are in memory at once."""
-    folder = os.path.join(root, kind)
+    """Write `root/kind/` (save_model_folder)."""
+    save_model_folder(os.path.join(root, kind), kind, module, params, max_shard_size)
+
+
+def save_model_folder(folder, kind, module, params, max_shard_size=10**10):
+    """Write `folder/config.json` and the weights as float32 safetensors, readable by diffusers (load_model_folder's
+    inverse): past max_shard_size bytes in shards with an index, as diffusers' and transformers' save_pretrained
+    (10 GB by default: the SDXL U-Net); converted shard by shard, so that a shard's copies are in memory at once."""
     os.makedirs(folder, exist_ok=True)
     lib, cls = _CLASS[kind]
     config = registry.config_of(module)

@@ -41,10 +41,16 @@ def _count(keys, pattern):
     return len({m.group(1) for m in map(pattern.match, keys) if m})
 
 
+def attention_depth(keys, prefix):
+    """Transformer layers below `prefix` (a diffusers attention module) among the tensor names `keys`."""
+    return len({k[len(prefix):].split(".")[1] for k in keys if k.startswith(prefix + "transformer_blocks.")})
+
+
 def unet_layout_original(keys):
-    """(levels, layers_per_block, down_attn, up_attn, depth) of an original UNet; keys unprefixed."""
+    """(levels, layers_per_block, down_attn, up_attn, depth) of an original UNet (or of a ControlNet, its first
+    half: no up_attn); keys unprefixed."""
     levels = 1 + _count(keys, r"input_blocks\.(\d+)\.0\.op\.weight$")
-    per_level = _count(keys, r"output_blocks\.(\d+)\.") // levels  # layers_per_block + 1
+    per_level = _count(keys, r"input_blocks\.(\d+)\.") // levels  # layers_per_block + 1 (a downsampler or conv_in)
     down = [any(f"input_blocks.{1 + i * per_level + j}.1.norm.weight" in keys
                 for j in range(per_level - 1)) for i in range(levels)]
     up = [any(f"output_blocks.{i * per_level + j}.1.norm.weight" in keys
@@ -133,6 +139,34 @@ def vae_table(levels, layers_per_block):
     return table
 
 
+def controlnet_table(levels, layers_per_block, down_attn, depth, hint_convs, text_time=False):
+    """{original prefix: (diffusers prefix, renames)} for ldm's ControlNet: the U-Net table's first half, plus
+    the hint block (hint_convs convolutions, SiLUs between them: ldm indexes them 0, 2, 4, ...), a zero conv
+    per skip and one after the middle block."""
+    table = {old: new for old, new in unet_table(levels, layers_per_block, down_attn, [False] * levels, depth,
+                                                 text_time).items()
+             if not new[0].startswith(("up_blocks.", "conv_norm_out", "conv_out"))}
+    hint = ["conv_in", *(f"blocks.{i}" for i in range(hint_convs - 2)), "conv_out"]
+    table.update({f"input_hint_block.{2 * i}": (f"controlnet_cond_embedding.{name}", LEAF)
+                  for i, name in enumerate(hint)})
+    table.update({f"zero_convs.{i}.0": (f"controlnet_down_blocks.{i}", LEAF)
+                  for i in range(1 + levels * layers_per_block + levels - 1)})
+    table["middle_block_out.0"] = ("controlnet_mid_block", LEAF)
+    return table
+
+
+def controlnet_layout_original(keys):
+    """controlnet_table's arguments but text_time, of an original ControlNet's (unprefixed) keys."""
+    levels, layers, down, _, depth = unet_layout_original(keys)
+    return levels, layers, down, depth, _count(keys, r"input_hint_block\.(\d+)\.")
+
+
+def controlnet_layout_diffusers(keys):
+    """controlnet_table's arguments but text_time, of a diffusers ControlNetModel state dict."""
+    levels, layers, down, _, depth = unet_layout_diffusers(keys)
+    return levels, layers, down, depth, 2 + _count(keys, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+
+
 def unet_export_table(names):
     """{diffusers prefix: (original prefix, renames)} of a diffusers U-Net with tensor `names` (an SDXL one's
     text_time embedding included)."""
@@ -157,6 +191,19 @@ def rename(name, table):
             new_head, renames = table[head]
             return ".".join(p for p in (new_head, renames[sub], leaf) if p), renames
     return None
+
+
+def rename_all(tensors, table, prefix, unused):
+    """{new name: array} of the `tensors` that `table` covers; the names of the others, after `prefix`, appended
+    to `unused`."""
+    out = {}
+    for name, array in tensors.items():
+        hit = rename(name, table)
+        if hit is None:
+            unused.append(prefix + name)
+        else:
+            out[hit[0]] = array
+    return out
 
 
 _CLIP_NAME = re.compile(r"(embeddings\.(token|position)_embedding\.weight"

@@ -92,17 +92,6 @@ def _components(state_dict):
     return unet, vae, text
 
 
-def _rename_all(tensors, table, prefix, unused):
-    out = {}
-    for name, array in tensors.items():
-        hit = names.rename(name, table)
-        if hit is None:
-            unused.append(prefix + name)
-        else:
-            out[hit[0]] = array
-    return out
-
-
 def _unet_weights(state_dict, unet, use_ema):
     """The UNet tensors to load: LitEma's copy (`model_ema.*`) or the raw `model.diffusion_model.*`.
 
@@ -204,7 +193,7 @@ def _rename_parts(unet, vae, text):
     sdxl = is_sdxl(text)
     table = names.unet_table(*names.unet_layout_original(set(unet)), text_time=sdxl)
     parts = {
-        "unet": _rename_all(unet, table, names.UNET_PREFIX, unused),
+        "unet": names.rename_all(unet, table, names.UNET_PREFIX, unused),
         "vae": _vae_tensors(vae, names.VAE_PREFIX, unused),
         **(_sdxl_text_tensors(text, unused) if sdxl else _text_tensors(text, unused)),
     }
@@ -214,7 +203,7 @@ def _rename_parts(unet, vae, text):
 
 def _vae_tensors(vae, prefix, unused):
     """diffusers-named AutoencoderKL tensors of ldm's (unprefixed) Encoder/Decoder names."""
-    out = _rename_all(vae, names.vae_table(*names.vae_layout_original(set(vae))), prefix, unused)
+    out = names.rename_all(vae, names.vae_table(*names.vae_layout_original(set(vae))), prefix, unused)
     for name, array in out.items():  # 1x1 conv -> Linear in the mid-block attention
         if ".mid_block.attentions.0.to_" in name and array.ndim == 4:
             out[name] = array[:, :, 0, 0]
@@ -255,9 +244,9 @@ def to_original(parts, text_format="clip"):
     unused, out = [], {}
     unet, vae = parts["unet"], parts["vae"]
     table = names.unet_export_table(unet)
-    out.update({names.UNET_PREFIX + k: v for k, v in _rename_all(unet, table, "unet: ", unused).items()})
+    out.update({names.UNET_PREFIX + k: v for k, v in names.rename_all(unet, table, "unet: ", unused).items()})
     table = names.invert(names.vae_table(*names.vae_layout_diffusers(set(vae))))
-    for k, v in _rename_all(vae, table, "vae: ", unused).items():
+    for k, v in names.rename_all(vae, table, "vae: ", unused).items():
         out[names.VAE_PREFIX + k] = v[:, :, None, None] if ".mid.attn_1." in k and v.ndim == 2 else v
     if "text_encoder_2" in parts:
         out.update(_sdxl_towers_original(parts, unused))
@@ -303,7 +292,7 @@ def _unet_config(unet, sd2, sdxl=False):
         heads = 8
     extra = {}
     if sdxl:  # transformer layers per level (1 where there is no attention) and the text_time embedding
-        depth = [max(1, _count_blocks(unet, f"down_blocks.{i}.attentions.0.")) for i in range(levels)]
+        depth = [max(1, names.attention_depth(unet, f"down_blocks.{i}.attentions.0.")) for i in range(levels)]
         extra = dict(addition_embed_type="text_time",
                      projection_class_embeddings_input_dim=int(unet["add_embedding.linear_1.weight"].shape[1]))
     return {**extra,
@@ -324,11 +313,6 @@ def _unet_config(unet, sd2, sdxl=False):
         "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
         "norm_num_groups": 32, "norm_eps": 1e-5, "resnet_time_scale_shift": "default",
     }
-
-
-def _count_blocks(unet, prefix):
-    """Transformer layers below `prefix` (a diffusers attention module)."""
-    return len({k[len(prefix):].split(".")[1] for k in unet if k.startswith(prefix + "transformer_blocks.")})
 
 
 def _vae_config(vae, image_size):
