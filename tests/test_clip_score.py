@@ -10,14 +10,11 @@ import torch
 from PIL import Image
 
 from conftest import _randomize
+from eval_fakes import build_clip_folder
 from sdjax.errors import WeightLoadError
 from sdjax.eval import clip_score as cs
 from sdjax.weights.clip_model import load_open_clip
 
-TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77)
-VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-              patch_size=8)
 # (H, W): landscape whose crop offset rounds differently in transformers and open_clip (35 - 32 = 3 -> 1 or 2),
 # portrait, no resize, a downscale of both sides
 SIZES = [(40, 44), (56, 40), (32, 32), (64, 48)]
@@ -39,17 +36,7 @@ def _images(seed=0):
 def hf_folder(tmp_path_factory, tokenizer):
     """A tiny random transformers CLIPModel with its CLIPProcessor, in a folder whose path holds "openai"
     (torchmetrics 1.9 loads local folders only then)."""
-    import transformers
-    folder = str(tmp_path_factory.mktemp("openai_clip"))
-    config = transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16)
-    model = _randomize(transformers.CLIPModel(config), 3)
-    with torch.no_grad():  # its random towers agree on a direction: flipped, the pairs score above 0
-        model.text_projection.weight.neg_()
-    model.save_pretrained(folder)
-    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32},
-                                                      crop_size={"height": 32, "width": 32})
-    transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
+    return build_clip_folder(str(tmp_path_factory.mktemp("openai_clip")), tokenizer)
 
 
 @pytest.fixture(scope="module")
