@@ -3,7 +3,8 @@ caption's id, written as it is made, the missing ones only when a run is resumed
 
 Image j (0 <= j < N) of the caption with id k is drawn from seed (k * N + j) mod 2^32: the same picture as
 `sample.py --prompt CAPTION --seed k*N --num-images N` gives as its image j (and `StableDiffusion.generate`), in
-whatever batch or on however many devices and processes it is made. It is written to `images/{k}-{j}.png`.
+whatever batch or on however many devices and processes it is made (bit for bit on the CPU, where images are
+sampled one by one). It is written to `images/{k}-{j}.png`.
 """
 import concurrent.futures
 import dataclasses
