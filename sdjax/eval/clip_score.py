@@ -82,18 +82,27 @@ class CLIP:
         return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def load_clip(path, mesh=None, open_clip_config=None, dtype=jnp.float32, batch_size=BATCH_SIZE):
-    """CLIP of a transformers CLIPModel folder (one with config.json) or of an open_clip checkpoint (a file, or
-    a folder holding one of OPEN_CLIP_FILES); open_clip_config: see weights/clip_model.py."""
+def clip_source(path):
+    """("transformers", the folder) of a transformers CLIPModel folder (one with config.json), or ("open_clip", the
+    checkpoint) of an open_clip file or of a folder holding one of OPEN_CLIP_FILES."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        module, params = load_transformers_clip(path, dtype=dtype)
-        return CLIP(module, params, transformers_transform(path), load_tokenizer(path), mesh, batch_size)
+        return "transformers", path
     if os.path.isdir(path):
         found = [os.path.join(path, f) for f in OPEN_CLIP_FILES if os.path.isfile(os.path.join(path, f))]
         if not found:
             raise FileNotFoundError(f"CLIP model {path}: holds neither config.json (a transformers CLIPModel) nor "
                                     f"{' / '.join(OPEN_CLIP_FILES)} (open_clip)")
-        path = found[0]
+        return "open_clip", found[0]
+    return "open_clip", path
+
+
+def load_clip(path, mesh=None, open_clip_config=None, dtype=jnp.float32, batch_size=BATCH_SIZE):
+    """CLIP of a transformers CLIPModel folder (one with config.json) or of an open_clip checkpoint (a file, or
+    a folder holding one of OPEN_CLIP_FILES); open_clip_config: see weights/clip_model.py."""
+    kind, path = clip_source(path)
+    if kind == "transformers":
+        module, params = load_transformers_clip(path, dtype=dtype)
+        return CLIP(module, params, transformers_transform(path), load_tokenizer(path), mesh, batch_size)
     module, params, preprocess = load_open_clip(path, open_clip_config, dtype=dtype)
     transform = open_clip_transform(preprocess, module.vision_model.image_size)
     # open_clip's tokenizer: CLIP's BPE, padded with id 0 ("!"), cut keeping the end-of-text token

@@ -78,14 +78,13 @@ class Evaluator:
 
 def _clip_module(path):
     """The CLIPModel (no weights) that sdjax.eval.clip_score.load_clip builds for `path`, from its config alone."""
-    from sdjax.eval.clip_score import OPEN_CLIP_FILES
+    from sdjax.eval.clip_score import clip_source
     from sdjax.models.clip_vision import CLIPModel
     from sdjax.weights.clip_model import open_clip_config, transformers_config
     from sdjax.weights.diffusers import read_json
-    if os.path.isfile(os.path.join(path, "config.json")):
+    kind, path = clip_source(path)
+    if kind == "transformers":
         return CLIPModel.from_config(read_json(os.path.join(path, "config.json")))
-    if os.path.isdir(path):
-        path = next((os.path.join(path, f) for f in OPEN_CLIP_FILES if os.path.isfile(os.path.join(path, f))), path)
     return CLIPModel.from_config(transformers_config(open_clip_config(None, path)[0]))
 
 
