@@ -1,10 +1,14 @@
 """generate with ControlNets against diffusers' StableDiffusion(XL)ControlNet{,Img2Img,Inpaint}Pipeline loading the same
 saved folders: the tiny SD / SDXL folders of conftest.py and ControlNet folders saved by diffusers."""
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # sample.py
 from sdjax.pipeline import StableDiffusion
 from test_controlnet import tiny_controlnet
 from test_pipeline import _draws
@@ -170,6 +174,27 @@ def test_inpainting_matches_diffusers(torch_folder, torch_inpaint_folder, nets, 
     err, effect = _err(run(), ref), _err(run(controlnet_conditioning_scale=0.4), ref)
     print(f"inpainting nine_channels={nine_channels}: mean abs diff {err:.2e}, scale 0.4 {effect:.2e}")
     assert err <= TOL and effect > 20 * TOL, (err, effect)
+
+
+def test_sample_cli_with_canny_edges_gives_the_api_images(sd, torch_folder, nets, tmp_path):
+    """sample.py --controlnet --control-image --control-preprocess canny --control-scale: the API's image for the
+    photo's edges as diffusers' ControlNet docs make them (OpenCV's Canny at 100 / 200, three channels)."""
+    import cv2
+    import sample
+    from PIL import ImageDraw
+    photo = Image.new("RGB", (SIZE, SIZE), (30, 60, 90))
+    ImageDraw.Draw(photo).ellipse((3, 2, 12, 13), fill=(250, 220, 40))
+    photo.save(tmp_path / "photo.png")
+    sample.main(["--model", torch_folder[1], "--prompt", PROMPT, "--controlnet", nets[0], "--control-image",
+                 str(tmp_path / "photo.png"), "--control-preprocess", "canny", "--control-scale", "0.8", "--steps",
+                 str(STEPS), "--guidance", "5", "--out", str(tmp_path / "out")])
+    edges = cv2.Canny(np.asarray(photo), 100, 200)
+    assert 0 < edges.mean() < 255 / 2  # edges, not a blank or full picture
+    expected = _holding(sd, nets[:1]).generate(PROMPT, control_image=np.stack([edges] * 3, axis=-1),
+                                               controlnet_conditioning_scale=0.8, num_steps=STEPS,
+                                               guidance_scale=5.0, progress=False)
+    written = np.asarray(Image.open(tmp_path / "out" / "0000-seed0.png"))
+    np.testing.assert_array_equal(written, expected[0])
 
 
 @pytest.fixture(scope="module")
