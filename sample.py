@@ -3,7 +3,7 @@
     python sample.py --prompt "a red circle on the left"                 # the bundled demo model
     python sample.py --model path/to/sd-v1-5 --prompt "an astronaut riding a horse" --steps 30
     python sample.py --model path/to/sdxl-base --refiner path/to/sdxl-refiner --prompt "a lighthouse at dusk"
-    python sample.py --model path/to/sd-v1-5 --controlnet path/to/sd-controlnet-canny --control-image photo.png \
+    python sample.py --model path/to/sd-v1-5 --controlnet path/to/sd-controlnet-canny --control-image photo.png \\
         --control-preprocess canny --prompt "a bird"
 """
 import argparse
