@@ -86,11 +86,8 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
-    import jax
-    import torch
-    jax.devices()  # the backend starts with this environment's XLA flags, before tests/conftest.py sets its own
-    import tests.conftest  # noqa: F401 (the registry's CUDA torchvision imports beside the CPU torch)
-    torch.set_num_threads(os.cpu_count())  # conftest's 1 thread is for tests
+    from tests.torchvision_ops import torchvision_without_ops
+    torchvision_without_ops()  # before diffusers imports it
     for model in a.models.split(","):
         model_folder, size = folder(model), SIZES[model]
         net = write_controlnet(model_folder, os.path.join(tempfile.mkdtemp(), "controlnet"))
