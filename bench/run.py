@@ -18,6 +18,7 @@ call each, and the median of --repeats timed calls is reported. Train steps run 
 process (two copies of the optimizer state would not fit in memory).
 """
 import argparse
+import importlib.util
 import datetime
 import json
 import os
@@ -177,11 +178,9 @@ def main(argv=None):
     if a.child:
         host_memory.keep_freed_memory()  # both frameworks, as sample.py and train.py do for sdjax
         return child(a.child[0], a.child[1], a.child[2].split(","), cases, a.repeats)
-    try:
-        import diffusers  # noqa: F401
-        import torch  # noqa: F401
+    if all(importlib.util.find_spec(m) for m in ("diffusers", "torch")):
         impls = ["sdjax"] if a.no_torch else ["sdjax", "torch"]
-    except ImportError:
+    else:
         impls = ["sdjax"]
         print("diffusers/torch not installed: sdjax only")
     dtypes = a.dtypes.split(",")

@@ -21,8 +21,10 @@ class Torch:
     name = "torch"
 
     def __init__(self, folder, dtype):
-        import diffusers
         import torch
+        from tests.torchvision_ops import torchvision_without_ops
+        torchvision_without_ops()  # before diffusers imports it
+        import diffusers
         self.torch = torch
         self.dtype = getattr(torch, dtype)
         self.pipe = diffusers.StableDiffusionPipeline.from_pretrained(

@@ -20,6 +20,14 @@ def open_image(path, what="image"):
     return image
 
 
+def canny_edges(image, low=100, high=200):
+    """A PIL image -> its edges, white on black, as an RGB PIL image: OpenCV's Canny with the thresholds of diffusers'
+    ControlNet documentation (the optional extra `sdjax[canny]`)."""
+    import cv2
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)
+    return Image.fromarray(np.repeat(edges[..., None], 3, axis=-1))
+
+
 def save_png(image, path, metadata):
     """image: uint8 [H, W, 3]; metadata: {key: value} stored as PNG text chunks. The file appears whole or not at all
     (written beside it, then renamed): an interrupted run leaves no half image under `path`."""

@@ -101,8 +101,9 @@ def load_options(args):
                 vae=args.vae, use_ema=False if args.raw_weights else None)
 
 
-def load(args):
-    """The pipeline of --model (`check_model`) with --lora and --embedding loaded; the compilation cache on."""
+def load(args, **options):
+    """The pipeline of --model (`check_model`; `options`: more of StableDiffusion.load's) with --lora and --embedding
+    loaded; the compilation cache on."""
     from sdjax.pipeline import StableDiffusion
     model = check_model(args)
     compile_cache.enable(args.compilation_cache)
@@ -110,7 +111,7 @@ def load(args):
         if not os.path.isfile(path):  # before the slow load
             raise FileNotFoundError(f"{flag}: no such file: {path}")
     t0 = time.perf_counter()
-    sd = StableDiffusion.load(model, **load_options(args))
+    sd = StableDiffusion.load(model, **load_options(args), **options)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s; running on {backend_note()}")
     host_memory.release_freed_memory()  # the file buffers of loading
     for path, scale in args.lora:

@@ -36,14 +36,15 @@ class Blend(NamedTuple):
 
 
 def run(denoiser, sampler, options, steps, timesteps, state, conditioning, keys, lo, hi, *, blend=None,
-        noise=None):
+        noise=None, per_iteration=None):
     """The sampler's state after iterations [lo, hi) of its plan (lo, hi may be traced).
 
     denoiser(x [B,h,w,C], t, conditioning) -> prediction [B,h,w,C]; sampler/options: a `plan.Sampler` and its
     plan's static options; steps/timesteps: the plan's per-iteration arrays [S, ...]; state: the sampler's state
     (`sampler.init(x, steps)` before the first iteration run: img2img begins at a later one, as a sliced plan
     would); keys: [B] per-image PRNG keys of the iteration noise, or noise: [S, B,h,w,c] the unit noise of every
-    iteration instead; blend: a `Blend` for inpainting by latent blending.
+    iteration instead; blend: a `Blend` for inpainting by latent blending; per_iteration: {name: [S, B, ...]},
+    conditioning that changes by iteration (row i joins the conditioning at iteration i: ControlNets' scales).
     """
     step_fn = bind(sampler, options)
     xs = {"step": steps, "t": timesteps}
@@ -51,13 +52,15 @@ def run(denoiser, sampler, options, steps, timesteps, state, conditioning, keys,
         xs.update(next_a=blend.next_a, next_b=blend.next_b)
     if noise is not None:
         xs["noise"] = noise
+    if per_iteration:
+        xs["conditioning"] = per_iteration
     xs = jax.tree.map(jnp.asarray, xs)  # a plan's numpy arrays are indexed by the traced iteration
     shape = state["x"].shape[1:]
 
     def body(i, state):
         it = jax.tree.map(lambda a: a[i], xs)
         step = it["step"]
-        out = denoiser(sampler.model_input(state, step), it["t"], conditioning)
+        out = denoiser(sampler.model_input(state, step), it["t"], {**conditioning, **it.get("conditioning", {})})
         if noise is not None:
             eps = it["noise"]
         elif sampler.noise is not None:

@@ -135,7 +135,19 @@ SAMPLE_BAD_INPUT = [
                                           "lora_unet_conv_in.hada_w1_a, lora_unet_conv_in.hada_w1_b); sdjax loads"),
     (["--compilation-cache", "README.md"], "--compilation-cache README.md is a file; give a folder (or 'off')"),
     *[([f"{flag}={value}"], f"argument {flag}: must be a finite number, got '{value}'")
-      for flag in ("--guidance", "--eta", "--strength", "--refiner-start") for value in ("nan", "inf", "-inf")],
+      for flag in ("--guidance", "--eta", "--strength", "--refiner-start", "--control-scale", "--control-start",
+                   "--control-end") for value in ("nan", "inf", "-inf")],
+    (["--controlnet", "."], "--controlnet and --control-image come in pairs: got 1 ControlNet(s) and 0 image(s)"),
+    (["--control-image", "x.png"], "--controlnet and --control-image come in pairs: got 0 ControlNet(s) and 1 image"),
+    (["--guess-mode", "--control-end", "0.5"], "--guess-mode, --control-end: for ControlNets; give --controlnet PATH"),
+    (["--controlnet", "nope", "--control-image", "x.png"], "--controlnet: no such folder or file: nope"),
+    (["--controlnet", ".", "--control-image", "x.png", "--control-scale", "1", "--control-scale", "2"],
+     "--control-scale: one per --controlnet (1), got 2"),
+    (["--controlnet", ".", "--control-image", "x.png", "--control-preprocess", "canny", "--control-preprocess",
+      "none"], "--control-preprocess: one for all control images or one per --controlnet (1), got 2"),
+    (["--control-preprocess", "sobel"], "argument --control-preprocess: invalid choice: 'sobel'"),
+    (["--controlnet", ".", "--control-image", "x.png"], "--control-image: no such file: x.png"),
+    (["--controlnet", ".", "--control-image", "README.md"], "--control-image: README.md is not an image Pillow can"),
 ]
 
 
@@ -161,6 +173,13 @@ def test_sample_bad_input_table(argv, message, tmp_path, torch_folder, capsys):
     code, line = cli_message(sample.main, ["--model", torch_folder[1], "--prompt", "a", *argv], capsys)
     assert message in line and line.startswith("sample.py: "), line
     assert not os.path.exists(tmp_path / "outputs")
+
+
+def test_canny_without_opencv_is_one_line(torch_folder, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
+    msg = sample_error(["--model", torch_folder[1], "--controlnet", ".", "--control-image", "x.png",
+                        "--control-preprocess", "canny"], capsys)
+    assert msg == "sample.py: --control-preprocess canny needs OpenCV: pip install 'sdjax[canny]'"
 
 
 def test_library_refuses_what_the_cli_does(torch_folder):

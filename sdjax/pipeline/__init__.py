@@ -8,6 +8,7 @@
 | prompts.py | prompt encoding: per-image prompt lists, token chunks and weights, the towers' states |
 | denoiser.py | the function the loop calls: the U-Net composed with guidance, image-by-image mapping, extra channels |
 | image_inputs.py | images and masks as given, resized; the output size |
+| controlnets.py | ControlNets: the loaded ones, a call's control images and per-iteration scales, the wrapper of the U-Net call |
 | arguments.py | `generate`'s arguments checked where they enter |
 | noise_streams.py | the unit noise of a run: per-image keys by purpose, or given |
 | executables.py | compiled executables by signature, shared by threads |

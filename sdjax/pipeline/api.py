@@ -1,5 +1,7 @@
 """The public classes: `StableDiffusion.load(path)` and `generate(prompt, ...)` -> uint8 images; an SDXL model gives a
 `StableDiffusionXL`, whose `generate` takes SDXL's arguments. The model family is chosen here, once, at load."""
+import os
+
 import jax
 
 from sdjax.models import attention as attention_lib
@@ -31,13 +33,31 @@ class StableDiffusion(Pipeline):
         self.text_encoder = pretrained.modules.get("text_encoder")  # None: the SDXL refiner's
 
     @classmethod
-    def load(cls, path, dtype="float32", attention="auto", **options):
+    def load(cls, path, dtype="float32", attention="auto", controlnet=None, **options):
         """A pipeline over a diffusers folder or a single-file checkpoint; options as `load_pretrained`'s;
-        attention: one of models.attention.IMPLEMENTATIONS ("auto": the platform's fastest)."""
+        attention: one of models.attention.IMPLEMENTATIONS ("auto": the platform's fastest); controlnet: a
+        ControlNet's path, or a list of them (`load_controlnet`)."""
         attention_lib.check_name(attention, jax.default_backend())
         sd = cls(load_pretrained(path, dtype=dtype, **options))  # an SDXL model: a StableDiffusionXL
         sd.attention = attention
+        for net in [] if controlnet is None else [controlnet] if isinstance(controlnet, (str, os.PathLike)) else controlnet:
+            sd.load_controlnet(net)
         return sd
+
+    def load_controlnet(self, path, variant=None):
+        """Add the ControlNet at `path` (a diffusers ControlNet folder, or a single file) in the pipeline's dtype;
+        with several, generate takes one control image each and sums their residuals. Nothing recompiles for
+        another control image, scale or guidance window."""
+        self._controlnets.load(path, variant)
+
+    def unload_controlnets(self):
+        """Remove every ControlNet."""
+        self._controlnets.unload()
+
+    @property
+    def controlnets(self):
+        """The paths of the loaded ControlNets, in the order generate takes their images."""
+        return list(self._controlnets.sources)
 
     def load_lora(self, path, scale=1.0, name=None):
         """Merge the LoRA file at `path` (diffusers/PEFT or kohya/A1111, LoCon included; U-Net and text towers) into

@@ -18,6 +18,7 @@ from sdjax.models.attention import implementation as attention_implementation
 from sdjax.models.autoencoder import from_latents, to_latents
 from sdjax.pipeline import denoiser as denoiser_lib, image_inputs, loop_calls, noise_streams, prompts as prompts_lib
 from sdjax.pipeline.arguments import validate
+from sdjax.pipeline.controlnets import ControlNets
 from sdjax.pipeline.embeddings import Embeddings
 from sdjax.pipeline.executables import ExecutableCache
 from sdjax.pipeline.loras import Loras
@@ -66,6 +67,8 @@ class Pipeline:
         self._calls = threading.local()  # per thread: the timings and executables of its last call
         # adapters: functions of the params (and of the towers' vocabularies), applied outside the compiled pieces
         self._loras, self._embeddings = Loras(self.params), Embeddings(self.params, conditioning)
+        self._controlnets = ControlNets(self.unet, self.latent_channels,
+                                        lambda p: _put(p, NamedSharding(self.mesh, P())))
 
     def replicate(self, mesh):
         """Lay the params (LoRAs and embeddings as loaded) out whole on every device of `mesh`, which may span several
@@ -165,7 +168,8 @@ class Pipeline:
                  seed=0, height=None, width=None, latents=None, eta=0.0, image=None, mask=None,
                  strength=None, guidance_rescale=0.0, num_images_per_prompt=1, clip_skip=0, sample_posterior=True,
                  noise=None, denoising_start=None, denoising_end=None, output_type="uint8", progress=True,
-                 prompt_weighting=True, conditioning=None, **sampler_options):
+                 prompt_weighting=True, conditioning=None, control_image=None, controlnet_conditioning_scale=1.0,
+                 guess_mode=False, control_guidance_start=0.0, control_guidance_end=1.0, **sampler_options):
         """Images for `prompt` (str or list): uint8 [N, H, W, 3] (or float32 in [0, 1] with output_type="np",
         or the final latents [N, H/f, W/f, c] with output_type="latent").
 
@@ -186,13 +190,20 @@ class Pipeline:
         "image", "masked_image": [N, H/f, W/f, c]; "steps": [S, N, H/f, W/f, c] for the S iterations that run);
         latents= is noise={"initial": latents} (diffusers' `latents=`). conditioning: what a model family adds
         to the prompts (StableDiffusionXL.generate fills it).
+        control_image: one image per loaded ControlNet (PIL, uint8 array: resized; float [H, W, 3] in [0, 1] at the
+        output size), which sets the output size when nothing else does; controlnet_conditioning_scale,
+        control_guidance_start / _end (fractions of the iterations that run): one value, or one per ControlNet;
+        guess_mode: the ControlNets see the conditional half of guidance only (diffusers' names and meaning).
         """
         self._calls.timings, self._calls.compiled = {}, {}
         if output_type not in ("uint8", "np", "latent"):
             raise ValueError(f"output_type must be 'uint8', 'np' or 'latent', got {output_type!r}")
         prompts, negatives = prompts_lib.prompt_lists(prompt, negative_prompt, num_images_per_prompt)
         n, f = len(prompts), self.vae_scale_factor
-        height, width = image_inputs.output_size(image, mask, height, width, self.unet.sample_size * f, f)
+        control = self._controlnets.control(control_image, controlnet_conditioning_scale, guess_mode,
+                                            control_guidance_start, control_guidance_end)
+        default = control.default_size(image, f) or (self.unet.sample_size * f,) * 2
+        height, width = image_inputs.output_size(image, mask, height, width, default, f)
         sampler = self.default_sampler() if sampler is None else sampler
         if strength is None:
             strength = self.conditioning.default_strength["inpaint" if mask is not None else "img2img"]
@@ -212,9 +223,11 @@ class Pipeline:
         noise_streams.check(noise, shape, end - start, f)
         pad = -n % self.mesh.devices.size  # the batch is padded to a multiple of the device count
         noise = noise_streams.draw(noise, shape, pad, start, end, len(plan.timesteps), seed)
+        rows, per_iteration = control.inputs(height, width, n + pad, len(plan.timesteps), start, end)
         cond, uncond = self.conditioning.unet_inputs(self, prompts, negatives, guidance_scale > 1, clip_skip,
                                                      (height, width), conditioning, pad, prompt_weighting)
-        batch = self._batch(cond, uncond, noise, image, mask, height, width, n + pad, sample_posterior, plan, end)
+        batch = self._batch(cond, uncond, noise, image, mask, height, width, n + pad, sample_posterior, plan, end,
+                            rows, per_iteration)
         # Where the loop starts: from the image noised to the first level that runs (diffusers' add_noise),
         # or, for inpainting at full strength, from pure noise, as diffusers does; denoising_start: from the
         # given latents as they are.
@@ -222,16 +235,17 @@ class Pipeline:
         first = ((1.0, 0.0) if denoising_start is not None else (0.0, plan.init_noise_sigma) if pure
                  else (plan.noise_a[start], plan.noise_b[start]))
         out = self._sample(plan, batch, start, end, first, guidance_scale, guidance_rescale, sampler,
-                           f"{sampler} x{n}" if progress else None)
+                           f"{sampler} x{n}" if progress else None, control.adapters())
         if output_type == "latent":
             return _host(out)[:n]
         images = _host(self.decode_latents(out))[:n]
         return images if output_type == "np" else (images * 255).round().astype(np.uint8)
 
-    def _sample(self, plan, batch, start, end, first, scale, rescale, sampler, progress):
+    def _sample(self, plan, batch, start, end, first, scale, rescale, sampler, progress, adapters=((), ())):
         """The final latents of the loop over iterations [start, end), run in calls of one compiled executable, a
         number of iterations each (`chunk_size`); progress is shown between calls (when `progress` is a
-        description), the next call already queued."""
+        description), the next call already queued. adapters: (the loop's static wrappers of the U-Net call,
+        their params)."""
         options = tuple(sorted(plan.options.items()))
         replicated = NamedSharding(self.mesh, P())
         steps, timesteps, first, scale, rescale = jax.tree.map(  # once, not at every call
@@ -240,21 +254,23 @@ class Pipeline:
         init = self._compile("sample", loop_calls.start_state, steps, batch, first, sampler=sampler)
         state = init(steps, batch, first)
         args = lambda lo, hi, state: (self.params["unet"], steps, timesteps, batch, state, np.int32(lo),  # noqa: E731
-                                      np.int32(hi), scale, rescale)
+                                      np.int32(hi), scale, rescale, adapters[1])
         loop = self._compile("sample", functools.partial(loop_calls.run_iterations, self.unet),
                              *args(start, end, state),
                              sampler=sampler, options=options, rescaled=bool(rescale),
-                             groups=self.mesh.devices.size if self.per_image else None)
+                             groups=self.mesh.devices.size if self.per_image else None, adapters=adapters[0])
         t0 = time.perf_counter()
         state = loop_calls.run_in_calls(lambda lo, hi, state: loop(*args(lo, hi, state)), state, start, end,
                                         progress)
         self._calls.timings["sample"] = time.perf_counter() - t0
         return state["x"]
 
-    def _batch(self, cond, uncond, noise, image, mask, height, width, b, sample_posterior, plan, end):
-        """The loop's per-image inputs, on the devices: noise, step keys (or step noise), the conditioning, and
-        image / mask inputs of img2img and inpainting."""
-        batch = dict(noise=noise["initial"], keys=noise["keys"], cond=cond)
+    def _batch(self, cond, uncond, noise, image, mask, height, width, b, sample_posterior, plan, end, rows,
+               per_iteration):
+        """The loop's per-image inputs, on the devices: noise, step keys (or step noise), the conditioning, image /
+        mask inputs of img2img and inpainting, adapters' `rows` ({name: [b, ...]}) and `per_iteration`
+        conditioning ({name: [S, b, ...]})."""
+        batch = dict(noise=noise["initial"], keys=noise["keys"], cond=cond, **rows)
         if uncond is not None:
             batch["uncond"] = uncond
         if image is not None:
@@ -263,8 +279,11 @@ class Pipeline:
         if "mask" in batch:
             batch["blend"] = sampling.Blend.from_plan(plan, batch["image_latents"], batch["noise"], batch.pop("mask"),
                                                       end)
+        by_iteration = lambda x: _put(x, NamedSharding(self.mesh, P(None, *self._rows)))  # noqa: E731
         if "steps" in noise:
-            batch["step_noise"] = _put(noise["steps"], NamedSharding(self.mesh, P(None, *self._rows)))
+            batch["step_noise"] = by_iteration(noise["steps"])
+        if per_iteration:
+            batch["per_iteration"] = jax.tree.map(by_iteration, per_iteration)
         return batch
 
     def _image_inputs(self, image, mask, height, width, b, noise, sample_posterior):

@@ -5,7 +5,8 @@ and what wraps it. Each wrapper takes and returns such a function:
 
 conditioning is a dict: "cond" (the U-Net's keyword arguments: text states [B,L,D], SDXL's pooled text and time
 ids), "uncond" (the same for the negative prompts; absent without guidance) and "concat" ([B,h,w,k] channels
-appended to the input: 9-channel inpainting U-Nets). Adapters (ControlNet residuals, ...) are further wrappers.
+appended to the input: 9-channel inpainting U-Nets). Adapters are further wrappers of the U-Net call, inside
+`guided` (controlnets.ControlNetCall: ControlNets' residuals, read from c["control_images"], c["control_scales"]).
 """
 import jax
 import jax.numpy as jnp

@@ -32,18 +32,21 @@ def start_state(steps, batch, first, *, sampler):
     return samplers_lib.SAMPLERS[sampler].init(x, steps)
 
 
-def run_iterations(unet, params, steps, timesteps, batch, state, lo, hi, scale, rescale, *, sampler, options,
-                   rescaled, groups):
+def run_iterations(unet, params, steps, timesteps, batch, state, lo, hi, scale, rescale, adapter_params=(), *,
+                   sampler, options, rescaled, groups, adapters=()):
     """Iterations [lo, hi) of the sampling loop on a batch (`Pipeline._batch`) from `state`; the keyword
-    arguments are static."""
+    arguments are static. adapters: wrappers `adapter(fn, params) -> fn` of the U-Net call, inside guidance
+    (controlnets.ControlNetCall), each with its params in adapter_params."""
     fn = denoiser_lib.unet_call(unet, params)
+    for adapter, p in zip(adapters, adapter_params):
+        fn = adapter(fn, p)
     fn = denoiser_lib.with_channels(denoiser_lib.images_apart(denoiser_lib.guided(fn, scale, rescale if rescaled
                                                                                  else None), groups))
-    conditioning = {k: batch.get(k) for k in ("cond", "uncond", "concat")}
+    conditioning = {k: batch.get(k) for k in ("cond", "uncond", "concat", "control_images")}
     with loop_constant_kernels():  # the U-Net's weights are constants of the loop: transform them once
         return sampling.run(fn, samplers_lib.SAMPLERS[sampler], dict(options), steps, timesteps, state,
                             conditioning, batch["keys"], lo, hi, blend=batch.get("blend"),
-                            noise=batch.get("step_noise"))
+                            noise=batch.get("step_noise"), per_iteration=batch.get("per_iteration"))
 
 
 def run_in_calls(loop, state, start, end, progress):
