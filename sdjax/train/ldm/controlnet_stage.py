@@ -10,6 +10,7 @@ reads the batch's "conditioning_images" in [0, 1] (data.conditioning_image names
 text and time ids go to both. The export is a diffusers ControlNet folder (`ControlNetModel.from_pretrained`).
 """
 import dataclasses
+import json
 import math
 import os
 
@@ -33,6 +34,8 @@ FIRST_HALF = ("in_channels", "block_out_channels", "layers_per_block", "down_blo
               "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "use_linear_projection",
               "only_cross_attention", "addition_embed_type", "addition_time_embed_dim",
               "projection_class_embeddings_input_dim")
+# U-Net config keys of the second half and the sample, which diffusers' ControlNetModel does not take
+UNET_ONLY = ("sample_size", "out_channels", "center_input_sample", "up_block_types", "dual_cross_attention")
 
 resolve, make_optimizer = ldm_stage.resolve, ldm_stage.make_optimizer
 
@@ -153,9 +156,12 @@ def batch_shapes(pre, batch_size, image_size):
 
 def save_controlnet(folder, module, params):
     """Write a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors, float32) in
-    `folder`."""
+    `folder`; its config without the U-Net's keys a ControlNet has not (diffusers would warn of them)."""
     diffusers.save_component(folder, COMPONENT, module, params)
     inner = os.path.join(folder, COMPONENT)
+    config = diffusers.read_json(os.path.join(inner, "config.json"))
+    with open(os.path.join(inner, "config.json"), "w") as f:
+        json.dump({k: v for k, v in config.items() if k not in UNET_ONLY}, f, indent=2)
     for name in os.listdir(inner):
         os.replace(os.path.join(inner, name), os.path.join(folder, name))
     os.rmdir(inner)
