@@ -212,3 +212,26 @@ def test_controlnet_resume_is_bit_identical(trained):
                     jax.tree.leaves((resumed.params, resumed.opt_state))):
         np.testing.assert_array_equal(a, b)
 
+
+
+@pytest.mark.slow  # an SDXL ControlNet: its train step (pooled text, time ids), export and diffusers' residuals
+def test_sdxl_controlnet_trains_and_exports(sdxl_folders, tmp_path):
+    from diffusers import ControlNetModel
+    c = cn_config(sdxl_folders["base"], write_jsonl(str(tmp_path / "data"), _examples()), str(tmp_path / "tfds"))
+    c.total_steps = 2
+    state, run = train(c, tmp_path / "run", loop.pipeline_iterator)
+    assert run.pretrained.modules["controlnet"].addition_embed_type == "text_time"
+    net = ControlNetModel.from_pretrained(export(str(tmp_path / "run"), str(tmp_path / "controlnet"))).eval()
+    r = np.random.default_rng(0)
+    x, t = r.standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32), np.array([10, 700])
+    text, cond = r.standard_normal((2, 5, 64)).astype(np.float32), r.uniform(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    added = dict(text_embeds=r.standard_normal((2, 16)).astype(np.float32),
+                 time_ids=np.tile(np.float32([[16, 16, 0, 0, 16, 16]]), (2, 1)))
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+    with torch.no_grad():
+        down, mid = net(nchw(x), torch.from_numpy(t), torch.from_numpy(text), controlnet_cond=nchw(cond),
+                        added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()}, return_dict=False)
+    module = run.pretrained.modules["controlnet"]
+    ours = jax.jit(module.apply)({"params": jax.device_get(state.ema_params["controlnet"])}, x, t, text, cond, **added)
+    _residuals_close(ours, [*down, mid])
+    assert min(float(np.abs(d.numpy()).mean()) for d in [*down, mid]) > 100 * 1e-4

@@ -17,10 +17,8 @@ from sdjax.train.ldm import controlnet_stage
 
 # devices: what jax.devices() lists; hbm_gib: memory per device; batch: per-device batch for each model
 TARGETS = {
-    "gpu24": dict(devices=1, hbm_gib=24, batch=dict(sd15=4)),  # RTX 3090 / 4090, A10G, L4
-    "h100": dict(devices=1, hbm_gib=80, batch=dict(sd15=16, sdxl=2)),
+    "gpu24": dict(devices=1, hbm_gib=24, batch=dict(sd15=2)),  # one GPU of 24 GB (RTX 3090 / 4090, A10G, L4)
     "h100x8": dict(devices=8, hbm_gib=80, batch=dict(sd15=16, sdxl=4)),
-    "v5p-8": dict(devices=4, hbm_gib=95, batch=dict(sd15=16, sdxl=4)),
 }
 MODELS = {"sd15": (sd15.get_config, 512), "sdxl": (sdxl.get_config, 1024)}
 
