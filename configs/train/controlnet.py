@@ -38,9 +38,9 @@ def get_config(arg=""):
         return c
     name, _, target_name = arg.partition(",")
     if name not in MODELS or target_name not in TARGETS or name not in TARGETS[target_name]["batch"]:
+        fits = sorted(t for t, v in TARGETS.items() if name in v["batch"])
         raise ValueError(f"controlnet config: the argument is '' (the tiny model) or MODEL,TARGET with MODEL in "
-                         f"{sorted(MODELS)} and TARGET one of {sorted(t for t, v in TARGETS.items() if name in v['batch'])}"
-                         f" for it, got {arg!r}")
+                         f"{sorted(MODELS)} and TARGET one of {fits or sorted(TARGETS)} for it, got {arg!r}")
     model, size = MODELS[name]
     target = TARGETS[target_name]
     c.model = model()  # the architecture (for the memory estimate); training reads `pretrained`

@@ -87,7 +87,8 @@ def _module(config, unet, vae):
                                   "(its residuals would not fit the U-Net)")
     else:
         fields = {f.name: getattr(unet, f.name) for f in dataclasses.fields(unet) if f.name not in ("parent", "name")}
-        module = ControlNetModel(**fields, conditioning_embedding_out_channels=tuple(c.conditioning_embedding_out_channels))
+        module = ControlNetModel(**fields,
+                                 conditioning_embedding_out_channels=tuple(c.conditioning_embedding_out_channels))
     ours, factor = len(module.conditioning_embedding_out_channels), len(vae.block_out_channels)
     require(ours == factor, f"{f'controlnet.init {c.init}: ' if c.init else ''}conditioning_embedding_out_channels "
             f"{module.conditioning_embedding_out_channels} bring the conditioning image down {2 ** (ours - 1)}x, the "

@@ -140,8 +140,9 @@ def make_train_step(modules, config, tx, schedule, abar_table, empty_ids, mesh=N
 
     frozen: {component: params} not trained (vae, text encoders unless trained); batch: the input pipeline's
     (`ldm_stage.batch_shapes`); empty_ids, empty_text, zero_dropped: what caption dropout puts in, model_params:
-    the models' params from the run's, predict: the model's prediction (`make_loss_fn`). A step whose loss or gradients are not finite leaves
-    params, optimizer and EMA as they were and counts itself in bad_steps / total_bad_steps.
+    the models' params from the run's, predict: the model's prediction (`make_loss_fn`). A step whose loss or
+    gradients are not finite leaves params, optimizer and EMA as they were and counts itself in bad_steps /
+    total_bad_steps.
     """
     empty_ids = {k: jnp.asarray(v) for k, v in empty_ids.items()}
     empty_text = None if empty_text is None else {k: jnp.asarray(v) for k, v in empty_text.items()}
