@@ -79,14 +79,15 @@ def jax_blocks(inception, images):
 
 def test_features_match_pytorch_fid_at_every_dims(weights):
     rng = np.random.default_rng(0)
-    square, wide = rng.integers(0, 256, (3, 64, 64, 3), np.uint8), rng.integers(0, 256, (2, 40, 72, 3), np.uint8)
+    square, wide = rng.integers(0, 256, (3, 64, 64, 3), np.uint8), rng.integers(0, 256, (2, 320, 72, 3), np.uint8)
     inception = fid.load_inception(dims=2048)  # found in $TORCH_HOME
     blocks = jax_blocks(inception, square)
     for dims, ours, ref in zip((64, 192, 768, 2048), blocks, reference_blocks(square)):
         assert ours.shape == (3, dims)
         np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
         assert np.abs(ref).max() > 0.3  # O(1) features: the tolerance means something
-    # non-square, through the sharded path (the resize is the same at every dims: the cheap compile of dims 192)
+    # non-square, shrunk along H and stretched along W, through the sharded path (the resize is the same at every
+    # dims: the cheap compile of dims 192)
     ours = fid.load_inception(dims=192).features(wide)
     assert ours.dtype == np.float64 and ours.shape == (2, 192)
     np.testing.assert_allclose(ours, reference_blocks(wide, (1,))[0], atol=1e-4, rtol=0)
