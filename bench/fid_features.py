@@ -29,7 +29,7 @@ def main():
     from sdjax.weights.inception import FILENAME
     from bench.common import median
 
-    torch.set_num_threads(os.cpu_count())  # tests.conftest sets 1 for its two workers
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores given (taskset); tests.conftest sets 1
     home = tempfile.mkdtemp()
     path = os.path.join(home, "hub", "checkpoints", FILENAME)
     os.makedirs(os.path.dirname(path))
