@@ -1,7 +1,9 @@
 """FID Inception features per second: sdjax (`sdjax.eval.fid.load_inception(...).features`) against pytorch-fid's
 InceptionV3 (as its get_activations calls it: uint8 -> / 255, the model, the average pool), both loading one
 weight file of random values; uint8 images of --size² resized to 299² inside both.
-    python bench/fid_features.py [--batch 16] [--size 512] [--dims 2048] [--repeats 3]
+    taskset -c 0 python bench/fid_features.py [--batch 16] [--size 512] [--dims 2048] [--repeats 3]
+Pinned to one core here: on this shared 2-core machine PyTorch's two threads stall whenever the other core is busy
+(4.2 s per batch of 8 instead of 0.96 s on one thread), which no figure should rest on.
 """
 import argparse
 import os

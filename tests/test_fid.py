@@ -206,17 +206,30 @@ def test_cli_and_npz_files_as_pytorch_fid(weights, folders, tmp_path, capsys):
         fid.main([folders["a12"], ours, "--save-stats"])
 
 
-def test_missing_weights_name_the_three_places(tmp_path, monkeypatch, capsys):
+def test_missing_weights_name_the_three_places(folders, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.delenv(ENV, raising=False)
     with pytest.raises(WeightLoadError, match=f"--inception FILE.*\\${ENV}.*{tmp_path}/hub/checkpoints/") as e:
         fid.load_inception()
     assert "\n" not in str(e.value)
     with pytest.raises(SystemExit, match="^sdjax.eval.fid: FID Inception weights .* not found"):
-        fid.main([str(tmp_path), str(tmp_path)])
+        fid.main([folders["a12"], folders["b12"]])
     monkeypatch.setenv(ENV, str(tmp_path / "absent.pth"))
     with pytest.raises(WeightLoadError, match=f"absent.pth \\(from \\${ENV}\\)"):
         fid.load_inception()
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    np.savez(tmp_path / "wrong.npz", m=np.zeros(3))
+    np.savez(tmp_path / "s64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(tmp_path / "s192.npz", mu=np.zeros(192), sigma=np.eye(192))
+    (tmp_path / "empty").mkdir()
+    for args, message in (([tmp_path / "absent", tmp_path / "s64.npz"], "no such file or folder: .*absent"),
+                          ([tmp_path / "empty", tmp_path / "s64.npz"], "empty: FID needs at least 2 images.*found 0"),
+                          ([tmp_path / "wrong.npz", tmp_path / "s64.npz"], "need arrays mu and sigma, found \\['m'\\]"),
+                          ([tmp_path / "s64.npz", tmp_path / "s192.npz"], "differ in size: mu \\(64,\\) vs \\(192,\\)")):
+        with pytest.raises(SystemExit, match=f"^sdjax.eval.fid: .*{message}[^\\n]*$"):
+            fid.main([str(a) for a in args])
 
 
 @pytest.mark.slow
