@@ -19,6 +19,7 @@ def main():
     p.add_argument("--dims", type=int, default=2048, choices=[64, 192, 768, 2048])
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
+    import jax
     import numpy as np
     import torch
     from tests.torchvision_ops import torchvision_without_ops
