@@ -11,22 +11,12 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIB = 2 ** 30
-
-
-def available_bytes():
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
 
 
 def measure(a):
-    import jax
-    import numpy as np
     from configs.train import finetune
-    from sdjax.train import memory
     from bench import common
 
     c = finetune.get_config(f"sd15{'_lora' if a.mode == 'lora' else ''},{'gpu24' if a.mode == 'lora' else 'h100x8'}")
@@ -34,39 +24,9 @@ def measure(a):
     c.precision.compute_dtype, c.remat, c.estimate_attention = a.dtype, a.remat, "auto"
     if a.mode == "lora":
         c.lora.update(rank=a.rank, alpha=float(a.rank), dropout=a.dropout, base_dtype=a.base_dtype)
-    t0 = time.perf_counter()
-    low = memory.compile_step(c, jax.devices()[:1])
-    compile_s = time.perf_counter() - t0
-    est = memory.estimate(c, lowered=low)
     what = (f"{a.mode}{f' rank {a.rank}' if a.mode == 'lora' else ''}"
             f"{f' dropout {a.dropout}' if a.mode == 'lora' and a.dropout else ''}")
-    print(f"{what}: SD 1.5 at {a.size}², batch {a.batch}, {a.dtype} compute, remat={a.remat}, "
-          f"{jax.devices()[0].device_kind}; state {est.state / GIB:.2f} GiB ({sum(x.size for x in jax.tree.leaves(low.plan.abstract.params)) / 1e6:.1f}M trained), "
-          f"frozen {est.frozen / GIB:.2f}, temp {est.temp / GIB:.2f}, peak {est.peak / GIB:.2f} GiB; "
-          f"{est.flops / 1e9:.0f} GFLOP; compile {compile_s:.0f} s", flush=True)
-    need, free = est.peak + est.state, available_bytes()  # the state's initial copy besides the donated one
-    if jax.default_backend() == "cpu" and need > 0.9 * free:
-        print(f"{what}: step not run: it needs ~{need / GIB:.1f} GiB, {free / GIB:.1f} GiB are free here")
-        return
-    rng = np.random.default_rng(0)
-    real = lambda tree, shardings: jax.tree.map(  # noqa: E731
-        lambda s, sh: jax.device_put((rng.standard_normal(s.shape, np.float32) * 0.02).astype(s.dtype), sh),
-        tree, shardings)
-    frozen = real(low.frozen, low.plan.frozen_sharding)
-    trainable = real(low.plan.abstract.params, low.plan.state_sharding.params)
-    state = jax.jit(low.plan.init, out_shardings=low.plan.state_sharding)(trainable)
-    del trainable
-    batch = {k: jax.device_put(np.zeros(s.shape, s.dtype) if s.dtype != np.float32 else
-                               rng.uniform(-1, 1, s.shape).astype(np.float32), sh)
-             for (k, s), sh in zip(low.batch.items(), low.batch_sharding.values())}
-    times = []
-    for _ in range(a.steps + 1):  # the first: warm-up
-        t0 = time.perf_counter()
-        state, metrics = low.compiled(state, frozen, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    print(f"{what}: step {common.median(times[1:]):.2f} s (median of {a.steps}; loss {float(metrics['loss']):.3f})",
-          flush=True)
+    common.report_step(c, what, f"SD 1.5 at {a.size}², batch {a.batch}, {a.dtype} compute, remat={a.remat}", a.steps)
 
 
 def main():

@@ -48,6 +48,13 @@ def test_1x1_conv_is_a_matmul(monkeypatch):
     assert calls
 
 
+def test_unpadded_3x3_is_the_padded_interior():
+    x = jax.random.normal(jax.random.key(1), (2, 7, 6, 8))
+    ref, fast = nn.Conv(5, (3, 3), padding="VALID"), conv.Conv(5, (3, 3), padding="VALID")
+    params = ref.init(jax.random.key(2), x)
+    np.testing.assert_allclose(fast.apply(params, x), ref.apply(params, x), atol=1e-5)
+
+
 @pytest.mark.parametrize("h,w", [pytest.param(8, 8, marks=pytest.mark.slow), (9, 7),  # whole / partial tiles,
                                  pytest.param(3, 5, marks=pytest.mark.slow)])              # smaller than a tile
 def test_winograd_matches_lax(h, w):

@@ -35,12 +35,12 @@ def lora_config(folder):
     return c
 
 
-def train(c, workdir, **data):
-    """loop.train's final state and the Run it set up."""
+def train(c, workdir, make_data=None, **data):
+    """loop.train's final state and the Run it set up (make_data: the loop's; default fake_data(**data))."""
     runs, setup = [], loop.setup
     with pytest.MonkeyPatch.context() as m:
         m.setattr(loop, "setup", lambda *a, **k: runs.append(setup(*a, **k)) or runs[-1])
-        state = loop.train(c, str(workdir), fake_data(**data), jax.devices()[:1])
+        state = loop.train(c, str(workdir), make_data or fake_data(**data), jax.devices()[:1])
     return state, runs[0]
 
 

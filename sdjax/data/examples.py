@@ -36,7 +36,9 @@ def resize_crop(image, size, rng=None):
 
 class Preprocess(grain.transforms.RandomMap):
     """tfds example -> {"image": uint8 [S, S, 3] or None if undecodable, "caption": str, "name": str,
-    "original_size": (H, W) decoded, "crop_top_left": (top, left) in the resized image, mirrored by a flip}."""
+    "original_size": (H, W) decoded, "crop_top_left": (top, left) in the resized image, mirrored by a flip}; an
+    example with a "conditioning_image" (ControlNet training) gets it resized to the image's resized size, then
+    the image's crop and flip (an undecodable one: the example's "image" None; a missing one, None: ValueError)."""
 
     def __init__(self, image_size, center_crop, random_flip):
         self.image_size, self.center_crop, self.random_flip = image_size, center_crop, random_flip
@@ -55,19 +57,43 @@ class Preprocess(grain.transforms.RandomMap):
             if image is None:
                 return {"image": None, "caption": caption, "name": name}
         original = image.shape[:2]
-        image, (top, left), (_, width) = resize_crop(image, size or self.image_size, crop_rng)
-        if flip if isinstance(flip, bool) else flip.random() < 0.5:
-            image, left = image[:, ::-1], width - left - image.shape[1]  # the crop as the flipped image has it
-        return {"image": np.ascontiguousarray(image), "caption": caption, "name": name,
+        image, (top, left), resized = resize_crop(image, size or self.image_size, crop_rng)
+        cond = _conditioning(element, name, resized, (top, left), image.shape[:2])
+        if cond is None:
+            return {"image": None, "caption": caption, "name": f"{name} (its conditioning image)"}
+        out = {"image": image, **({"conditioning_image": cond} if cond is not False else {})}
+        if flip if isinstance(flip, bool) else flip.random() < 0.5:  # (left: the crop as the flipped image has it)
+            out, left = {k: v[:, ::-1] for k, v in out.items()}, resized[1] - left - image.shape[1]
+        return {**{k: np.ascontiguousarray(v) for k, v in out.items()}, "caption": caption, "name": name,
                 "original_size": original, "crop_top_left": (top, left)}
+
+
+def _conditioning(element, name, resized, top_left, crop):
+    """The example's conditioning image resized to `resized` (h, w) and cropped as its image (uint8 [h, w, 3]); None
+    when undecodable, False when the example has none."""
+    if "conditioning_image" not in element:
+        return False
+    data = element["conditioning_image"]
+    if data is None:
+        raise ValueError(f"data: {name} has no conditioning image (data.conditioning_image is set: the ControlNet "
+                         "stage needs one per example)")
+    cond = decode_image(data) if isinstance(data, bytes) else data
+    if cond is None:
+        return None
+    if cond.shape[:2] != resized:
+        cond = np.asarray(Image.fromarray(cond).resize(resized[::-1], Image.BILINEAR))
+    (top, left), (h, w) = top_left, crop
+    return cond[top:top + h, left:left + w]
 
 
 def collate(examples, tokenizers):
     """Preprocessed examples -> a batch (see the module docstring); captions tokenized ({batch key: tokenizer})."""
     column = lambda key: [e[key] for e in examples]  # noqa: E731
     batch = {key: np.asarray(column(key), np.int32 if key in ("original_size", "crop_top_left") else None)
-             for key in examples[0] if key not in ("image", "caption", "name")}  # (a cache's: its arrays)
+             for key in examples[0] if key not in ("image", "conditioning_image", "caption", "name")}  # (a cache's)
     if "image" in examples[0]:
         batch["images"] = np.stack(column("image")).astype(np.float32) / 127.5 - 1.0
+    if "conditioning_image" in examples[0]:  # in [0, 1], as ControlNets take them
+        batch["conditioning_images"] = np.stack(column("conditioning_image")).astype(np.float32) / 255.0
     batch.update({key: tokenize(tokenizer, column("caption"))[0] for key, tokenizer in tokenizers.items()})
     return batch

@@ -4,7 +4,8 @@ shards, streamed; a latent cache) read in sdjax.data.order's order -> decode, cr
 Batches are {"images": float32 [b, H, W, 3] in [-1, 1], "input_ids": int32 [b, 77] (and "input_ids_2", the
 ids of SDXL's second tokenizer), "original_size": int32 [b, 2] (each image's height and width as stored),
 "crop_top_left": int32 [b, 2] (where the crop begins in the resized image, as seen after the flip)} (numpy):
-SDXL's micro-conditioning takes the last two.
+SDXL's micro-conditioning takes the last two. With `conditioning_image` set (ControlNet training), also
+"conditioning_images": float32 [b, H, W, 3] in [0, 1], each cropped and flipped as its image.
 The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (JSON-able dicts; it saves with orbax
 through `grain.checkpoint.CheckpointSave(iterator)`), and `continue_from(states)` for a run with another
 process count. Undecodable images are skipped and counted in `iterator.skipped`. Caption dropout is the
@@ -42,6 +43,8 @@ def default_config():
         max_aspect_ratio=4.0,  # the buckets' widest h / w and w / h
         num_threads=16,      # grain reader threads per process
         num_workers=0,       # grain worker processes (0: decode in this process)
+        conditioning_image="",  # ControlNet training: the listing's / parquet table's column of each example's
+                                # conditioning image; a folder's `{stem}.cond.png`, webdataset's `{key}.cond.png`
         shapes=dict(num_train=20000, num_test=1000, num_heldout=1000, seed=0),
     ))
 
@@ -62,6 +65,9 @@ def resolve_config(config):
         raise ValueError(f"data config: split for source {cfg.source!r} must be one of {splits}, got {cfg.split!r}")
     if cfg.image_size <= 0:
         raise ValueError(f"data config: image_size must be positive, got {cfg.image_size}")
+    if cfg.conditioning_image and cfg.source in ("shapes", "cache"):
+        raise ValueError(f"data config: source {cfg.source!r} has no conditioning images (data.conditioning_image "
+                         f"is set): use one of {captions.SOURCES + tuple(shards.SOURCES)}")
     if cfg.bucket_step and cfg.source not in BUILT:
         raise ValueError(f"data config: bucket_step needs a source with random access {BUILT}, got {cfg.source!r} "
                          "(a streamed source cannot group its images by shape; a cache holds one square crop each)")
@@ -73,7 +79,8 @@ def builder(config):
     kwargs = dict(data_dir=config.data_dir or None, file_format="array_record")
     if config.source == "shapes":
         return shapes.CaptionedShapes(config=shapes.shapes_config(**config.shapes), **kwargs)
-    return captions.ImageCaptions(config=captions.captions_config(config.path, config.source), **kwargs)
+    return captions.ImageCaptions(config=captions.captions_config(config.path, config.source,
+                                                                  config.conditioning_image), **kwargs)
 
 
 def prepare(config):
@@ -228,7 +235,8 @@ def make_iterator(config, tokenizers, batch_size_per_process, seed, process_inde
         from sdjax.data import cache
         source, preprocess, tokenizers = cache.CacheSource(config.path), cache.CachedView(config), {}
     elif config.source in shards.SOURCES:
-        source, read = shards.list_shards(config.path, config.source), shards.READERS[config.source]
+        source = shards.list_shards(config.path, config.source)
+        read = functools.partial(shards.READERS[config.source], conditioning=config.conditioning_image)
     else:
         source = prepare(config)
     tokenizers = tokenizers if isinstance(tokenizers, dict) else {"input_ids": tokenizers}

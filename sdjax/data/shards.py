@@ -7,6 +7,9 @@ either image bytes ("image", "jpg", "png", "webp": binary, or a {"bytes", "path"
 datasets store images) or a path column ("file_name" / "path") relative to the table's folder.
 An example with no image, or one that cannot be read, comes out with empty image bytes (the input pipeline
 skips and counts it); a shard unreadable from some example on ends with that one as such an example.
+With conditioning images (ControlNet training: `conditioning` names the column): webdataset's `{key}.cond.png`
+(or another image extension) members, parquet's column of that name (bytes, struct or path as the image's); an
+example without one carries None (the input pipeline stops with an error naming it).
 """
 import glob
 import json
@@ -48,8 +51,9 @@ def list_shards(path, source):
     return sorted(set(files))
 
 
-def _example(image, caption, name):
-    return {"image": image or b"", "caption": caption.encode("utf-8"), "name": name.encode("utf-8")}
+def _example(image, caption, name, conditioning=False, cond=None):
+    out = {"image": image or b"", "caption": caption.encode("utf-8"), "name": name.encode("utf-8")}
+    return {**out, "conditioning_image": cond} if conditioning else out
 
 
 def _caption_of(files):
@@ -61,13 +65,14 @@ def _caption_of(files):
     return ""
 
 
-def read_tar(path, first=0):
+def read_tar(path, first=0, conditioning=""):
     """(member, example) of a webdataset shard from its member `first` on (the earlier ones' data is not read)."""
     index, key, files = -1, None, {}
+    conds = tuple("cond." + e for e in IMAGE_EXTENSIONS) if conditioning else ()
 
     def done():
-        image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-        return index, _example(image, _caption_of(files), f"{path}:{key}")
+        image, cond = (next((files[e] for e in exts if e in files), None) for exts in (IMAGE_EXTENSIONS, conds))
+        return index, _example(image, _caption_of(files), f"{path}:{key}", bool(conditioning), cond)
 
     try:
         with tarfile.open(path) as tar:
@@ -80,7 +85,7 @@ def read_tar(path, first=0):
                     if index >= first:
                         yield done()
                     index, key, files = index + 1, os.path.join(folder, stem), {}
-                if index >= first and ext.lower() in IMAGE_EXTENSIONS + ("txt", "json"):
+                if index >= first and ext.lower() in IMAGE_EXTENSIONS + conds + ("txt", "json"):
                     files[ext.lower()] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         index = max(index, 0)  # the example being read: counted as bad, with what follows
@@ -97,7 +102,7 @@ def _pick(names, wanted):
     return next((lower[w] for w in wanted if w in lower), None)
 
 
-def read_parquet(path, first=0, rows_per_read=256):
+def read_parquet(path, first=0, conditioning="", rows_per_read=256):
     """(row, example) of a parquet table from row `first` on (earlier row groups are not read)."""
     import pyarrow.parquet as pq
     table = pq.ParquetFile(path)
@@ -107,32 +112,40 @@ def read_parquet(path, first=0, rows_per_read=256):
     if caption is None or (image or file_column) is None:
         raise ValueError(f"data: {path} needs a caption column {CAPTION_COLUMNS} and an image column "
                          f"{IMAGE_COLUMNS} or a path column {PATH_COLUMNS}; it has {names}")
-    folder, row, groups = os.path.dirname(os.path.abspath(path)), 0, []
+    if conditioning and conditioning not in names:
+        raise ValueError(f"data: {path} has no conditioning-image column {conditioning!r} (data.conditioning_image); "
+                         f"it has {names}")
+    folder = os.path.dirname(os.path.abspath(path))
+    columns = [caption, image or file_column] + ([conditioning] if conditioning else [])
+    row, groups = 0, []
     for g in range(table.num_row_groups):
         n = table.metadata.row_group(g).num_rows
         if row + n > first:
             groups.append(g)
         else:
             row += n
-    for batch in table.iter_batches(rows_per_read, row_groups=groups, columns=[caption, image or file_column]):
+    for batch in table.iter_batches(rows_per_read, row_groups=groups, columns=columns):
         for r in batch.to_pylist():
             if row >= first:
-                value, name = r[image or file_column], f"{path}:{row}"
-                if isinstance(value, dict):  # a datasets Image: {"bytes", "path"}
-                    value = value.get("bytes") or value.get("path")
-                if isinstance(value, str):
-                    name = value = os.path.join(folder, value)
-                    value = _read_file(value)
-                yield row, _example(value, str(r[caption] or "").strip(), name)
+                (value, name), (cond, _) = (_image_value(r.get(c), folder, f"{path}:{row}")
+                                            for c in (image or file_column, conditioning))
+                yield row, _example(value, str(r[caption] or "").strip(), name, bool(conditioning), cond)
             row += 1
 
 
-def _read_file(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
+def _image_value(value, folder, name):
+    """(bytes or None, name) of a table's image cell: bytes, a datasets Image {"bytes", "path"}, or a path relative
+    to the table's folder (b"" when unreadable; the name: the path)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        name = value = os.path.join(folder, value)
+        try:
+            with open(value, "rb") as f:
+                value = f.read()
+        except OSError:
+            value = b""
+    return value, name
 
 
 READERS = {"webdataset": read_tar, "parquet": read_parquet}

@@ -11,6 +11,8 @@ import itertools
 import os
 import pathlib
 import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +43,8 @@ class Inception:
 
     def apply(self, params, images):
         """images [B, H, W, 3] uint8, or float in [0, 1] -> float32 [B, dims] (jittable)."""
-        x = images.astype(jnp.float32) / 255 if images.dtype == jnp.uint8 else images
-        return self.module.apply({"params": params}, x)[-1]
+        x = images.astype(jnp.float32)
+        return self.module.apply({"params": params}, x / 255 if images.dtype == jnp.uint8 else x)[-1]
 
     def features(self, images, pad_to=None):
         """images [B, H, W, 3] uint8 or float in [0, 1] (numpy, the same global batch on every process, or a
@@ -51,8 +53,8 @@ class Inception:
         n = images.shape[0]
         total = -(-max(n, pad_to or 0) // self.mesh.size) * self.mesh.size
         if total != n:  # pad with copies of the last image, dropped from the features
-            images = jnp.concatenate([images, jnp.repeat(images[-1:], total - n, 0)]) if isinstance(
-                images, jax.Array) else np.concatenate([images, np.repeat(images[-1:], total - n, 0)])
+            xp = jnp if isinstance(images, jax.Array) else np
+            images = xp.concatenate([images, xp.repeat(images[-1:], total - n, 0)])
         out = self._features(self.params, jax.device_put(images, self.batch_sharding))
         if not out.is_fully_addressable:
             out = multihost_utils.process_allgather(out, tiled=True)
@@ -116,9 +118,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 def read_stats(path):
     """(mu, sigma) from an .npz of pytorch-fid's (keys mu, sigma)."""
-    with np.load(path) as f:
-        if not {"mu", "sigma"} <= set(f.files):
-            raise ValueError(f"{path}: FID statistics need arrays mu and sigma, found {sorted(f.files)}")
+    try:
+        f = np.load(path)
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not an .npz of FID statistics ({str(e).split('. ')[0]})") from None
+    found = sorted(f.files) if isinstance(f, np.lib.npyio.NpzFile) else "one array (.npy)"
+    if not {"mu", "sigma"} <= set(found):
+        raise ValueError(f"{path}: FID statistics need arrays mu and sigma, found {found}")
+    with f:
         return f["mu"][:], f["sigma"][:]
 
 
@@ -132,30 +139,31 @@ def image_files(folder):
     return sorted(file for ext in IMAGE_EXTENSIONS for file in pathlib.Path(folder).glob(f"*.{ext}"))
 
 
-def folder_statistics(folder, inception, batch_size=50):
-    """(mu, sigma) of the features of a folder's images, read as RGB (PIL's convert, as pytorch-fid)."""
-    files = image_files(folder)
-    if len(files) < 2:
-        raise ValueError(f"{folder}: FID needs at least 2 images ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
-                         f"found {len(files)}")
+def image_statistics(files, inception, batch_size=50):
+    """(mu, sigma) of the features of image files, read as RGB (PIL's convert, as pytorch-fid)."""
     stats = Statistics()
-    for start in range(0, len(files), batch_size):
-        images = [np.asarray(Image.open(f).convert("RGB")) for f in files[start:start + batch_size]]
-        for _, same_size in itertools.groupby(images, key=np.shape):
-            stats.add(inception.features(np.stack(list(same_size)), pad_to=batch_size))
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # decoded in parallel (PIL releases the GIL)
+        for start in range(0, len(files), batch_size):
+            images = pool.map(lambda f: np.asarray(Image.open(f).convert("RGB")), files[start:start + batch_size])
+            for _, same_size in itertools.groupby(images, key=np.shape):
+                stats.add(inception.features(np.stack(list(same_size)), pad_to=batch_size))
     return stats.mean_cov()
 
 
 def path_statistics(path, inception, dims=2048, batch_size=50):
-    """(mu, sigma) of an .npz or a folder of images; `inception` an Inception or a weight file (or None: found as
-    load_inception finds it), loaded only for a folder. Returns (mu, sigma, inception)."""
+    """(mu, sigma, inception) of an .npz or a folder of images; `inception` an Inception or a weight file (or None:
+    found as load_inception finds it), loaded only for a folder (and then returned)."""
     if not os.path.exists(path):
         raise ValueError(f"FID: no such file or folder: {path}")
     if str(path).endswith(".npz"):
         return (*read_stats(path), inception)
+    files = image_files(path)
+    if len(files) < 2:
+        raise ValueError(f"{path}: FID needs at least 2 images ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
+                         f"found {len(files)}")
     if not isinstance(inception, Inception):
         inception = load_inception(inception, dims)
-    return (*folder_statistics(path, inception, batch_size), inception)
+    return (*image_statistics(files, inception, batch_size), inception)
 
 
 def fid_from_paths(a, b, inception=None, dims=2048, batch_size=50):

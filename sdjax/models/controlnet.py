@@ -1,5 +1,7 @@
 """ControlNet (Zhang et al. 2023; diffusers `ControlNetModel`), NHWC: a trainable copy of the U-Net's first half that
 reads a conditioning image and returns residuals for the U-Net's skips and mid block. SD 1.x/2.x and SDXL."""
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -37,6 +39,9 @@ class ControlNetModel(UNet2DConditionModel):
 
     The U-Net's fields (its first half's: the same names and params, so `from_unet` copies them) plus
     diffusers' ControlNet keys; the U-Net's second-half fields (up blocks, conv_out) are unused."""
+    # the U-Net's fields of its second half and of the sample, which are not ControlNet config keys (config_of)
+    UNET_ONLY: ClassVar[tuple] = ("sample_size", "out_channels", "center_input_sample", "up_block_types",
+                                  "dual_cross_attention")
     conditioning_channels: int = 3
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
     controlnet_conditioning_channel_order: str = "rgb"

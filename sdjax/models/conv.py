@@ -12,6 +12,8 @@ when lowering for CPU; other platforms get XLA's convolution).
   convolution reaches about a third of the matmul rate when the kernel is much larger than the image
   (the 8x8 and 4x4 levels of the SD U-Net: 1280x1280x3x3 kernels); there im2col is 2-3x faster.
 - 1x1 convolutions are matmuls.
+- Unpadded 3x3 stride-1 convolutions are the interior of padded ones (the FID Inception's): XLA's CPU
+  convolution runs them 2-3x faster padded (Winograd, when it applies, as fast).
 """
 import contextlib
 import contextvars
@@ -82,6 +84,8 @@ def _cpu_conv(lhs, rhs, window_strides, padding, precision, args):
         padding = lax.padtype_to_pads((h, w), (kh, kwd), window_strides, padding)
     (pt, pb), (pl, pr) = padding
     sh, sw = window_strides
+    if (kh, kwd, sh, sw, pt, pb, pl, pr) == (3, 3, 1, 1, 0, 0, 0, 0):  # the interior of the padded convolution:
+        return _cpu_conv(lhs, rhs, window_strides, ((1, 1), (1, 1)), precision, args)[:, 1:-1, 1:-1]  # 2-3x faster
     oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kwd) // sw + 1
     if ((kh, kwd, sh, sw, pt, pb, pl, pr) == (3, 3, 1, 1, 1, 1, 1, 1) and lhs.dtype == rhs.dtype == jnp.float32
             and oh * ow >= WINOGRAD_MIN_PIXELS and min(rhs.shape[2:]) >= WINOGRAD_MIN_CHANNELS):

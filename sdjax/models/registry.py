@@ -22,8 +22,9 @@ def build(kind, config, dtype=jnp.float32, param_dtype=jnp.float32):
 
 def config_of(module):
     """The reference-format config dict a module was built from (tuples as lists)."""
+    unused = getattr(type(module), "UNET_ONLY", ())  # a ControlNet's inherited U-Net fields
     cfg = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
-           if f.name not in NOT_CONFIG}
+           if f.name not in NOT_CONFIG and f.name not in unused}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 

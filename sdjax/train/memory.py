@@ -2,7 +2,7 @@
 
     python -m sdjax.train.memory --config configs/train/finetune.py:sd15,v5e-16 [--devices 16]
 
-Compiles the real train step (LDM stage) for `config.target.devices` fake CPU devices in the config's
+Compiles the real train step (LDM or ControlNet stage) for `config.target.devices` fake CPU devices in the config's
 mesh, from shapes alone (no weights read or initialised), and prints what one device holds: state, frozen
 weights and batch (arguments), temporaries, and their sum against `config.target.hbm_gib`. The CPU
 compile stands in for the accelerator's: the same program and shardings, with attention "chunked" (query
@@ -55,7 +55,7 @@ def _shard_bytes(tree, shardings):
 
 @dataclasses.dataclass
 class Lowered:
-    """The LDM train step of a config compiled from shapes alone, and what it takes."""
+    """The train step of a config compiled from shapes alone, and what it takes."""
     compiled: object      # the executable: compiled(state, frozen, batch)
     plan: object          # loop.StepPlan (init, abstract state, shardings)
     frozen: dict          # the frozen params as ShapeDtypeStructs
@@ -65,27 +65,28 @@ class Lowered:
 
 
 def compile_step(config, devices=None):
-    """Lowered of the LDM train step of `config` over `devices` (default all: jax's, fake CPU ones here), attention
-    `config.estimate_attention` (default "chunked")."""
+    """Lowered of the train step (LDM or ControlNet stage) of `config` over `devices` (default all: jax's, fake CPU
+    ones here), attention `config.estimate_attention` (default "chunked")."""
     import jax
 
     from sdjax.train import config as config_lib, loop
-    from sdjax.train.ldm import ldm_stage
+    from sdjax.train.ldm import controlnet_stage, ldm_stage
     from sdjax.train.sharding import batch_sharding, make_mesh
-    from sdjax.train.stages import STAGES, stage_for
+    from sdjax.train.stages import stage_for
 
     stage = stage_for(config)
-    config_lib.require(stage is STAGES["ldm"], "the memory estimate covers the ldm stage")
+    module = {"ldm": ldm_stage, "controlnet": controlnet_stage}.get(config.get("stage", "ldm"))
+    config_lib.require(module is not None, "the memory estimate covers the ldm and controlnet stages")
     stage.check(config)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices)
     config_lib.check_batch(config, mesh.size, 1)
     with config.unlocked():
         config.attention = config.get("estimate_attention", "chunked")
-    pre = ldm_stage.load(config, abstract=ldm_stage.KINDS)
+    pre = module.load(config, abstract=ldm_stage.KINDS)
     config = stage.resolve(config, pre)
     plan = loop.plan_step(stage, config, pre, mesh)
     frozen = {k: v for k, v in pre.params.items() if k not in stage.trainable_names(config)}
-    batch = ldm_stage.batch_shapes(pre, config.batch_size, config.data.image_size)
+    batch = module.batch_shapes(pre, config.batch_size, config.data.image_size)
     batch_sh = jax.tree.map(lambda _: batch_sharding(mesh), batch)
     with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
     compiled = plan.step_fn.lower(with_sh(plan.abstract, plan.state_sharding),
@@ -94,7 +95,7 @@ def compile_step(config, devices=None):
 
 
 def estimate(config, devices=None, lowered=None):
-    """Estimate of the LDM train step of `config` over `devices` (`compile_step`'s, or `lowered`)."""
+    """Estimate of the train step of `config` over `devices` (`compile_step`'s, or `lowered`)."""
     low = lowered or compile_step(config, devices)
     mem, cost = low.compiled.memory_analysis(), low.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Callable
 
 from sdjax.train.config import require
-from sdjax.train.ldm import ldm_stage
+from sdjax.train.ldm import controlnet_stage, ldm_stage
 from sdjax.train.vae import vae_stage
 
 
@@ -32,7 +32,7 @@ def _of(module):
     return Stage(**{f.name: getattr(module, f.name) for f in dataclasses.fields(Stage)})
 
 
-STAGES = {"ldm": _of(ldm_stage), "autoencoder": _of(vae_stage)}
+STAGES = {"ldm": _of(ldm_stage), "autoencoder": _of(vae_stage), "controlnet": _of(controlnet_stage)}
 
 
 def stage_for(config):

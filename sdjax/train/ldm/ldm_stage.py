@@ -138,15 +138,16 @@ def make_optimizer(config):
     return optim.make_optimizer(config.optimizer, config.total_steps)
 
 
-def make_train_step(pre, config, tx, schedule, mesh=None):
-    """train_step(state, frozen, batch) -> (state, metrics): see sdjax.train.ldm.ldm_step."""
+def make_train_step(pre, config, tx, schedule, mesh=None, predict=ldm_step.unet_prediction):
+    """train_step(state, frozen, batch) -> (state, metrics): see sdjax.train.ldm.ldm_step (predict: its
+    make_loss_fn's)."""
     abar = schedules.alphas_cumprod(schedules.scheduler_settings(pre.scheduler))
     cached = config.data.get("source") == "cache"  # batches of encoded latents and text (sdjax.data.cache)
     if cached:
         from sdjax.data import cache
     return ldm_step.make_train_step(pre.modules, config, tx, schedule, abar, empty_prompt_ids(pre), mesh,
                                     cache.empty_text(config.data.path) if cached else None, zero_dropped(pre),
-                                    functools.partial(textual_inversion.model_params, config, pre))
+                                    functools.partial(textual_inversion.model_params, config, pre), predict)
 
 
 def export(config, params, out_dir):

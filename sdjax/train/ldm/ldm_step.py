@@ -73,14 +73,22 @@ def _dropped(drop, text, empty):
     return {k: jnp.where(drop.reshape(-1, *[1] * (v.ndim - 1)), empty[k], v) for k, v in text.items()}
 
 
-def make_loss_fn(modules, config, abar_table, empty_ids, empty_text=None, zero_dropped=False, model_params=None):
+def unet_prediction(modules, p, x_t, t, cond, micro):
+    """The U-Net's prediction for x_t [b, h, w, c] at t [b] with `cond` (its conditioning keywords): the default
+    `predict` of make_loss_fn (a ControlNet's adds its residuals: sdjax.train.ldm.controlnet_stage)."""
+    return modules["unet"].apply({"params": p["unet"]}, x_t, t, **cond)
+
+
+def make_loss_fn(modules, config, abar_table, empty_ids, empty_text=None, zero_dropped=False, model_params=None,
+                 predict=unet_prediction):
     """loss(trainable, frozen, micro) -> scalar; micro: {"images" [b,H,W,3], "input_ids" [b,L] (SDXL: also
     "input_ids_2", "original_size", "crop_top_left" [b,2]), "key" [b,2]}; empty_ids: {ids key: the empty
     caption's ids [L]}. From the latent cache (sdjax.data.cache), micro has "latent_mean" / "latent_std"
     [b,h,w,c] and the text conditioning in place of images and ids, and empty_text is the empty caption's.
     zero_dropped: dropped captions condition on zero text and pooled text instead of the empty caption's (an
     SDXL model with force_zeros_for_empty_prompt samples its unconditional branch from zeros). model_params: the
-    models' {component: params} from the run's, frozen and trained (textual_inversion.model_params; default: those)."""
+    models' {component: params} from the run's, frozen and trained (textual_inversion.model_params; default: those).
+    predict(modules, params, x_t, t, cond, micro) -> the prediction (`unet_prediction`'s signature)."""
     loss_cfg = config.loss
     vae = modules["vae"]
     num_t = abar_table.shape[0]
@@ -100,7 +108,7 @@ def make_loss_fn(modules, config, abar_table, empty_ids, empty_text=None, zero_d
         abar = abar_table[d["t"]]
         alpha, sigma = (losses.per_example(jnp.sqrt(a), z) for a in (abar, 1 - abar))
         x_t = schedules.add_noise(z, d["eps"], alpha, sigma)
-        prediction = mods["unet"].apply({"params": p["unet"]}, x_t, d["t"], **cond)
+        prediction = predict(mods, p, x_t, d["t"], cond, micro)
         tgt = schedules.target(z, d["eps"], alpha, sigma, loss_cfg.prediction_type)
         weights = losses.min_snr_weight(schedules.snr(abar), loss_cfg.min_snr_gamma, loss_cfg.prediction_type)
         if "class_example" in micro:  # DreamBooth's prior preservation (sdjax.train.ldm.dreambooth)
@@ -127,18 +135,19 @@ def accumulate(grad_fn, params, frozen, batch, k, constrain):
 
 
 def make_train_step(modules, config, tx, schedule, abar_table, empty_ids, mesh=None, empty_text=None,
-                    zero_dropped=False, model_params=None):
+                    zero_dropped=False, model_params=None, predict=unet_prediction):
     """train_step(state, frozen, batch) -> (state, metrics).
 
     frozen: {component: params} not trained (vae, text encoders unless trained); batch: the input pipeline's
     (`ldm_stage.batch_shapes`); empty_ids, empty_text, zero_dropped: what caption dropout puts in, model_params:
-    the models' params from the run's (`make_loss_fn`). A step whose loss or gradients are not finite leaves
-    params, optimizer and EMA as they were and counts itself in bad_steps / total_bad_steps.
+    the models' params from the run's, predict: the model's prediction (`make_loss_fn`). A step whose loss or
+    gradients are not finite leaves params, optimizer and EMA as they were and counts itself in bad_steps /
+    total_bad_steps.
     """
     empty_ids = {k: jnp.asarray(v) for k, v in empty_ids.items()}
     empty_text = None if empty_text is None else {k: jnp.asarray(v) for k, v in empty_text.items()}
     grad_fn = jax.value_and_grad(make_loss_fn(modules, config, jnp.asarray(abar_table), empty_ids, empty_text,
-                                              zero_dropped, model_params))
+                                              zero_dropped, model_params, predict))
     k = config.optimizer.grad_accum_steps
     constrain = ((lambda m: jax.lax.with_sharding_constraint(m, NamedSharding(mesh, BATCH)))
                  if mesh is not None else (lambda m: m))
