@@ -1,6 +1,7 @@
-"""python -m sdjax.eval (issue 33, item 4) on the tiny SD model: each image is the API's image of its caption and seed,
-the report's scores are the metrics' of those images, and an interrupted evaluation resumed by two processes makes
-only what is missing, the same images and report as one process."""
+"""python -m sdjax.eval (issue 33, item 4) on the tiny SD model, run by two processes on 127.0.0.1: each image is the
+API's image of its caption and seed (one process's, bit for bit), the report's scores are the metrics' of those
+images and one process's scores, and an interrupted evaluation resumes making only what is missing. config.eval
+(item 5): training's evaluator and the memory estimate's count of its networks."""
 import functools
 import json
 import os
@@ -63,25 +64,63 @@ def score_flags(scoring):
             scoring["clip"], "--score-batch-size", "8"]
 
 
+def two_processes(*args):
+    """python -m sdjax.eval as 2 processes on 127.0.0.1 (gloo), one CPU device each."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "sdjax.eval", *args, f"--coordinator=127.0.0.1:{port}",
+                               "--num-processes=2", f"--process-id={i}", "--cpu-collectives=gloo"],
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for p in procs:
+        output = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, output[-3000:]
+
+
 @pytest.fixture(scope="module")
 def first_run(torch_folder, scoring, tmp_path_factory):
-    """One evaluation of the tiny model: 3 captions x 2 images in batches of 4 (the last padded), scored; its
-    folder."""
+    """An evaluation of the tiny model by two processes: 3 captions x 2 images in batches of 4 split over both
+    (the last padded), scored; its folder and captions file."""
     folder = tmp_path_factory.mktemp("eval")
     captions = write_captions(str(folder))
-    eval_cli.main(argv(torch_folder[1], captions, folder / "out", *score_flags(scoring)))
+    two_processes(*argv(torch_folder[1], captions, folder / "out", *score_flags(scoring)))
     return folder / "out", captions
 
 
-def test_images_are_the_apis_of_each_caption_and_seed(first_run, torch_folder):
-    """Image j of caption id k is generate(caption, seed=k*N + j), bit for bit; the seeds make them differ."""
+@pytest.fixture(scope="module")
+def sd(torch_folder):
+    return StableDiffusion.load(torch_folder[1])
+
+
+def eval_config(scoring, captions, **fields):
+    """config.eval (configs/train/tiny.py's) scoring as score_flags does, on `captions`."""
+    from configs.train import tiny
+    c = tiny.get_config().eval
+    c.update(dict(dict(every=1, captions=captions, num_steps=STEPS, sampler="ddim", fid_ref=scoring["fid_ref"],
+                       inception=scoring["inception"], dims=64, clip=scoring["clip"], score_batch_size=8), **fields))
+    return c
+
+
+@pytest.fixture(scope="module")
+def evaluator(first_run, sd, scoring):
+    """config.eval's Evaluator (what training runs every eval.every steps) of the first run's settings; its Scorer
+    holds the Inception and CLIP the tests score with."""
+    from sdjax.train.ldm.periodic_eval import Evaluator
+    c = eval_config(scoring, first_run[1], num_captions=0, images_per_caption=PER_CAPTION, guidance_scale=7.5,
+                    batch_size=4)
+    return Evaluator(c, sd.mesh)
+
+
+def test_images_are_the_apis_of_each_caption_and_seed(first_run, sd):
+    """Image j of caption id k is generate(caption, seed=k*N + j) in one process, bit for bit; the seeds make them
+    differ."""
     out, _ = first_run
     got = images_of(out)
     assert sorted(got) == sorted(f"{k}-{j}.png" for k in CAPTIONS for j in range(PER_CAPTION))
-    sd = StableDiffusion.load(torch_folder[1])
-    for k, caption in CAPTIONS.items():
-        ref = sd.generate(caption, seed=k * PER_CAPTION, num_images_per_prompt=PER_CAPTION, num_steps=STEPS,
-                          sampler="ddim", progress=False)
+    for k, caption in CAPTIONS.items():  # (batches of 4, as the evaluation's: the same programs)
+        ref = sd.generate(caption, seed=k * PER_CAPTION, num_images_per_prompt=4, num_steps=STEPS, sampler="ddim",
+                          progress=False)
         for j in range(PER_CAPTION):
             np.testing.assert_array_equal(got[f"{k}-{j}.png"], ref[j])
     assert np.abs(got["7-0.png"].astype(int) - got["7-1.png"]).mean() > 5  # another seed, another image
@@ -90,19 +129,18 @@ def test_images_are_the_apis_of_each_caption_and_seed(first_run, torch_folder):
     assert report["settings"]["num_steps"] == STEPS and report["settings"]["guidance_scale"] == 7.5
 
 
-def test_report_holds_the_metrics_of_the_images(first_run, scoring):
+def test_report_holds_the_metrics_of_the_images(first_run, scoring, evaluator):
     """report.json's FID and CLIP score are sdjax.eval.fid's and clip_score's of the written images and their
     captions (each a few times its tolerance away from what other images or captions score); metrics.jsonl and
     TensorBoard get them as a row at step 0."""
     out, _ = first_run
     report = report_of(out)
-    inception = fid.load_inception(scoring["inception"], 64)
+    inception, clip = evaluator.scorer.inception, evaluator.scorer.clip
     fid_of = lambda folder: fid.fid_from_paths(str(folder), scoring["fid_ref"], inception, 64, 8)  # noqa: E731
     assert report["fid"] == pytest.approx(fid_of(out / "images"), rel=1e-6)
     names = sorted(images_of(out))
     images = np.stack([images_of(out)[n] for n in names])
     captions = [CAPTIONS[int(n.split("-")[0])] for n in names]
-    clip = clip_score.load_clip(scoring["clip"])
     cosines = clip.cosines(images, captions)
     assert report["clip_cosine"] == pytest.approx(np.mean(cosines), abs=1e-6)
     assert report["clip_score"] == pytest.approx(clip_score.score(cosines), abs=1e-4)
@@ -114,36 +152,17 @@ def test_report_holds_the_metrics_of_the_images(first_run, scoring):
     assert os.listdir(out / "tensorboard")
 
 
-def test_two_processes_resume_an_interrupted_evaluation(first_run, torch_folder, scoring, tmp_path, monkeypatch):
-    """A run killed mid-way leaves some images, and half-written ones under .part names. Two processes on 127.0.0.1
-    (gloo) resume it, the batch of the 4 missing images split over both: the kept files untouched, the others the
-    first run's bits, the same report (FID and CLIP score included). A third run makes none; other settings in the
-    same folder are refused."""
+def test_an_interrupted_evaluation_resumes_without_regenerating(first_run, torch_folder, tmp_path, monkeypatch):
+    """A run killed mid-way leaves some images, and half-written ones under .part names: the rerun (one process)
+    makes only the missing ones in one batch, the kept files untouched, the others the first run's bits, the same
+    report; a third run makes none; other settings in the same folder are refused."""
     out, captions = first_run
     resumed = tmp_path / "out"
     shutil.copytree(out, resumed)
-    os.remove(resumed / "report.json")
-    for name in ("7-1.png", "2-0.png", "2-1.png", "40-0.png"):
+    for name in ("7-1.png", "2-1.png", "40-0.png"):
         os.rename(resumed / "images" / name, resumed / "images" / f"{name}.part")  # as a kill leaves them
     kept = {name: (os.stat(resumed / "images" / name).st_ino, os.stat(resumed / "images" / name).st_mtime_ns)
-            for name in ("7-0.png", "40-1.png")}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "sdjax.eval", *argv(torch_folder[1], captions, resumed),
-                               *score_flags(scoring), f"--coordinator=127.0.0.1:{port}", "--num-processes=2",
-                               f"--process-id={i}", "--cpu-collectives=gloo"],
-                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    for p in procs:
-        output = p.communicate(timeout=300)[0]
-        assert p.returncode == 0, output[-3000:]
-    for name, stat in kept.items():
-        assert (os.stat(resumed / "images" / name).st_ino, os.stat(resumed / "images" / name).st_mtime_ns) == stat
-    assert images_of(resumed).keys() == images_of(out).keys()  # the half-written files replaced
-    for name, image in images_of(out).items():
-        np.testing.assert_array_equal(images_of(resumed)[name], image)
-    assert report_of(resumed) == report_of(out)
+            for name in ("7-0.png", "2-0.png", "40-1.png")}
     made, generate = [], StableDiffusion.generate
 
     @functools.wraps(generate)
@@ -151,7 +170,17 @@ def test_two_processes_resume_an_interrupted_evaluation(first_run, torch_folder,
         made.append(list(prompt))
         return generate(self, prompt, **kw)
     monkeypatch.setattr(StableDiffusion, "generate", counted)
-    eval_cli.main(argv(torch_folder[1], captions, resumed))  # (unscored)
+    eval_cli.main(argv(torch_folder[1], captions, resumed))  # (unscored: the scores are the other tests')
+    assert made == [[CAPTIONS[7], CAPTIONS[2], CAPTIONS[40], CAPTIONS[40]]]  # one batch, padded to 4
+    for name, stat in kept.items():
+        assert (os.stat(resumed / "images" / name).st_ino, os.stat(resumed / "images" / name).st_mtime_ns) == stat
+    assert images_of(resumed).keys() == images_of(out).keys()  # the half-written files replaced
+    for name, image in images_of(out).items():
+        np.testing.assert_array_equal(images_of(resumed)[name], image)
+    unscored = {k: v for k, v in report_of(out).items() if k not in ("fid", "clip_score", "clip_cosine")}
+    assert report_of(resumed) == dict(unscored, fid_ref=None, dims=None, clip=None)
+    made.clear()
+    eval_cli.main(argv(torch_folder[1], captions, resumed))
     assert made == []
     with pytest.raises(SystemExit) as e:
         eval_cli.main(argv(torch_folder[1], captions, resumed, "--steps", "3"))
@@ -205,26 +234,12 @@ def test_mlperf_config_sets_the_options():
     assert eval_cli.parse_args(["--config", os.path.join(ROOT, "configs/eval/mlperf_sd.py:1k")]).limit == 1000
 
 
-def eval_config(scoring, captions, **fields):
-    """config.eval (configs/train/tiny.py's) scoring as score_flags does, on `captions`."""
-    from configs.train import tiny
-    c = tiny.get_config().eval
-    c.update(dict(dict(every=1, captions=captions, num_steps=STEPS, sampler="ddim", fid_ref=scoring["fid_ref"],
-                       inception=scoring["inception"], dims=64, clip=scoring["clip"], score_batch_size=8), **fields))
-    return c
-
-
-def test_training_s_evaluation_scores_as_the_cli(first_run, torch_folder, scoring):
-    """config.eval's Evaluator (what training runs every eval.every steps) gives a pipeline's images the scores
-    python -m sdjax.eval gives the same model and settings."""
-    from sdjax.train.ldm.periodic_eval import Evaluator
-    out, captions = first_run
-    sd = StableDiffusion.load(torch_folder[1])
-    c = eval_config(scoring, captions, num_captions=0, images_per_caption=PER_CAPTION, guidance_scale=7.5,
-                    batch_size=4)
-    got = Evaluator(c, sd.mesh)(sd)
-    report = report_of(out)
-    assert got == pytest.approx({f"eval/{k}": report[k] for k in ("fid", "clip_score", "clip_cosine")}, rel=1e-6)
+def test_training_s_evaluation_scores_as_the_cli(first_run, sd, evaluator):
+    """The Evaluator, in this one process, gives the pipeline's images the scores the two processes of
+    python -m sdjax.eval gave the same model and settings."""
+    report = report_of(first_run[0])
+    assert evaluator(sd) == pytest.approx({f"eval/{k}": report[k] for k in ("fid", "clip_score", "clip_cosine")},
+                                          rel=1e-6)
 
 
 @pytest.mark.slow
