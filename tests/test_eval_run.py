@@ -1,4 +1,4 @@
-"""python -m sdjax.eval (issue 33, item 4) on the tiny SD model, run by two processes on 127.0.0.1: each image is the
+"""python -m sdjax.eval (issue 33, item 4) on the bundled demo model, run by two processes on 127.0.0.1: each image is the
 API's image of its caption and seed (one process's, bit for bit), the report's scores are the metrics' of those
 images and one process's scores, and an interrupted evaluation resumes making only what is missing. config.eval
 (item 5): training's evaluator and the memory estimate's count of its networks."""
@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from eval_fakes import build_clip_folder, write_fid_inception
+from sdjax.demo import DEMO_MODEL
 from sdjax.eval import __main__ as eval_cli, clip_score, fid
 from sdjax.pipeline import StableDiffusion
 
@@ -79,18 +80,18 @@ def two_processes(*args):
 
 
 @pytest.fixture(scope="module")
-def first_run(torch_folder, scoring, tmp_path_factory):
-    """An evaluation of the tiny model by two processes: 3 captions x 2 images in batches of 4 split over both
+def first_run(scoring, tmp_path_factory):
+    """An evaluation of the demo model by two processes: 3 captions x 2 images in batches of 4 split over both
     (the last padded), scored; its folder and captions file."""
     folder = tmp_path_factory.mktemp("eval")
     captions = write_captions(str(folder))
-    two_processes(*argv(torch_folder[1], captions, folder / "out", *score_flags(scoring)))
+    two_processes(*argv(DEMO_MODEL, captions, folder / "out", *score_flags(scoring)))
     return folder / "out", captions
 
 
 @pytest.fixture(scope="module")
-def sd(torch_folder):
-    return StableDiffusion.load(torch_folder[1])
+def sd():
+    return StableDiffusion.load(DEMO_MODEL)
 
 
 def eval_config(scoring, captions, **fields):
@@ -152,7 +153,7 @@ def test_report_holds_the_metrics_of_the_images(first_run, scoring, evaluator):
     assert os.listdir(out / "tensorboard")
 
 
-def test_an_interrupted_evaluation_resumes_without_regenerating(first_run, torch_folder, tmp_path, monkeypatch):
+def test_an_interrupted_evaluation_resumes_without_regenerating(first_run, tmp_path, monkeypatch):
     """A run killed mid-way leaves some images, and half-written ones under .part names: the rerun (one process)
     makes only the missing ones in one batch, the kept files untouched, the others the first run's bits, the same
     report; a third run makes none; other settings in the same folder are refused."""
@@ -170,7 +171,7 @@ def test_an_interrupted_evaluation_resumes_without_regenerating(first_run, torch
         made.append(list(prompt))
         return generate(self, prompt, **kw)
     monkeypatch.setattr(StableDiffusion, "generate", counted)
-    eval_cli.main(argv(torch_folder[1], captions, resumed))  # (unscored: the scores are the other tests')
+    eval_cli.main(argv(DEMO_MODEL, captions, resumed))  # (unscored: the scores are the other tests')
     assert made == [[CAPTIONS[7], CAPTIONS[2], CAPTIONS[40], CAPTIONS[40]]]  # one batch, padded to 4
     for name, stat in kept.items():
         assert (os.stat(resumed / "images" / name).st_ino, os.stat(resumed / "images" / name).st_mtime_ns) == stat
@@ -180,10 +181,10 @@ def test_an_interrupted_evaluation_resumes_without_regenerating(first_run, torch
     unscored = {k: v for k, v in report_of(out).items() if k not in ("fid", "clip_score", "clip_cosine")}
     assert report_of(resumed) == dict(unscored, fid_ref=None, dims=None, clip=None)
     made.clear()
-    eval_cli.main(argv(torch_folder[1], captions, resumed))
+    eval_cli.main(argv(DEMO_MODEL, captions, resumed))
     assert made == []
     with pytest.raises(SystemExit) as e:
-        eval_cli.main(argv(torch_folder[1], captions, resumed, "--steps", "3"))
+        eval_cli.main(argv(DEMO_MODEL, captions, resumed, "--steps", "3"))
     assert f"--out {resumed} holds images made with other settings (num_steps 2 there, 3 here)" in str(e.value)
 
 
