@@ -207,6 +207,13 @@ def test_a_missing_conditioning_image_is_an_error_naming_it(tmp_path, tokenizer)
     c.data.conditioning_image = ""
     with pytest.raises(ValueError, match="data.conditioning_image is empty"):
         controlnet_stage.check(c)
+    for field in ("sample", "eval"):  # sampling and evaluation during training: no control images to give
+        c = controlnet_config.get_config()
+        c[field].every = 1
+        (tmp_path / "captions.jsonl").write_text('{"id": 1, "caption": "a red circle"}\n')
+        c.eval.update(clip=str(tmp_path), captions=str(tmp_path / "captions.jsonl"))  # what config.eval's check asks
+        with pytest.raises(ValueError, match=f"{field}.every: sampling during ControlNet training needs control"):
+            controlnet_stage.check(c)
 
 
 @pytest.mark.slow  # the default run resumes full fine-tuning bit for bit (test_train_loop)

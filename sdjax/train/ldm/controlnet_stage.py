@@ -22,7 +22,7 @@ from flax import traverse_util
 from sdjax.models import registry
 from sdjax.models.controlnet import ControlNetModel
 from sdjax.train.config import compute_dtype, require
-from sdjax.train.ldm import dreambooth, ldm_stage, lora_params, textual_inversion
+from sdjax.train.ldm import dreambooth, ldm_stage, lora_params, periodic_eval, textual_inversion
 from sdjax.weights import diffusers
 from sdjax.weights.controlnet_files import load_controlnet, save_controlnet
 
@@ -64,8 +64,10 @@ def check(config):
                      ("dreambooth", dreambooth.enabled(config)), ("train_text_encoder",
                                                                  bool(config.get("train_text_encoder")))):
         require(not on, f"{name}: the controlnet stage trains the ControlNet alone; leave {name} off")
-    require(not (config.get("sample") and config.sample.every), "sample.every: sampling during ControlNet training "
-            "needs control images; set it to 0 and sample the export (--export_dir) with its control images")
+    for name, on in (("sample.every", bool(config.get("sample") and config.sample.every)),
+                     ("eval.every", periodic_eval.enabled(config))):
+        require(not on, f"{name}: sampling during ControlNet training needs control images; set it to 0 and sample "
+                        "the export (--export_dir) with its control images")
 
 
 def trainable_names(config):
