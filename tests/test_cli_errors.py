@@ -200,10 +200,13 @@ def test_library_refuses_what_the_cli_does(torch_folder):
 
 def train_error(tmp_path, overrides, capsys, monkeypatch, more_flags=()):
     """train.py's exit message with the config's fields set as `--config.key=value` would set them (on
-    configs/train/tiny.py, its LoRA variant when a `lora.` field is set), and `more_flags` (for this call only)."""
+    configs/train/tiny.py, its LoRA variant when a `lora.` field is set, or the file of a "config" entry), and
+    `more_flags` (for this call only)."""
     from absl import flags
+    overrides = dict(overrides)
     variant = ":lora" if any(k.startswith("lora.") for k in overrides) else ""
-    argv = ["train.py", f"--config={ROOT}/configs/train/tiny.py{variant}", f"--workdir={tmp_path / 'run'}", *more_flags]
+    config = overrides.pop("config", f"tiny.py{variant}")
+    argv = ["train.py", f"--config={ROOT}/configs/train/{config}", f"--workdir={tmp_path / 'run'}", *more_flags]
     monkeypatch.setattr(sys, "argv", argv)  # config_flags defines --config.x flags from sys.argv: none here,
     flags.FLAGS(argv)                       # so re-parsing (a fresh config each time) defines nothing twice
     for key, value in overrides.items():
@@ -245,6 +248,11 @@ TRAIN_BAD_CONFIG = [
     ({"loss.latent": "nope"}, "loss.latent must be one of ('sample', 'mean'), got 'nope'"),
     ({"mesh.fsdp": 3}, "mesh: 3 does not divide the 1 devices"),
     ({"mesh.data": 5}, "mesh: data x fsdp = 5 x 1 != 1 devices"),
+    ({"config": "controlnet.py", "data.conditioning_image": ""}, "data.conditioning_image is empty: the controlnet stage trains on (image, conditioning"),
+    ({"config": "controlnet.py", "sample.every": 5},
+     "sample.every: sampling during ControlNet training needs control images"),
+    ({"config": "controlnet.py", "train_text_encoder": True},
+     "train_text_encoder: the controlnet stage trains the ControlNet alone"),
     ({"eval.every": -1}, "eval.every must be >= 0 (0: never), got -1"),
     ({"eval.every": 5, "eval.num_steps": 0, "eval.clip": "{tmp}"}, "eval.num_steps must be >= 1, got 0"),
     ({"eval.every": 5}, "eval needs eval.fid_ref (FID) or eval.clip (CLIP score), or both"),
