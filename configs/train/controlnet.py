@@ -18,7 +18,7 @@ from sdjax.train.ldm import controlnet_stage
 # devices: what jax.devices() lists; hbm_gib: memory per device; batch: per-device batch for each model
 TARGETS = {
     "gpu24": dict(devices=1, hbm_gib=24, batch=dict(sd15=2)),  # one GPU of 24 GB (RTX 3090 / 4090, A10G, L4)
-    # sd15: 39.3 GiB per device (README); sdxl not measured yet: the LDM row's batch
+    # sd15: 39.3 GiB per device, sdxl: 43.3 GiB (README)
     "h100x8": dict(devices=8, hbm_gib=80, batch=dict(sd15=16, sdxl=2)),
 }
 MODELS = {"sd15": (sd15.get_config, 512), "sdxl": (sdxl.get_config, 1024)}
