@@ -95,9 +95,11 @@ def test_global_pool_and_bgr_match_diffusers(sd_models):
     _close(ref, got)
 
 
-def test_sdxl_controlnet_matches_diffusers():
+@pytest.mark.parametrize("small", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_sdxl_controlnet_matches_diffusers(small):
+    """SDXL's; small: a cross-attention level without transformer layers, as the "small"/"mid" SDXL ControlNets."""
     unet = _randomize(_sdxl_unet(64, 6, SDXL_PROJECTION, False), 0).eval()
-    net = tiny_controlnet(unet)
+    net = tiny_controlnet(unet, **({"transformer_layers_per_block": [1, 0]} if small else {}))
     r = np.random.default_rng(1)
     added = dict(text_embeds=r.standard_normal((2, SDXL_PROJECTION)).astype(np.float32),
                  time_ids=np.tile(np.array([[16, 16, 0, 0, 16, 16]], np.float32), (2, 1)))
