@@ -1,6 +1,5 @@
 """`python -m sdjax.eval` from its parsed options: the images sampled over every process's devices (process 0 writes
 them and decides what is missing), then scored by process 0: report.json and a row of metrics.jsonl."""
-import json
 import os
 
 from sdjax.sample_options import check_model, generate_options, load
@@ -98,10 +97,7 @@ def score(args, todo, folder, settings, scorer):
     if targets and {"fid", "clip_cosine"} <= set(metrics):
         report["targets"] = dict(targets, met=bool(metrics["fid"] <= targets["fid_max"] and
                                                    metrics["clip_cosine"] >= targets["clip_cosine_min"]))
-    path = os.path.join(args.out, REPORT)
-    with open(f"{path}.part", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(f"{path}.part", path)
+    image_set.write_json(os.path.join(args.out, REPORT), report)
     if metrics:
         logger = MetricsLogger(args.log_dir or args.out)
         logger.write(args.step, metrics)

@@ -81,8 +81,13 @@ def check_settings(folder, settings):
                              "another --out, or empty that one")
         return
     os.makedirs(folder, exist_ok=True)
+    write_json(path, settings)
+
+
+def write_json(path, obj):
+    """`obj` as JSON at `path`, whole or not at all (written beside it, then renamed), as images.save_png writes."""
     with open(f"{path}.part", "w") as f:
-        json.dump(settings, f, indent=1)
+        json.dump(obj, f, indent=1)
     os.replace(f"{path}.part", path)
 
 
