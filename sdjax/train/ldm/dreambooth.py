@@ -19,9 +19,9 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from sdjax.data.captions import IMAGE_EXTENSIONS
+from sdjax.images import save_png
 from sdjax.train.config import require
 
 log = logging.getLogger("sdjax.train")
@@ -115,8 +115,7 @@ def class_images(config, pre, workdir):
                                    guidance_scale=db.class_guidance_scale, seed=config.seed + chunk[0],
                                    height=size, width=size, progress=False)
             for i, image in zip(chunk, images):
-                Image.fromarray(np.asarray(image)).save(paths[i] + ".tmp", format="PNG")
-                os.replace(paths[i] + ".tmp", paths[i])  # whole, or not there
+                save_png(np.asarray(image), paths[i], {})  # whole, or not there
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("sdjax dreambooth class images")
     return given + paths
