@@ -1,4 +1,7 @@
 """Shared inputs and timing helpers of the benchmark (no framework imports)."""
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -94,3 +97,12 @@ def report_step(c, what, header, steps):
         return
     seconds, metrics = run_step(low, steps)
     print(f"{what}: step {seconds:.3f} s (median of {steps}; loss {float(metrics['loss']):.3f})", flush=True)
+
+
+def each_mode_alone(script, args, keys):
+    """Run `script --mode=M` for each mode M of args.modes (comma-separated) in a process of its own, so that each
+    mode's memory is its own; args' fields `keys` are passed on (`--remat` as a flag)."""
+    rest = [f"--{k}={getattr(args, k)}" for k in keys] + ["--remat"] * args.remat
+    for mode in args.modes.split(","):
+        subprocess.run([sys.executable, os.path.abspath(script), f"--mode={mode}", *rest],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(script))), check=True)

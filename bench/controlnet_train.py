@@ -8,7 +8,6 @@ Each mode runs in a process of its own.
 """
 import argparse
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,9 +47,8 @@ def main():
     a = p.parse_args()
     if a.mode:
         return measure(a)
-    rest = [f"--{k}={getattr(a, k)}" for k in ("model", "size", "batch", "dtype", "steps")] + ["--remat"] * a.remat
-    for mode in a.modes.split(","):
-        subprocess.run([sys.executable, os.path.abspath(__file__), f"--mode={mode}", *rest], cwd=ROOT, check=True)
+    from bench import common
+    common.each_mode_alone(__file__, a, ("model", "size", "batch", "dtype", "steps"))
 
 
 if __name__ == "__main__":

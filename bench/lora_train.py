@@ -9,7 +9,6 @@ attention projections), dropout > 0 adds the adapters' path to the layers' outpu
 """
 import argparse
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,10 +43,8 @@ def main():
     a = p.parse_args()
     if a.mode:
         return measure(a)
-    rest = [f"--{k}={getattr(a, k)}" for k in ("size", "batch", "rank", "dropout", "dtype", "base_dtype", "steps")]
-    rest += ["--remat"] * a.remat
-    for mode in a.modes.split(","):
-        subprocess.run([sys.executable, os.path.abspath(__file__), f"--mode={mode}", *rest], cwd=ROOT, check=True)
+    from bench import common
+    common.each_mode_alone(__file__, a, ("size", "batch", "rank", "dropout", "dtype", "base_dtype", "steps"))
 
 
 if __name__ == "__main__":
